@@ -1,0 +1,206 @@
+"""Embedding shards on disk: the Parquet schema, atomic writes, done records, reading back in batches."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import UserError
+
+EMBEDDINGS = "embeddings"
+STATE = "_state"
+META_KEY = b"embedpipe"
+DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that the file is either complete or absent (tmp + fsync + replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def embedding_table(
+    keys: Sequence[str],
+    shard: str,
+    indices: Sequence[int],
+    labels: Sequence[int | None],
+    embeddings: np.ndarray,
+    dtype: str = "float16",
+    extra: dict[str, Sequence[str | None]] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> pa.Table:
+    """Build one shard's table in the STYLE.md schema; ``metadata`` lands in the file's key-value metadata."""
+    if dtype not in DTYPES:
+        raise UserError(f"unknown embedding dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    np_dtype, pa_dtype = DTYPES[dtype]
+    emb = np.ascontiguousarray(embeddings, dtype=np_dtype)
+    if emb.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D [N, D], got shape {emb.shape}")
+    n, dim = emb.shape
+    flat = pa.array(emb.reshape(-1), type=pa_dtype)
+    columns = {
+        "key": pa.array(list(keys), pa.string()),
+        "shard": pa.array([shard] * n, pa.string()),
+        "index": pa.array(list(indices), pa.int32()),
+        "label": pa.array(list(labels), pa.int64()),
+        "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
+    }
+    for name, values in (extra or {}).items():
+        columns[name] = pa.array(list(values), pa.string())
+    table = pa.table(columns)
+    if metadata is not None:
+        table = table.replace_schema_metadata({META_KEY: json.dumps(metadata, sort_keys=True, default=str)})
+    return table
+
+
+def write_table_atomic(path: Path, table: pa.Table) -> None:
+    """Write a Parquet file atomically. The embedding column skips dictionary encoding (it never repeats)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        dict_cols = [c for c in table.column_names if c != "embedding"]
+        pq.write_table(table, tmp, use_dictionary=dict_cols, compression="zstd")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def embeddings_dir(path: Path | str) -> Path:
+    """Accept either a run folder (holding ``embeddings/``) or the ``embeddings/`` folder itself."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"embedding folder {p} does not exist; pass the --out folder of `embedpipe embed`")
+    return p / EMBEDDINGS if (p / EMBEDDINGS).is_dir() else p
+
+
+def list_shards(path: Path | str) -> list[Path]:
+    """Sorted Parquet embedding shards under ``path``; loud when there are none."""
+    d = embeddings_dir(path)
+    files = sorted(f for f in d.glob("*.parquet") if not f.name.startswith("."))
+    if not files:
+        raise UserError(f"no embedding shards (*.parquet) found in {d}; did `embedpipe embed` finish?")
+    return files
+
+
+def read_metadata(path: Path | str) -> dict[str, Any]:
+    """The embedpipe metadata stored in one Parquet shard (empty dict when absent)."""
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(META_KEY)
+    return json.loads(raw) if raw else {}
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path
+    rows: int
+    dim: int
+    dtype: str
+    metadata: dict[str, Any]
+
+
+def shard_info(path: Path) -> ShardInfo:
+    pf = pq.ParquetFile(path)
+    field = pf.schema_arrow.field("embedding")
+    if not pa.types.is_fixed_size_list(field.type):
+        raise UserError(f"{path}: column 'embedding' is {field.type}, expected fixed_size_list<float>[D]")
+    names = {pa.float16(): "float16", pa.float32(): "float32", pa.float64(): "float64"}
+    dtype = names.get(field.type.value_type)
+    if dtype is None:
+        raise UserError(f"{path}: embedding values are {field.type.value_type}, expected float16 or float32")
+    return ShardInfo(path, pf.metadata.num_rows, field.type.list_size, dtype, read_metadata(path))
+
+
+def check_consistent(infos: Sequence[ShardInfo]) -> ShardInfo:
+    """All shards must share dim and dtype; returns the first as the reference."""
+    ref = infos[0]
+    for info in infos[1:]:
+        if info.dim != ref.dim:
+            raise UserError(
+                f"mixed embedding dims: {ref.path} has {ref.dim}, {info.path} has {info.dim}; "
+                "embed all shards with the same model, or index them separately"
+            )
+        if info.dtype != ref.dtype:
+            raise UserError(
+                f"mixed embedding dtypes: {ref.path} is {ref.dtype}, {info.path} is {info.dtype}; "
+                "re-embed with one --out-dtype"
+            )
+    return ref
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed_size_list column as a float32 [N, D] matrix, without going through Python objects."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    dim = arr.type.list_size
+    values = arr.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(-1, dim).astype(np.float32, copy=False)
+
+
+@dataclass
+class Batch:
+    keys: list[str]
+    shards: list[str]
+    indices: np.ndarray
+    labels: list[int | None]
+    embeddings: np.ndarray  # float32 [N, D]
+    source: Path
+
+
+def iter_batches(
+    path: Path | str, batch_size: int = 65536, files: Sequence[Path] | None = None, columns: Sequence[str] = ()
+) -> Iterator[Batch]:
+    """Stream every embedding shard as float32 batches; memory stays at one batch (plus Parquet's row group)."""
+    files = list(files) if files is not None else list_shards(path)
+    check_consistent([shard_info(f) for f in files])
+    base = ["key", "shard", "index", "label", "embedding"]
+    for f in files:
+        pf = pq.ParquetFile(f)
+        for rb in pf.iter_batches(batch_size=batch_size, columns=base + [c for c in columns if c not in base]):
+            yield Batch(
+                keys=rb.column("key").to_pylist(),
+                shards=rb.column("shard").to_pylist(),
+                indices=rb.column("index").to_numpy(zero_copy_only=False),
+                labels=rb.column("label").to_pylist(),
+                embeddings=embedding_matrix(rb.column("embedding")),
+                source=f,
+            )
+
+
+def read_all(path: Path | str, files: Sequence[Path] | None = None) -> Batch:
+    """Every embedding under ``path`` in one Batch (for sets that fit in memory)."""
+    parts = list(iter_batches(path, files=files))
+    if not parts:
+        raise UserError(f"embedding shards under {path} hold no rows")
+    return Batch(
+        keys=[k for p in parts for k in p.keys],
+        shards=[s for p in parts for s in p.shards],
+        indices=np.concatenate([p.indices for p in parts]),
+        labels=[lab for p in parts for lab in p.labels],
+        embeddings=np.concatenate([p.embeddings for p in parts]),
+        source=Path(path),
+    )
