@@ -27,7 +27,7 @@ class Group(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, config_file: str | None, verbose: int) -> None:
     """embedpipe: sharded images -> frozen backbone -> Parquet embeddings -> FAISS -> linear probes."""
-    level = logging.WARNING - 10 * min(verbose + 1, 2)
+    level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if config_file:
         ctx.default_map = group_defaults(cli, load_toml(config_file), config_file)

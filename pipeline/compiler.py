@@ -1,0 +1,185 @@
+"""uint8 in, features out: precision, on-device normalisation, TorchScript/inductor/eager, on-disk compile cache."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .backbones import Backbone
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+COMPILE_MODES = ("torchscript", "inductor", "eager")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` = first CUDA device if any, else CPU; a CUDA device that is not there is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device} requested but CUDA is not available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {device} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` = fp16 on CUDA, fp32 on CPU. fp16 on a CPU is refused (slow, often unsupported kernels)."""
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; use auto, fp32, fp16 or bf16")
+    if precision == "fp16" and device.type == "cpu":
+        raise UserError("--precision fp16 is not supported on CPU; use --precision bf16 (or fp32)")
+    return precision
+
+
+class UInt8Features(nn.Module):
+    """Takes uint8 ``[B,3,H,W]`` images, normalises on the device, runs the backbone in ``dtype``, returns float32."""
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype,
+                 channels_last: bool):
+        super().__init__()
+        self.model = model
+        # (x/255 - mean)/std folded into one multiply-add, computed in float32 then cast once.
+        scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))
+        self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", (-torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1).float(),
+                             persistent=False)
+        self.dtype = dtype
+        self.channels_last = channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.float() * self.scale + self.shift).to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x).float()
+
+
+@dataclass
+class Extractor:
+    """A ready feature extractor and how it was built."""
+
+    module: nn.Module
+    device: torch.device
+    precision: str
+    compile: str
+    dim: int
+    cache_path: Path | None = None
+    cache_hit: bool = False
+
+    @torch.inference_mode()
+    def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        return self.module(images_uint8.to(self.device, non_blocking=True))
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("EMBEDPIPE_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "embedpipe"
+
+
+def cache_key(bb: Backbone, precision: str, device: torch.device, channels_last: bool) -> str:
+    parts = {"model": bb.spec, "weights_sha256": bb.weights_sha256, "layer": bb.layer, "precision": precision,
+             "device": device.type, "input": bb.preprocess.input_size, "preprocess": bb.preprocess.to_dict(),
+             "channels_last": channels_last, "torch": torch.__version__, "embedpipe": __version__}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _trace(wrapper: nn.Module, size: int, device: torch.device) -> torch.jit.ScriptModule:
+    """Trace and freeze (weights become constants). Saved in this form: the optimised form does not reload."""
+    example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, device=device)
+    with torch.inference_mode(False), torch.no_grad():
+        traced = torch.jit.trace(wrapper, example, check_trace=False)
+        return torch.jit.freeze(traced.eval())
+
+
+def _optimize(module: torch.jit.ScriptModule, device: torch.device) -> torch.jit.ScriptModule:
+    # Fuses conv+bn and picks oneDNN kernels on CPU; done after every load, it is cheap.
+    return torch.jit.optimize_for_inference(module) if device.type == "cpu" else module
+
+
+def _load_cached(path: Path, device: torch.device) -> torch.jit.ScriptModule | None:
+    if not path.is_file():
+        return None
+    try:
+        return torch.jit.load(str(path), map_location=device)
+    except Exception as e:  # a corrupt or foreign file: rebuild rather than crash
+        log.warning("compile cache entry %s is unreadable (%s); rebuilding it", path, e)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _save_cached(module: torch.jit.ScriptModule, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.jit.save(module, tmp)
+        os.replace(tmp, path)  # other workers loading at the same time see the old file or the whole new one
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_extractor(
+    bb: Backbone,
+    device: str = "auto",
+    precision: str = "auto",
+    compile: str = "torchscript",
+    cache_dir: str | Path | None = None,
+    channels_last: bool | None = None,
+) -> Extractor:
+    """Wrap a backbone into a uint8 -> float32 features module on ``device``, compiled and cached.
+
+    Example:
+        >>> ex = build_extractor(load_backbone("resnet18", weights="none"), device="cpu", compile="eager")
+        >>> ex(torch.zeros(2, 3, 224, 224, dtype=torch.uint8)).shape
+        torch.Size([2, 512])
+    """
+    if compile not in COMPILE_MODES:
+        raise UserError(f"unknown compile mode {compile!r}; use one of {', '.join(COMPILE_MODES)}")
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    if channels_last is None:
+        channels_last = dev.type == "cuda" or compile != "eager"
+    wrapper = UInt8Features(bb.model, bb.preprocess.mean, bb.preprocess.std, PRECISIONS[prec], channels_last)
+    wrapper = wrapper.to(device=dev)
+    wrapper.model.to(dtype=PRECISIONS[prec])
+    if channels_last:
+        wrapper.model.to(memory_format=torch.channels_last)
+    wrapper.eval()
+    if compile == "eager":
+        return Extractor(wrapper, dev, prec, compile, bb.num_features)
+    if compile == "inductor":
+        cache = Path(cache_dir) if cache_dir else default_cache_dir()
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+        return Extractor(torch.compile(wrapper, dynamic=False), dev, prec, compile, bb.num_features, cache / "inductor")
+    path = (Path(cache_dir) if cache_dir else default_cache_dir()) / "torchscript" / (
+        cache_key(bb, prec, dev, channels_last) + ".pt")
+    module = _load_cached(path, dev)
+    hit = module is not None
+    if module is None:
+        log.info("compiling %s (%s, %s) with TorchScript; cached at %s", bb.spec, prec, dev, path)
+        module = _trace(wrapper, bb.preprocess.input_size, dev)
+        try:
+            _save_cached(module, path)
+        except OSError as e:  # a read-only cache dir costs a recompile next time, nothing more
+            log.warning("cannot write compile cache %s: %s", path, e)
+    return Extractor(_optimize(module, dev), dev, prec, compile, bb.num_features, path, hit)
