@@ -1,0 +1,31 @@
+"""Shared fixtures: small real-image WebDataset shards built once per test session."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.sample_data import write_sample_shards
+
+from .shards import fault_samples, write_tar
+
+DIGITS_FIXTURE = {"limit": 300, "shard_size": 100, "image_size": 64, "fmt": "jpg"}
+PHOTOS_FIXTURE = {"variants": 3, "shard_size": 27, "image_size": 96, "fmt": "mixed"}
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """3 shards x 100 real digit JPEGs (64 px RGB) with ``.cls`` and ``.json``: ``digits-00000{0,1,2}.tar``."""
+    return write_sample_shards(tmp_path_factory.mktemp("digits"), "digits", **DIGITS_FIXTURE)
+
+
+@pytest.fixture(scope="session")
+def photo_shards(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """2 shards, 54 skimage photo variants (18 photos x 3) at 96 px, JPEG and PNG mixed, ``.cls``/``.txt``/``.json``."""
+    return write_sample_shards(tmp_path_factory.mktemp("photos"), "photos", **PHOTOS_FIXTURE)
+
+
+@pytest.fixture(scope="session")
+def fault_shard(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One shard ``faults-000000.tar``: good JPEGs ``good_NNN`` interleaved with one ``bad_<fault>`` per FAULTS kind."""
+    return write_tar(tmp_path_factory.mktemp("faults") / "faults-000000.tar", fault_samples())
