@@ -1,4 +1,4 @@
-"""Shared fixtures: small real-image WebDataset shards built once per test session."""
+"""Shared fixtures: small real-image WebDataset shards built once per test session (helpers: tests/shards.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.sample_data import write_sample_shards
 
-from .shards import fault_samples, write_tar
+from shards import fault_samples, write_tar
 
 DIGITS_FIXTURE = {"limit": 300, "shard_size": 100, "image_size": 64, "fmt": "jpg"}
 PHOTOS_FIXTURE = {"variants": 3, "shard_size": 27, "image_size": 96, "fmt": "mixed"}

@@ -16,7 +16,7 @@ from pipeline import sample_data
 from pipeline.errors import UserError
 from pipeline.sample_data import DIGIT_NAMES, PHOTOS, count_samples, write_sample_shards
 
-from .shards import (
+from shards import (
     FAULTS,
     bomb_png_bytes,
     cmyk_jpeg_bytes,

@@ -1,1 +1,0 @@
-"""Tests for embedpipe (a package, so helpers import as ``from tests.shards import ...`` under any runner)."""
