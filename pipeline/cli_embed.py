@@ -1,0 +1,65 @@
+"""`embedpipe embed` and `embedpipe status`: the embed stage's commands."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from .cli import cli
+from .config import config_option
+
+
+@cli.command()
+@click.argument("shards", nargs=-1)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (embeddings/, _state/, run.json).")
+@click.option("--model", default="timm:efficientnet_lite0", show_default=True, help="timm:<name>, torchvision:<name>, torchscript:<path> or an alias.")
+@click.option("--weights", default="default", show_default=True, help="default (embedded or downloaded), none (random), or a state-dict / .safetensors PATH.")
+@click.option("--layer", default=None, help="Use the pooled output of this graph node (see `embedpipe models SPEC --nodes`).")
+@click.option("--compile", "compile_mode", type=click.Choice(["torchscript", "inductor", "eager"]), default="torchscript", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True, help="auto: fp16 on CUDA, fp32 on CPU.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--workers", type=int, default=None, help="DataLoader decode workers (default: half the cores on CPU, all on GPU).")
+@click.option("--out-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--normalize/--no-normalize", default=True, show_default=True, help="L2-normalise embeddings.")
+@click.option("--keep", default="txt,json", show_default=True, help="Sample fields kept as columns (subset of txt,json; '' for none).")
+@click.option("--max-pixels", type=int, default=100_000_000, show_default=True, help="Images whose header claims more pixels are skipped (decompression bombs).")
+@click.option("--cache-dir", default=None, help="Compiled-model cache (default $EMBEDPIPE_CACHE or ~/.cache/embedpipe).")
+@click.option("--overwrite", is_flag=True, help="Replace embeddings made with different settings in --out.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar (batch jobs).")
+@config_option
+def embed(shards: tuple[str, ...], out: str, compile_mode: str, keep: str, **opts) -> int:
+    """Embed WebDataset shards into Parquet files, one per shard (resumable)."""
+    from .embed import embed as run_embed
+    from .errors import UserError
+
+    if not shards:
+        raise UserError("no shards given: embedpipe embed 'data/shard-{000000..000009}.tar' --out OUT")
+    summary = run_embed(list(shards), out, compile=compile_mode,
+                        keep=tuple(k.strip() for k in keep.split(",") if k.strip()), **opts)
+    click.echo(summary.line(), err=False)
+    if summary.failed:
+        click.echo(f"{len(summary.failed)} shard(s) failed (rerun the same command to retry them):", err=True)
+        for url, reason in summary.failed.items():
+            click.echo(f"  {url}: {reason}", err=True)
+        return 1
+    return 0
+
+
+@cli.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(out: str, as_json: bool) -> int:
+    """Show done, failed and pending shards of an embed output folder."""
+    from .state import status as run_status
+
+    st = run_status(out)
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+    else:
+        click.echo(f"{out}: {st['done']}/{st['shards_expected']} shards done, {st['failed']} failed, "
+                   f"{st['pending']} pending; {st['embedded']} samples embedded, {st['skipped']} skipped"
+                   + ("; complete (_SUCCESS)" if st["success"] else ""))
+        for url, reason in st["failed_shards"].items():
+            click.echo(f"  failed {url}: {reason}")
+    return 1 if st["failed"] else 0

@@ -1,0 +1,250 @@
+"""The embed runner: shards -> DataLoader -> frozen backbone -> one Parquet file per shard, resumable."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from . import __version__
+from .backbones import DEFAULT_MODEL, Backbone, load_backbone
+from .compiler import Extractor, build_extractor
+from .errors import UserError
+from .reader import DEFAULT_MAX_PIXELS, KEEPABLE, Piece, ShardSamples
+from .shards import expand, output_names
+from .state import RunState, ShardRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Every option of the embed stage; validated before any data or device is touched."""
+
+    model: str = DEFAULT_MODEL
+    weights: str = "default"
+    layer: str | None = None
+    compile: str = "torchscript"
+    precision: str = "auto"
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int | None = None
+    out_dtype: str = "float16"
+    normalize: bool = True
+    keep: tuple[str, ...] = KEEPABLE
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    cache_dir: str | None = None
+    overwrite: bool = False
+    quiet: bool = False
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise UserError(f"--workers must be 0 or more, got {self.workers}")
+        if self.out_dtype not in ("float16", "float32"):
+            raise UserError(f"--out-dtype must be float16 or float32, got {self.out_dtype!r}")
+        bad = [k for k in self.keep if k not in KEEPABLE]
+        if bad:
+            raise UserError(f"--keep accepts {', '.join(KEEPABLE)}; got {', '.join(bad)}")
+        if self.max_pixels < 1:
+            raise UserError("--max-pixels must be positive")
+
+
+@dataclass
+class Summary:
+    """What one run did; ``failed`` maps shard url -> reason."""
+
+    out: Path
+    shards_total: int = 0
+    shards_done: int = 0
+    shards_skipped: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    embedded: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"embedded {self.embedded} samples ({self.skipped} skipped) from "
+                f"{self.shards_done + self.shards_skipped}/{self.shards_total} shards "
+                f"({self.shards_skipped} already done, {len(self.failed)} failed) in {self.seconds:.1f}s, "
+                f"{self.images_per_s:.1f} img/s -> {self.out}")
+
+
+def default_workers(device: torch.device) -> int:
+    """Decode workers: most cores on a GPU machine; on CPU, half, since the model needs the rest."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, 16) if device.type == "cuda" else max(1, cores // 2)
+
+
+def fingerprint(bb: Backbone, ex: Extractor, cfg: EmbedConfig) -> dict[str, Any]:
+    """What makes two runs' embeddings interchangeable; a folder holds one fingerprint only."""
+    return {"model": bb.spec, "weights_sha256": bb.weights_sha256, "layer": bb.layer,
+            "preprocess": bb.preprocess.to_dict(), "precision": ex.precision, "dtype": cfg.out_dtype,
+            "normalize": cfg.normalize, "keep": sorted(cfg.keep)}
+
+
+def shard_metadata(bb: Backbone, ex: Extractor, cfg: EmbedConfig) -> dict[str, Any]:
+    return {"model": bb.spec, "weights": bb.weights, "weights_sha256": bb.weights_sha256, "layer": bb.layer,
+            "dim": bb.num_features, "dtype": cfg.out_dtype, "precision": ex.precision, "compile": ex.compile,
+            "preprocess": bb.preprocess.to_dict(), "normalize": cfg.normalize, "version": __version__}
+
+
+class _Crash:
+    """Test hook: EMBEDPIPE_CRASH_AT=N kills this process (SIGKILL, like kill -9) once N samples are embedded."""
+
+    def __init__(self) -> None:
+        self.at = int(os.environ.get("EMBEDPIPE_CRASH_AT", "0") or 0)
+        self.count = 0
+
+    def tick(self, n: int) -> None:
+        self.count += n
+        if self.at and self.count >= self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _ShardBuffer:
+    """Rows of one shard collected from every worker until all of them report its end."""
+
+    def __init__(self) -> None:
+        self.pieces: list[tuple[Piece, np.ndarray]] = []
+        self.ends = 0
+        self.seen = 0
+        self.skipped: list[tuple[str, str]] = []
+        self.failed: str | None = None
+        self.started = time.time()
+
+    def add(self, piece: Piece, emb: np.ndarray | None) -> None:
+        if emb is not None and len(piece.keys):
+            self.pieces.append((piece, emb))
+        self.skipped.extend(piece.skipped)
+        self.seen += piece.seen
+        if piece.failed and self.failed is None:
+            self.failed = piece.failed
+        self.ends += int(piece.end)
+
+
+def _embed_batch(ex: Extractor, images: torch.Tensor, normalize: bool, dtype: str) -> np.ndarray:
+    feats = ex(images)
+    if normalize:
+        feats = torch.nn.functional.normalize(feats, dim=1)
+    return feats.cpu().numpy().astype(dtype, copy=False)
+
+
+def embed(shards: Sequence[str] | str, out: str | Path, **options: Any) -> Summary:
+    """Embed WebDataset shards into ``out/embeddings/<shard>.parquet``, one file per shard, resumably.
+
+    Args:
+        shards: shard specs (paths, globs, ``{000..099}`` ranges, ``@list.txt``, urls).
+        out: output folder; rerunning into it skips shards that are done and retries failed ones.
+        **options: any field of :class:`EmbedConfig` (model, weights, compile, precision, batch_size, ...).
+
+    Example:
+        >>> summary = embed("data/shard-{000000..000009}.tar", "out", model="default")
+        >>> summary.failed
+        {}
+    """
+    cfg = EmbedConfig(**options)
+    cfg.validate()
+    urls = expand([shards] if isinstance(shards, str) else shards)
+    if not urls:
+        raise UserError("no shards given; pass paths, globs, brace ranges or @list.txt")
+    bb = load_backbone(cfg.model, cfg.weights, cfg.layer)
+    ex = build_extractor(bb, cfg.device, cfg.precision, cfg.compile, cfg.cache_dir)
+    state = RunState(Path(out))
+    fp = fingerprint(bb, ex, cfg)
+    state.claim(fp, {**asdict(cfg), "shards": len(urls), "version": __version__}, cfg.overwrite)
+    try:
+        return _run(urls, state, bb, ex, cfg)
+    finally:
+        state.release()
+
+
+def _run(urls: list[str], state: RunState, bb: Backbone, ex: Extractor, cfg: EmbedConfig) -> Summary:
+    t0 = time.time()
+    names = output_names(urls)
+    summary = Summary(state.out, shards_total=len(urls))
+    pending = [u for u in urls if not state.is_done(u, names[u])]
+    summary.shards_skipped = len(urls) - len(pending)
+    if pending:
+        workers = cfg.workers if cfg.workers is not None else default_workers(ex.device)
+        _embed_pending(pending, names, state, bb, ex, cfg, workers, summary)
+    summary.seconds = time.time() - t0
+    if not summary.failed and all(state.is_done(u, names[u]) for u in urls):
+        state.mark_success()
+    return summary
+
+
+def _embed_pending(pending: list[str], names: dict[str, str], state: RunState, bb: Backbone, ex: Extractor,
+                   cfg: EmbedConfig, workers: int, summary: Summary) -> None:
+    data = ShardSamples(pending, bb.preprocess, cfg.batch_size, cfg.keep, cfg.max_pixels)
+    loader = DataLoader(data, batch_size=None, num_workers=workers, pin_memory=ex.device.type == "cuda",
+                        prefetch_factor=4 if workers else None, persistent_workers=False,
+                        multiprocessing_context="fork" if workers and os.name == "posix" else None)
+    meta = shard_metadata(bb, ex, cfg)
+    buffers: dict[str, _ShardBuffer] = {}
+    crash = _Crash()
+    bar = tqdm(desc="embed", unit="img", disable=cfg.quiet, dynamic_ncols=True, smoothing=0.1)
+    done_count = 0
+    try:
+        for piece in loader:
+            buf = buffers.setdefault(piece.url, _ShardBuffer())
+            emb = _embed_batch(ex, piece.images, cfg.normalize, cfg.out_dtype) if len(piece.keys) else None
+            buf.add(piece, emb)
+            bar.update(len(piece.keys))
+            crash.tick(len(piece.keys))
+            if buf.ends < max(1, workers):
+                continue
+            del buffers[piece.url]
+            rec = _finish(piece.url, names[piece.url], buf, state, meta, cfg)
+            done_count += 1
+            bar.set_postfix_str(f"shards {done_count}/{len(pending)}")
+            if rec is None:
+                summary.failed[piece.url] = buf.failed or "unknown"
+            else:
+                summary.shards_done += 1
+                summary.embedded += rec.embedded
+                summary.skipped += len(rec.skipped)
+    finally:
+        bar.close()
+
+
+def _finish(url: str, name: str, buf: _ShardBuffer, state: RunState, meta: dict[str, Any],
+            cfg: EmbedConfig) -> ShardRecord | None:
+    """Commit one shard (Parquet, then its done record) or record why it failed."""
+    elapsed = time.time() - buf.started
+    if buf.failed:
+        log.error("shard %s failed: %s", url, buf.failed)
+        state.record_failure(url, name, buf.failed)
+        return None
+    pieces = buf.pieces
+    order = np.argsort(np.concatenate([p.indices for p, _ in pieces])) if pieces else np.array([], dtype=int)
+    cat = (lambda xs: [xs[i] for i in order])  # noqa: E731  (rows back in shard order)
+    dim = meta["dim"]
+    emb = np.concatenate([e for _, e in pieces])[order] if pieces else np.zeros((0, dim), dtype=cfg.out_dtype)
+    extra = {k: cat([v for p, _ in pieces for v in p.extra[k]]) for k in cfg.keep}
+    extra = {k: v for k, v in extra.items() if any(x is not None for x in v)}
+    if buf.seen == 0:
+        log.warning("no samples found in %s; is it the right file?", url)
+    try:
+        return state.commit(url, name, keys=cat([k for p, _ in pieces for k in p.keys]),
+                     indices=cat([i for p, _ in pieces for i in p.indices]),
+                     labels=cat([lab for p, _ in pieces for lab in p.labels]), embeddings=emb, extra=extra,
+                     metadata=meta, seen=buf.seen, skipped=sorted(buf.skipped), seconds=elapsed)
+    except OSError as e:  # disk full, permissions: this shard fails and is retried next run
+        log.error("cannot write the output of %s: %s", url, e)
+        buf.failed = f"write failed: {e}"
+        state.record_failure(url, name, buf.failed)
+        return None
