@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -169,18 +169,26 @@ class Batch:
     labels: list[int | None]
     embeddings: np.ndarray  # float32 [N, D]
     source: Path
+    extra: dict[str, list[Any]] = field(default_factory=dict)  # requested non-base columns, as Python lists
 
 
 def iter_batches(
     path: Path | str, batch_size: int = 65536, files: Sequence[Path] | None = None, columns: Sequence[str] = ()
 ) -> Iterator[Batch]:
-    """Stream every embedding shard as float32 batches; memory stays at one batch (plus Parquet's row group)."""
+    """Stream every embedding shard as float32 batches; memory stays at one batch (plus Parquet's row group).
+
+    ``columns`` names extra columns (e.g. ``json``) to read; they arrive in ``Batch.extra`` as lists.
+    """
     files = list(files) if files is not None else list_shards(path)
     check_consistent([shard_info(f) for f in files])
     base = ["key", "shard", "index", "label", "embedding"]
+    wanted = [c for c in dict.fromkeys(columns) if c not in base]
     for f in files:
         pf = pq.ParquetFile(f)
-        for rb in pf.iter_batches(batch_size=batch_size, columns=base + [c for c in columns if c not in base]):
+        missing = [c for c in wanted if c not in pf.schema_arrow.names]
+        if missing:
+            raise UserError(f"{f}: no column {missing[0]!r}; the file has {', '.join(pf.schema_arrow.names)}")
+        for rb in pf.iter_batches(batch_size=batch_size, columns=base + wanted):
             yield Batch(
                 keys=rb.column("key").to_pylist(),
                 shards=rb.column("shard").to_pylist(),
@@ -188,12 +196,13 @@ def iter_batches(
                 labels=rb.column("label").to_pylist(),
                 embeddings=embedding_matrix(rb.column("embedding")),
                 source=f,
+                extra={c: rb.column(c).to_pylist() for c in wanted},
             )
 
 
-def read_all(path: Path | str, files: Sequence[Path] | None = None) -> Batch:
+def read_all(path: Path | str, files: Sequence[Path] | None = None, columns: Sequence[str] = ()) -> Batch:
     """Every embedding under ``path`` in one Batch (for sets that fit in memory)."""
-    parts = list(iter_batches(path, files=files))
+    parts = list(iter_batches(path, files=files, columns=columns))
     if not parts:
         raise UserError(f"embedding shards under {path} hold no rows")
     return Batch(
@@ -203,4 +212,5 @@ def read_all(path: Path | str, files: Sequence[Path] | None = None) -> Batch:
         labels=[lab for p in parts for lab in p.labels],
         embeddings=np.concatenate([p.embeddings for p in parts]),
         source=Path(path),
+        extra={c: [v for p in parts for v in p.extra[c]] for c in parts[0].extra},
     )
