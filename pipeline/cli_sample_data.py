@@ -28,4 +28,4 @@ def sample_data(out: Path, dataset: str, shard_size: int, image_size: int, limit
     paths = write_sample_shards(out, dataset=dataset, shard_size=shard_size, image_size=image_size,
                                 limit=limit, fmt=fmt, variants=variants, seed=seed)
     n = count_samples(dataset, limit, variants)
-    click.echo(f"wrote {len(paths)} shards, {n} samples to {out}")
+    click.echo(f"wrote {len(paths)} shard{'s' * (len(paths) != 1)}, {n} samples to {out}")

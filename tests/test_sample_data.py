@@ -213,7 +213,7 @@ def test_cli_sample_data(tmp_path: Path) -> None:
     res = runner.invoke(cli, ["sample-data", str(tmp_path / "p"), "--dataset", "photos", "--variants", "1",
                               "--image-size", "16"])
     assert res.exit_code == 0, res.output
-    assert f"wrote 1 shards, {len(PHOTOS)} samples" in res.output
+    assert f"wrote 1 shard, {len(PHOTOS)} samples" in res.output
 
     res = runner.invoke(cli, ["sample-data", str(tmp_path / "x"), "--dataset", "cifar"])
     assert res.exit_code == 2 and "'digits', 'photos'" in res.output
