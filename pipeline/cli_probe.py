@@ -1,0 +1,115 @@
+"""`embedpipe probe`, `predict` and `knn`: the frozen-feature evaluation commands."""
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .cli import cli
+from .config import config_option
+
+
+def _floats(ctx: click.Context, param: click.Parameter, value: Any) -> tuple[float, ...] | None:
+    """Comma-separated numbers on the command line, or a TOML list from --config."""
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        return tuple(float(v) for v in items if str(v).strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+@cli.command()
+@click.argument("emb_dir", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Probe folder (head.pt, metrics.json, report.txt).")
+@click.option("--label-column", default=None, help="Column holding the label [default: label, or json with --label-field].")
+@click.option("--label-field", default=None, help="Field (dotted path) inside the JSON column holding the label, e.g. 'species'.")
+@click.option("--val", default=None, type=click.Path(), help="Validation embedding folder (default: a key-hash split of EMB_DIR).")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Share of each class held out when --val is not given.")
+@click.option("--weight-decays", callback=_floats, default=None, help="L2 strengths to try, comma-separated [default: 1e-6..1e-1, 11 values].")
+@click.option("--learning-rates", callback=_floats, default=None, help="Learning rates to try with --method sgd [default: 0.001,0.01,0.1].")
+@click.option("--method", type=click.Choice(["auto", "lbfgs", "sgd"]), default="auto", show_default=True, help="auto: full-batch L-BFGS when the features fit --max-memory-gb, else streamed SGD.")
+@click.option("--max-memory-gb", type=float, default=4.0, show_default=True)
+@click.option("--max-iter", type=int, default=500, show_default=True, help="L-BFGS iterations.")
+@click.option("--epochs", type=int, default=10, show_default=True, help="SGD epochs.")
+@click.option("--batch-size", type=int, default=1024, show_default=True, help="SGD mini-batch.")
+@click.option("--standardize/--no-standardize", default=True, show_default=True, help="Scale features to zero mean, unit variance (folded into the saved head).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--plots", is_flag=True, help="Also write confusion.png (needs the 'plots' extra: matplotlib).")
+@click.option("--export-classifier", type=click.Path(dir_okay=False), default=None, help="Also write a TorchScript classifier for raw images (backbone + this head).")
+@click.option("-q", "--quiet", is_flag=True, help="Only the summary line.")
+@config_option
+def probe(emb_dir: str, out: str, weight_decays: tuple[float, ...] | None, learning_rates: tuple[float, ...] | None,
+          export_classifier: str | None, quiet: bool, **opts: Any) -> None:
+    """Train a linear probe on an embedding folder; keep the best L2 strength on validation.
+
+    Example: embedpipe probe runs/digits --out runs/digits-probe --plots
+    """
+    from .probe import ProbeOptions, run_probe
+    from .probe_head import report
+
+    if weight_decays:
+        opts["weight_decays"] = weight_decays
+    if learning_rates:
+        opts["learning_rates"] = learning_rates
+    options = ProbeOptions(**opts)
+    options.check()
+    if export_classifier:
+        from .export import check_exportable
+
+        check_exportable(emb_dir)
+    m = run_probe(emb_dir, out, options)
+    if not quiet:
+        click.echo(report(m))
+    hp = m["hyperparameters"]
+    line = (f"probe: top-1 {m['top1'] * 100:.2f}%" + (f", top-5 {m['top5'] * 100:.2f}%" if "top5" in m else "")
+            + f" on {m['n_val']} val rows, {m['num_classes']} classes, {m['split']['train']} train rows; "
+            f"{hp['method']} wd={hp['weight_decay']:g}" + (f" lr={hp['learning_rate']:g}" if "learning_rate" in hp else "")
+            + f", {len(m['grid'])} heads in {m['train_seconds']:.1f}s -> {out}")
+    if export_classifier:
+        from .export import export_classifier as run_export
+
+        run_export(out, export_classifier)
+        line += f"; classifier {export_classifier}"
+    click.echo(line)
+
+
+@cli.command()
+@click.argument("probe_dir", type=click.Path())
+@click.argument("emb_dir", type=click.Path())
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Prediction folder [default: PROBE_DIR/predictions].")
+@click.option("--batch-size", type=int, default=65536, show_default=True)
+@config_option
+def predict(probe_dir: str, emb_dir: str, out: str | None, batch_size: int) -> None:
+    """Classify every embedding with a trained probe: key, class, class_name, probability -> Parquet.
+
+    Example: embedpipe predict runs/digits-probe runs/new --out runs/new/predictions
+    """
+    from .probe_head import run_predict
+
+    r = run_predict(probe_dir, emb_dir, out, batch_size=batch_size)
+    click.echo(f"predict: {r['rows']} rows from {r['files']} shard(s) -> {r['out']}")
+
+
+@cli.command()
+@click.argument("emb_dir", type=click.Path())
+@click.option("--val", default=None, type=click.Path(), help="Validation (query) embedding folder (default: a key-hash split of EMB_DIR).")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True)
+@click.option("--label-column", default=None, help="Column holding the label [default: label].")
+@click.option("--label-field", default=None, help="Field inside the JSON column holding the label.")
+@click.option("-k", "--k", "ks", type=int, multiple=True, default=(10, 20), show_default=True, help="Neighbours (repeat for several).")
+@click.option("--temperature", type=float, default=0.07, show_default=True, help="Vote weight exp(cosine / T).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the result as JSON here.")
+@config_option
+def knn(emb_dir: str, ks: tuple[int, ...], **opts: Any) -> None:
+    """k-NN accuracy (cosine, weighted vote) of validation rows against training rows.
+
+    Example: embedpipe knn runs/digits -k 10 -k 20
+    """
+    from .knn import run_knn
+
+    r = run_knn(emb_dir, ks=ks, **opts)
+    parts = [f"k={k} top-1 {acc * 100:.2f}%" for k, acc in r["top1"].items()]
+    click.echo(f"knn: {', '.join(parts)} on {r['n_val']} val rows against {r['n_train']} train rows, "
+               f"{r['num_classes']} classes ({r['seconds']:.1f}s)")
