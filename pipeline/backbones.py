@@ -300,9 +300,27 @@ def load_backbone(spec: str = DEFAULT_MODEL, weights: str = "default", layer: st
         512
     """
     kind, name = resolve_spec(spec)
-    canonical = f"{kind}:{name}"
     if kind == "torchscript":
         return _load_torchscript(name, layer)
+    canonical, model, pre, head, source = load_classifier(spec, weights)
+    sha = state_dict_sha256(model.state_dict())
+    if layer:
+        model = take_layer(model, layer, canonical)
+    elif kind == "timm":
+        model.reset_classifier(0)
+    else:
+        model, head = remove_head(model, canonical)
+    model = freeze(model)
+    dim = check_dim(model, pre, head.get("in_features") if not layer else None, canonical)
+    return Backbone(canonical, model, dim, pre, source, sha, layer, head)
+
+
+def load_classifier(spec: str = DEFAULT_MODEL, weights: str = "default") -> tuple[str, nn.Module, Preprocess, dict, str]:
+    """The full model with its classification head, weights loaded: ``(spec, model, preprocess, head, source)``."""
+    kind, name = resolve_spec(spec)
+    canonical = f"{kind}:{name}"
+    if kind == "torchscript":
+        raise UserError("torchscript: models are feature extractors already; they have no classifier to load")
     embedded = _embedded_weights_path(canonical) if weights == "default" else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random weights are the same in every worker process
@@ -318,16 +336,7 @@ def load_backbone(spec: str = DEFAULT_MODEL, weights: str = "default", layer: st
     elif weights not in ("default", "none"):
         model.load_state_dict(fit_state_dict(model, read_weights_file(weights), weights, canonical))
         source = str(Path(weights).resolve())
-    sha = state_dict_sha256(model.state_dict())
-    if layer:
-        model = take_layer(model, layer, canonical)
-    elif kind == "timm":
-        model.reset_classifier(0)
-    else:
-        model, head = remove_head(model, canonical)
-    model = freeze(model)
-    dim = check_dim(model, pre, head.get("in_features") if not layer else None, canonical)
-    return Backbone(canonical, model, dim, pre, source, sha, layer, head)
+    return canonical, model.eval(), pre, head, source
 
 
 def check_dim(model: nn.Module, pre: Preprocess, expected: int | None, spec: str) -> int:

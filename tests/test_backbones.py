@@ -1,0 +1,140 @@
+"""Backbones: spec kinds, frozen features, weights loading and errors, precision, compile and its cache."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from skimage import data as skdata
+
+from pipeline.backbones import load_backbone, load_classifier, resolve_spec
+from pipeline.compiler import build_extractor
+from pipeline.errors import UserError
+from pipeline.reader import resize_crop
+
+
+def photo_batch(pre, names=("chelsea", "coffee", "astronaut", "rocket")) -> torch.Tensor:
+    """Real photos shipped with scikit-image, preprocessed exactly as the embed stage does."""
+    imgs = [torch.from_numpy(getattr(skdata, n)()).permute(2, 0, 1).contiguous() for n in names]
+    return torch.stack([resize_crop(i, pre) for i in imgs])
+
+
+@pytest.fixture(scope="module")
+def default_bb():
+    return load_backbone("default")
+
+
+@pytest.mark.parametrize("spec,dim", [
+    ("torchvision:resnet18", 512),
+    ("timm:resnet18", 512),
+    ("torchvision:mobilenet_v3_small", 1024),
+    ("torchvision:vit_b_16", 768),
+    ("timm:efficientnet_lite0", 1280),
+])
+def test_spec_kinds_give_stated_dim_and_are_frozen(spec, dim):
+    bb = load_backbone(spec, weights="none")
+    assert bb.num_features == dim
+    assert not any(p.requires_grad for p in bb.model.parameters())
+    assert not bb.model.training
+    with torch.inference_mode():
+        assert bb.model(torch.zeros(2, 3, 224, 224)).shape == (2, dim)
+
+
+def test_bare_names_resolve_timm_first_then_torchvision():
+    assert resolve_spec("mobilenetv3_small_050") == ("timm", "mobilenetv3_small_050")
+    assert resolve_spec("regnet_x_400mf") == ("torchvision", "regnet_x_400mf")
+    with pytest.raises(UserError, match="Did you mean"):
+        resolve_spec("resnet51")
+
+
+def test_random_weights_are_identical_across_loads():
+    a, b = load_backbone("torchvision:resnet18", "none"), load_backbone("torchvision:resnet18", "none")
+    assert a.weights_sha256 == b.weights_sha256
+
+
+def test_intermediate_layer_is_pooled():
+    assert load_backbone("torchvision:resnet18", "none", layer="layer3").num_features == 256
+    assert load_backbone("torchvision:resnet18", "none", layer="layer2.1.relu_1").num_features == 128
+    with pytest.raises(UserError, match="close names"):
+        load_backbone("torchvision:resnet18", "none", layer="layer9")
+
+
+def test_torchscript_file_spec(tmp_path: Path):
+    bb = load_backbone("torchvision:resnet18", "none")
+    path = tmp_path / "feat.pt"
+    torch.jit.save(torch.jit.trace(bb.model, torch.zeros(1, 3, 224, 224)), str(path))
+    ts = load_backbone(f"torchscript:{path}")
+    assert ts.num_features == 512
+    x = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.allclose(ts.model(x), bb.model(x), atol=1e-5)
+
+
+def test_default_pretrained_classifies_real_photos():
+    _, model, pre, _, source = load_classifier("default")
+    assert source.startswith("embedded:")
+    x = photo_batch(pre, ("chelsea", "coffee")).float() / 255
+    x = (x - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        top = model(x).argmax(1).tolist()
+    assert 281 <= top[0] <= 285, f"chelsea classified as {top[0]}, expected a cat (281-285)"
+    assert top[1] == 967, f"coffee classified as {top[1]}, expected espresso (967)"
+
+
+def test_torchscript_equals_eager_and_bf16_is_close(default_bb, tmp_path: Path):
+    x = photo_batch(default_bb.preprocess)
+    eager = build_extractor(default_bb, "cpu", "fp32", "eager")(x)
+    ts = build_extractor(default_bb, "cpu", "fp32", "torchscript", cache_dir=tmp_path)(x)
+    bf16 = build_extractor(default_bb, "cpu", "bf16", "eager")(x)
+    cos_ts = F.cosine_similarity(ts, eager).min().item()
+    cos_bf = F.cosine_similarity(bf16, eager).min().item()
+    print(f"min cosine on real photos: torchscript/eager {cos_ts:.6f}, bf16/fp32 {cos_bf:.5f}")
+    assert cos_ts >= 0.9999
+    assert cos_bf >= 0.99
+
+
+def test_compile_cache_is_hit_and_corrupt_entry_rebuilt(tmp_path: Path):
+    bb = load_backbone("torchvision:resnet18", "none")
+    first = build_extractor(bb, "cpu", "fp32", "torchscript", cache_dir=tmp_path)
+    assert not first.cache_hit and first.cache_path.is_file()
+    second = build_extractor(bb, "cpu", "fp32", "torchscript", cache_dir=tmp_path)
+    assert second.cache_hit and second.cache_path == first.cache_path
+    first.cache_path.write_bytes(b"not a torchscript archive")
+    third = build_extractor(bb, "cpu", "fp32", "torchscript", cache_dir=tmp_path)
+    assert not third.cache_hit
+    x = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    assert torch.allclose(third(x), second(x), atol=1e-4)
+    other = build_extractor(bb, "cpu", "bf16", "torchscript", cache_dir=tmp_path)
+    assert not other.cache_hit and other.cache_path != first.cache_path
+
+
+def test_fp16_on_cpu_is_refused_with_hint():
+    bb = load_backbone("torchvision:resnet18", "none")
+    with pytest.raises(UserError, match="bf16"):
+        build_extractor(bb, "cpu", "fp16", "eager")
+
+
+def test_default_weights_offline_fail_at_once_with_fix(monkeypatch):
+    monkeypatch.setenv("EMBEDPIPE_NET_TIMEOUT", "2")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
+    with pytest.raises(UserError, match="--weights PATH"):
+        load_backbone("timm:resnet18", weights="default")
+
+
+def test_weights_file_of_other_architecture_names_the_tensor(tmp_path: Path):
+    path = tmp_path / "resnet18.pt"
+    torch.save(load_classifier("torchvision:resnet18", "none")[1].state_dict(), path)
+    with pytest.raises(UserError, match=r"tensor 'conv_stem.weight'|'conv1.weight'"):
+        load_backbone("timm:efficientnet_lite0", weights=str(path))
+    loaded = load_backbone("torchvision:resnet18", weights=str(path))
+    assert loaded.weights_sha256 == load_backbone("torchvision:resnet18", "none").weights_sha256
+
+
+def test_safetensors_weights_and_missing_file(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in load_classifier("torchvision:resnet18", "none")[1].state_dict().items()}
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    assert load_backbone("torchvision:resnet18", str(tmp_path / "w.safetensors")).num_features == 512
+    with pytest.raises(UserError, match="does not exist"):
+        load_backbone("torchvision:resnet18", str(tmp_path / "missing.pt"))
