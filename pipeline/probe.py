@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -80,6 +81,18 @@ def _grid_loss(logits: torch.Tensor, y: torch.Tensor, n_heads: int) -> torch.Ten
     return F.cross_entropy(z, y[:, None].expand(n, n_heads), reduction="sum") / n
 
 
+@contextmanager
+def _threads_for(flops: int) -> Iterator[None]:
+    """One intra-op thread for small matmuls: on busy cores torch's thread pool costs far more than it saves."""
+    before = torch.get_num_threads()
+    if flops < 50_000_000 and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def fit_lbfgs(
     x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decays: Sequence[float], max_iter: int = 500
 ) -> GridResult:
@@ -107,10 +120,13 @@ def fit_lbfgs(
         loss.backward()
         return loss
 
-    loss = opt.step(closure)
+    with _threads_for(n * d * g * n_classes):
+        opt.step(closure)
+    with torch.no_grad():
+        loss = _grid_loss(torch.addmm(b, x, w), y, g) + 0.5 * (lam * w.pow(2)).sum()
     state = opt.state[opt._params[0]]
     info = {"method": "lbfgs", "iterations": int(state.get("n_iter", 0)), "evaluations": evals,
-            "final_loss": float(loss.detach()), "converged": int(state.get("n_iter", 0)) < max_iter}
+            "final_loss": float(loss) / g, "converged": int(state.get("n_iter", 0)) < max_iter}
     weight = w.detach().T.reshape(g, n_classes, d).contiguous()
     return GridResult(weight, b.detach().view(g, n_classes).clone(), [{"weight_decay": v} for v in weight_decays], info)
 
@@ -137,6 +153,8 @@ def fit_sgd(
     b = torch.zeros(g * n_classes, requires_grad=True)
     mw, mb = torch.zeros_like(w), torch.zeros_like(b)
     step, total = 0, None
+    threads = _threads_for(1024 * dim * g * n_classes)
+    threads.__enter__()
     for epoch in range(epochs):
         for x, y in batches(epoch):
             if total is None:
@@ -152,6 +170,7 @@ def fit_sgd(
             step += 1
         if on_epoch is not None:
             on_epoch(epoch, GridResult(w.detach().T.reshape(g, n_classes, dim), b.detach().view(g, n_classes), params))
+    threads.__exit__(None, None, None)
     weight = w.detach().T.reshape(g, n_classes, dim).contiguous()
     return GridResult(weight, b.detach().view(g, n_classes).clone(), params,
                       {"method": "sgd", "epochs": epochs, "steps": step, "momentum": 0.9, "schedule": "cosine"})
