@@ -55,3 +55,4 @@ from . import cli_models  # noqa: E402,F401
 from . import cli_embed  # noqa: E402,F401
 from . import cli_sample_data  # noqa: E402,F401
 from . import cli_probe  # noqa: E402,F401
+from . import cli_index  # noqa: E402,F401
