@@ -81,7 +81,7 @@ def update(cfg: ix.IndexConfig) -> dict[str, Any]:
 
                 delta = faiss.read_index(str(out / ix.TRAINED))
                 added = ix.add_shards(delta, src.files, starts, ids_out, None, cfg.batch_size)
-                old = ix.load_faiss(out, meta, mmap=True)
+                old = ix.load_faiss(out, meta)  # on-disk lists stay on disk (mmapped by FAISS itself)
                 index = merge_into(faiss.read_index(str(out / ix.TRAINED)), [old, delta], tmp / ix.IVFDATA)
                 shutil.copyfile(out / ix.TRAINED, tmp / ix.TRAINED)
             else:
