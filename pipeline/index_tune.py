@@ -148,10 +148,12 @@ def _ivfpq(n: int, dim: int, budget: int, nlist: int, train: int, refine: bool =
     gb = budget / 1e9
     flat = estimate_bytes("ivf", n, dim, nlist)
     m = next((m for m in (dim // 8, dim // 16, dim // 4, 8, 4) if m >= 1 and dim % m == 0), 1)
+    # 256 centroids per sub-quantizer want ~10k training points; tiny sets get fewer bits
+    bits = "" if n >= 10_000 else f"x{max(2, min(8, int(math.log2(max(n // 39, 4)))))}"
     for codes, bpd in (("SQfp16", 2), ("SQ8", 1)):
         est = estimate_bytes("ivfpq", n, dim, nlist, m + bpd * dim)
         if refine and est <= budget:
-            return Choice("ivfpq", f"IVF{nlist},PQ{m},Refine({codes})",
+            return Choice("ivfpq", f"IVF{nlist},PQ{m}{bits},Refine({codes})",
                           f"{n} vectors: IVF-PQ{m} re-ranked with {codes} ({est / 1e9:.2f} GB; float32 IVF would "
                           f"need {flat / 1e9:.2f} GB, budget {gb:.2f} GB)", nlist, est, train)
     m = pq_m_for(n, dim, budget, nlist)
@@ -160,7 +162,7 @@ def _ivfpq(n: int, dim: int, budget: int, nlist: int, train: int, refine: bool =
         raise UserError(f"{n} vectors of dim {dim} do not fit --memory {gb:.2f} GB even as IVF-PQ with 1 byte per "
                         f"vector (needs ~{need / 1e9:.2f} GB); raise --memory or index a subset")
     est = estimate_bytes("ivfpq", n, dim, nlist, m)
-    return Choice("ivfpq", f"IVF{nlist},PQ{m}", f"{n} vectors: IVF-PQ, {m} bytes/vector ({est / 1e9:.2f} GB; "
+    return Choice("ivfpq", f"IVF{nlist},PQ{m}{bits}", f"{n} vectors: IVF-PQ, {m} bytes/vector ({est / 1e9:.2f} GB; "
                   f"float32 IVF would need {flat / 1e9:.2f} GB, budget {gb:.2f} GB); recall is capped by the code size",
                   nlist, est, train)
 
