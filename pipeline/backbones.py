@@ -315,6 +315,17 @@ def load_backbone(spec: str = DEFAULT_MODEL, weights: str = "default", layer: st
     return Backbone(canonical, model, dim, pre, source, sha, layer, head)
 
 
+def with_input_size(bb: Backbone, size: int) -> Backbone:
+    """The same backbone fed ``size`` px crops (resize scaled to keep the crop ratio); checked by a forward pass."""
+    pre = bb.preprocess
+    new = Preprocess(size, int(round(size * pre.resize_size / pre.input_size)), pre.interpolation, pre.mean, pre.std)
+    try:
+        check_dim(bb.model, new, bb.num_features, bb.spec)
+    except RuntimeError as e:
+        raise UserError(f"{bb.spec} cannot take {size}px inputs ({e}); use its native size {pre.input_size}") from None
+    return Backbone(bb.spec, bb.model, bb.num_features, new, bb.weights, bb.weights_sha256, bb.layer, bb.head)
+
+
 def load_classifier(spec: str = DEFAULT_MODEL, weights: str = "default") -> tuple[str, nn.Module, Preprocess, dict, str]:
     """The full model with its classification head, weights loaded: ``(spec, model, preprocess, head, source)``."""
     kind, name = resolve_spec(spec)

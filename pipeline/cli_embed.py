@@ -15,6 +15,7 @@ from .config import config_option
 @click.option("--model", default="timm:efficientnet_lite0", show_default=True, help="timm:<name>, torchvision:<name>, torchscript:<path> or an alias.")
 @click.option("--weights", default="default", show_default=True, help="default (embedded or downloaded), none (random), or a state-dict / .safetensors PATH.")
 @click.option("--layer", default=None, help="Use the pooled output of this graph node (see `embedpipe models SPEC --nodes`).")
+@click.option("--input-size", type=int, default=None, help="Crop size in pixels (default: the model's own).")
 @click.option("--compile", "compile_mode", type=click.Choice(["torchscript", "inductor", "eager"]), default="torchscript", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True, help="auto: fp16 on CUDA, fp32 on CPU.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -28,7 +29,7 @@ from .config import config_option
 @click.option("--overwrite", is_flag=True, help="Replace embeddings made with different settings in --out.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar (batch jobs).")
 @config_option
-def embed(shards: tuple[str, ...], out: str, compile_mode: str, keep: str, **opts) -> int:
+def embed(shards: tuple[str, ...], out: str, compile_mode: str, keep: str, **opts) -> None:
     """Embed WebDataset shards into Parquet files, one per shard (resumable)."""
     from .embed import embed as run_embed
     from .errors import UserError
@@ -42,14 +43,13 @@ def embed(shards: tuple[str, ...], out: str, compile_mode: str, keep: str, **opt
         click.echo(f"{len(summary.failed)} shard(s) failed (rerun the same command to retry them):", err=True)
         for url, reason in summary.failed.items():
             click.echo(f"  {url}: {reason}", err=True)
-        return 1
-    return 0
+        click.get_current_context().exit(1)
 
 
 @cli.command()
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def status(out: str, as_json: bool) -> int:
+def status(out: str, as_json: bool) -> None:
     """Show done, failed and pending shards of an embed output folder."""
     from .state import status as run_status
 
@@ -62,4 +62,5 @@ def status(out: str, as_json: bool) -> int:
                    + ("; complete (_SUCCESS)" if st["success"] else ""))
         for url, reason in st["failed_shards"].items():
             click.echo(f"  failed {url}: {reason}")
-    return 1 if st["failed"] else 0
+    if st["failed"]:
+        click.get_current_context().exit(1)

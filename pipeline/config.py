@@ -31,16 +31,22 @@ def command_defaults(command: click.Command, values: dict[str, Any], source: str
     Keys may use dashes or underscores (``batch-size`` or ``batch_size``). Unknown keys are errors
     that list the valid ones, so a typo in a job config never silently does nothing.
     """
-    params = {p.name: p for p in command.params if isinstance(p, click.Option)}
+    params: dict[str, click.Option] = {}
+    for p in command.params:
+        if isinstance(p, click.Option) and p.name != "config":
+            # Keys are the flag names users see (``compile`` for ``--compile``), dashes or underscores.
+            for flag in p.opts:
+                if flag.startswith("--"):
+                    params[flag[2:].replace("-", "_")] = p
     out: dict[str, Any] = {}
     for key, value in values.items():
-        name = key.replace("-", "_")
-        if name not in params or name == "config":
-            valid = ", ".join(sorted(n.replace("_", "-") for n in params if n != "config"))
+        param = params.get(key.replace("-", "_"))
+        if param is None:
+            valid = ", ".join(sorted({k.replace("_", "-") for k in params}))
             raise UserError(f"{source}: unknown key {key!r} for `embedpipe {command.name}`; valid keys: {valid}")
-        if params[name].multiple and not isinstance(value, list):
+        if param.multiple and not isinstance(value, list):
             value = [value]
-        out[name] = value
+        out[param.name] = value
     return out
 
 

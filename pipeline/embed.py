@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import __version__
-from .backbones import DEFAULT_MODEL, Backbone, load_backbone
+from .backbones import DEFAULT_MODEL, Backbone, load_backbone, with_input_size
 from .compiler import Extractor, build_extractor
 from .errors import UserError
 from .reader import DEFAULT_MAX_PIXELS, KEEPABLE, Piece, ShardSamples
@@ -32,6 +32,7 @@ class EmbedConfig:
     model: str = DEFAULT_MODEL
     weights: str = "default"
     layer: str | None = None
+    input_size: int | None = None
     compile: str = "torchscript"
     precision: str = "auto"
     device: str = "auto"
@@ -55,6 +56,8 @@ class EmbedConfig:
         bad = [k for k in self.keep if k not in KEEPABLE]
         if bad:
             raise UserError(f"--keep accepts {', '.join(KEEPABLE)}; got {', '.join(bad)}")
+        if self.input_size is not None and not 16 <= self.input_size <= 2048:
+            raise UserError(f"--input-size must be between 16 and 2048 pixels, got {self.input_size}")
         if self.max_pixels < 1:
             raise UserError("--max-pixels must be positive")
 
@@ -162,6 +165,8 @@ def embed(shards: Sequence[str] | str, out: str | Path, **options: Any) -> Summa
     if not urls:
         raise UserError("no shards given; pass paths, globs, brace ranges or @list.txt")
     bb = load_backbone(cfg.model, cfg.weights, cfg.layer)
+    if cfg.input_size:
+        bb = with_input_size(bb, cfg.input_size)
     ex = build_extractor(bb, cfg.device, cfg.precision, cfg.compile, cfg.cache_dir)
     state = RunState(Path(out))
     fp = fingerprint(bb, ex, cfg)

@@ -1,0 +1,4 @@
+"""`python -m pipeline` runs the embedpipe CLI."""
+from .cli import main
+
+main()

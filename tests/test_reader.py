@@ -1,0 +1,72 @@
+"""Decoding real encoded images of every awkward kind into uint8 RGB crops."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.backbones import Preprocess
+from pipeline.reader import SkipSample, decode_rgb, iter_tar_samples, resize_crop
+from shards import (FAULTS, UNDECODABLE, jpeg_bytes, palette_png_bytes, sample_image, write_tar)
+
+PRE = Preprocess(input_size=32, resize_size=36)
+
+
+@pytest.mark.parametrize("name", sorted(set(FAULTS) - set(UNDECODABLE)))
+def test_odd_but_valid_images_decode_to_rgb(name):
+    ext, make = FAULTS[name]
+    img = decode_rgb(make(), PRE.resize_size)
+    assert img.dtype == torch.uint8 and img.ndim == 3 and img.shape[0] == 3
+    assert resize_crop(img, PRE).shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("name", UNDECODABLE)
+def test_undecodable_images_are_skipped_with_a_reason(name):
+    with pytest.raises(SkipSample) as e:
+        decode_rgb(FAULTS[name][1](), PRE.resize_size)
+    assert str(e.value)
+
+
+def test_bomb_refused_before_allocating_by_pixel_limit():
+    big = jpeg_bytes(sample_image((300, 200)))
+    with pytest.raises(SkipSample, match="300x200 pixels"):
+        decode_rgb(big, 36, max_pixels=10_000)
+    assert decode_rgb(big, 200, max_pixels=60_000).shape[1:] == (200, 300)
+
+
+def test_empty_bytes_skipped():
+    with pytest.raises(SkipSample, match="0 bytes"):
+        decode_rgb(b"", 36)
+
+
+def test_exif_orientation_applied():
+    img = decode_rgb(FAULTS["exif_rotated"][1](), 36)
+    assert img.shape[1:] == (64, 48)  # stored 64 wide x 48 high, displayed rotated
+
+
+def test_grayscale_becomes_three_equal_channels():
+    img = decode_rgb(FAULTS["grayscale"][1](), 36)
+    assert torch.equal(img[0], img[1]) and torch.equal(img[1], img[2])
+
+
+def test_transparent_palette_pixels_become_white():
+    im = Image.open(io.BytesIO(palette_png_bytes()))
+    transparent = np.asarray(im) == im.info["transparency"]
+    img = decode_rgb(palette_png_bytes(), 36).permute(1, 2, 0).numpy()
+    assert transparent.any() and (img[transparent] == 255).all()
+
+
+def test_large_jpeg_uses_scaled_decode_close_to_full_decode():
+    data = jpeg_bytes(sample_image((1200, 900)), quality=95)
+    scaled = resize_crop(decode_rgb(data, 36), PRE).float()
+    assert decode_rgb(data, 36).shape[2] < 1200  # DCT-scaled: never decoded at full size
+    full = resize_crop(decode_rgb(data, 2000), PRE).float()
+    assert (scaled - full).abs().mean() < 4.0
+
+
+def test_tar_samples_grouped_by_key_with_dots_and_dirs(tmp_path):
+    write_tar(tmp_path / "s.tar", [{"__key__": "dir/a", "jpg": b"x", "cls": 1}, {"__key__": "b", "seg.png": b"y"}])
+    got = list(iter_tar_samples(str(tmp_path / "s.tar")))
+    assert [s["__key__"] for s in got] == ["dir/a", "b"]
+    assert got[0]["cls"] == b"1" and got[1]["seg.png"] == b"y"
