@@ -7,4 +7,8 @@ def __getattr__(name: str):  # lazy: `import pipeline` must not import faiss or 
         from .search import open_index
 
         return open_index
+    if name == "embed":
+        from .embed import embed
+
+        return embed
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

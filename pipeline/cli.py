@@ -51,8 +51,8 @@ def main() -> None:
 
 # Each stage's commands live in their own cli_<stage>.py and register on `cli` when imported;
 # `embedpipe --help` lists them in this order.
+from . import cli_sample_data  # noqa: E402,F401
 from . import cli_models  # noqa: E402,F401
 from . import cli_embed  # noqa: E402,F401
-from . import cli_sample_data  # noqa: E402,F401
-from . import cli_probe  # noqa: E402,F401
 from . import cli_index  # noqa: E402,F401
+from . import cli_probe  # noqa: E402,F401
