@@ -20,7 +20,7 @@ class Group(click.Group):
         return list(self.commands)
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110, "terminal_width": 110})
 @click.version_option(__version__, "--version", package_name="embedpipe", prog_name="embedpipe")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Job config (TOML), one [table] per command; CLI flags win.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
