@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .backbones import DEFAULT_MODEL, Backbone, load_backbone, with_input_size
-from .compiler import Extractor, build_extractor
+from .compiler import Extractor, build_extractor, resolve_device
 from .errors import UserError
 from .reader import DEFAULT_MAX_PIXELS, KEEPABLE, Piece, ShardSamples
 from .shards import expand, output_names
@@ -253,3 +253,38 @@ def _finish(url: str, name: str, buf: _ShardBuffer, state: RunState, meta: dict[
         buf.failed = f"write failed: {e}"
         state.record_failure(url, name, buf.failed)
         return None
+
+
+def embed_images(paths: Sequence[str], meta: dict[str, Any], device: str = "auto") -> tuple[np.ndarray, dict[str, Any]]:
+    """Embed image files exactly as the embed stage did for ``meta`` (an embedding shard's metadata).
+
+    Returns the float32 ``[N, D]`` embeddings and what was used (model, weights digest, layer,
+    preprocessing), so callers can refuse to compare embeddings of different models.
+    """
+    from .backbones import Preprocess
+    from .reader import SkipSample, decode_rgb, resize_crop
+
+    weights = meta.get("weights") or "default"
+    if weights.startswith("embedded:"):
+        weights = "default"
+    bb = load_backbone(meta["model"], weights, meta.get("layer"))
+    want = Preprocess.from_dict(meta["preprocess"]) if meta.get("preprocess") else bb.preprocess
+    if want.input_size != bb.preprocess.input_size:
+        bb = with_input_size(bb, want.input_size)
+    if meta.get("weights_sha256") and meta["weights_sha256"] != bb.weights_sha256:
+        raise UserError(f"the weights {meta.get('weights')} loaded here differ from those that made the embeddings "
+                        f"(sha256 {bb.weights_sha256[:12]} vs {meta['weights_sha256'][:12]}); pass the same weights file")
+    images = []
+    for p in paths:
+        try:
+            images.append(resize_crop(decode_rgb(Path(p).read_bytes(), want.resize_size), want))
+        except SkipSample as e:
+            raise UserError(f"cannot use image {p}: {e}") from None
+    precision = meta.get("precision", "auto")
+    if precision == "fp16" and resolve_device(device).type == "cpu":
+        precision = "fp32"  # GPU-made fp16 embeddings, queried from a CPU: fp32 is the closest CPU can do
+    ex = build_extractor(bb, device, precision, "eager")
+    vectors = _embed_batch(ex, torch.stack(images), bool(meta.get("normalize", True)), "float32")
+    used = {"model": bb.spec, "weights_sha256": bb.weights_sha256, "layer": bb.layer,
+            "preprocess": want.to_dict()}
+    return vectors, used
