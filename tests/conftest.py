@@ -13,6 +13,21 @@ DIGITS_FIXTURE = {"limit": 300, "shard_size": 100, "image_size": 64, "fmt": "jpg
 PHOTOS_FIXTURE = {"variants": 3, "shard_size": 27, "image_size": 96, "fmt": "mixed"}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Compiled models go to a per-session folder, never the user's ~/.cache (subprocesses inherit it)."""
+    import os
+
+    path = tmp_path_factory.mktemp("compile-cache")
+    old = os.environ.get("EMBEDPIPE_CACHE")
+    os.environ["EMBEDPIPE_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("EMBEDPIPE_CACHE", None)
+    else:
+        os.environ["EMBEDPIPE_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """3 shards x 100 real digit JPEGs (64 px RGB) with ``.cls`` and ``.json``: ``digits-00000{0,1,2}.tar``."""
