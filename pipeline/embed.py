@@ -5,9 +5,9 @@ import logging
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -16,10 +16,11 @@ from tqdm import tqdm
 
 from . import __version__
 from .backbones import DEFAULT_MODEL, Backbone, load_backbone, with_input_size
-from .compiler import Extractor, build_extractor, resolve_device
+from .compiler import Extractor, build_extractor, resolve_device, resolve_precision
+from .devices import parse_devices
 from .errors import UserError
 from .reader import DEFAULT_MAX_PIXELS, KEEPABLE, Piece, ShardSamples
-from .shards import expand, output_names
+from .shards import expand, output_names, partition
 from .state import RunState, ShardRecord
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,22 @@ class EmbedConfig:
     cache_dir: str | None = None
     overwrite: bool = False
     quiet: bool = False
+    devices: str | None = None
+    rank: int | None = None
+    world_size: int | None = None
+
+    def rank_world(self) -> tuple[int, int]:
+        """This process's share of the shards: explicit values, else the cluster's environment variables."""
+        try:
+            from .cluster import resolve_rank_world
+        except ImportError:  # pragma: no cover - cluster.py is optional until it lands
+            rank, world = self.rank if self.rank is not None else 0, self.world_size or 1
+        else:
+            rank, world = resolve_rank_world(self.rank, self.world_size)
+        if world > 1 and self.overwrite:
+            raise UserError("--overwrite cannot be combined with several ranks (each would delete the others' "
+                            "output); run once with --overwrite and no rank, or delete the folder first")
+        return rank, world
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -79,6 +96,14 @@ class Summary:
     def images_per_s(self) -> float:
         return self.embedded / self.seconds if self.seconds > 0 else 0.0
 
+    def add(self, url: str, rec: ShardRecord | None, reason: str | None) -> None:
+        if rec is None:
+            self.failed[url] = reason or "unknown"
+        else:
+            self.shards_done += 1
+            self.embedded += rec.embedded
+            self.skipped += len(rec.skipped)
+
     def line(self) -> str:
         return (f"embedded {self.embedded} samples ({self.skipped} skipped) from "
                 f"{self.shards_done + self.shards_skipped}/{self.shards_total} shards "
@@ -106,15 +131,25 @@ def shard_metadata(bb: Backbone, ex: Extractor, cfg: EmbedConfig) -> dict[str, A
 
 
 class _Crash:
-    """Test hook: EMBEDPIPE_CRASH_AT=N kills this process (SIGKILL, like kill -9) once N samples are embedded."""
+    """Test hook: EMBEDPIPE_CRASH_AT=N kills this process (SIGKILL, like kill -9) once N samples are embedded.
+
+    With EMBEDPIPE_CRASH_ONCE=FILE only the first process to create FILE crashes (for retry tests).
+    """
 
     def __init__(self) -> None:
         self.at = int(os.environ.get("EMBEDPIPE_CRASH_AT", "0") or 0)
+        self.once = os.environ.get("EMBEDPIPE_CRASH_ONCE")
         self.count = 0
 
     def tick(self, n: int) -> None:
         self.count += n
         if self.at and self.count >= self.at:
+            if self.once:
+                try:
+                    os.close(os.open(self.once, os.O_CREAT | os.O_EXCL))
+                except FileExistsError:
+                    self.at = 0
+                    return
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -161,39 +196,75 @@ def embed(shards: Sequence[str] | str, out: str | Path, **options: Any) -> Summa
     """
     cfg = EmbedConfig(**options)
     cfg.validate()
-    urls = expand([shards] if isinstance(shards, str) else shards)
-    if not urls:
+    all_urls = expand([shards] if isinstance(shards, str) else shards)
+    if not all_urls:
         raise UserError("no shards given; pass paths, globs, brace ranges or @list.txt")
-    bb = load_backbone(cfg.model, cfg.weights, cfg.layer)
-    if cfg.input_size:
-        bb = with_input_size(bb, cfg.input_size)
-    ex = build_extractor(bb, cfg.device, cfg.precision, cfg.compile, cfg.cache_dir)
-    state = RunState(Path(out))
+    rank, world = cfg.rank_world()
+    urls = partition(all_urls, rank, world) if world > 1 else all_urls
+    if world > 1:
+        log.info("rank %d of %d: %d of %d shards", rank, world, len(urls), len(all_urls))
+    devices = parse_devices(cfg.devices) if cfg.devices else None
+    if devices and len(devices) == 1:
+        cfg, devices = replace(cfg, device=devices[0], devices=None), None
+    main_cfg = replace(cfg, device="cpu", compile="eager", precision="fp32") if devices else cfg
+    bb, ex = prepare_model(main_cfg)  # with several devices: only for the fingerprint, on CPU
+    if devices:
+        ex.precision = resolve_precision(cfg.precision, resolve_device(devices[0]))
+    state = RunState(Path(out), lock_name="_lock" if world == 1 else f"_lock.{rank}-of-{world}")
     fp = fingerprint(bb, ex, cfg)
-    state.claim(fp, {**asdict(cfg), "shards": len(urls), "version": __version__}, cfg.overwrite)
+    state.claim(fp, {**asdict(cfg), "shards": len(all_urls), "version": __version__}, cfg.overwrite)
     try:
-        return _run(urls, state, bb, ex, cfg)
+        return _run(all_urls, urls, state, bb, ex, cfg, devices)
     finally:
         state.release()
 
 
-def _run(urls: list[str], state: RunState, bb: Backbone, ex: Extractor, cfg: EmbedConfig) -> Summary:
+def prepare_model(cfg: EmbedConfig) -> tuple[Backbone, Extractor]:
+    """The frozen backbone and its compiled extractor for ``cfg`` (the same in every engine and process)."""
+    bb = load_backbone(cfg.model, cfg.weights, cfg.layer)
+    if cfg.input_size:
+        bb = with_input_size(bb, cfg.input_size)
+    return bb, build_extractor(bb, cfg.device, cfg.precision, cfg.compile, cfg.cache_dir)
+
+
+def _run(all_urls: list[str], urls: list[str], state: RunState, bb: Backbone, ex: Extractor, cfg: EmbedConfig,
+         devices: list[str] | None) -> Summary:
     t0 = time.time()
-    names = output_names(urls)
+    names = output_names(all_urls)  # from the full list, so every rank names every shard alike
     summary = Summary(state.out, shards_total=len(urls))
     pending = [u for u in urls if not state.is_done(u, names[u])]
     summary.shards_skipped = len(urls) - len(pending)
-    if pending:
+    if pending and devices:
+        from .devices import run_on_devices
+
+        run_on_devices(pending, names, str(state.out), cfg, devices, summary)
+    elif pending:
         workers = cfg.workers if cfg.workers is not None else default_workers(ex.device)
-        _embed_pending(pending, names, state, bb, ex, cfg, workers, summary)
+        bar = tqdm(desc="embed", unit="img", disable=cfg.quiet, dynamic_ncols=True, smoothing=0.1)
+        try:
+            for i, (url, rec, reason) in enumerate(iter_embedded(pending, names, state, bb, ex, cfg, workers, bar)):
+                bar.set_postfix_str(f"shards {i + 1}/{len(pending)}")
+                summary.add(url, rec, reason)
+        finally:
+            bar.close()
     summary.seconds = time.time() - t0
-    if not summary.failed and all(state.is_done(u, names[u]) for u in urls):
+    # The last rank to finish sees every shard of the full list done and marks the folder complete.
+    if not summary.failed and all(state.is_done(u, names[u]) for u in all_urls):
         state.mark_success()
     return summary
 
 
-def _embed_pending(pending: list[str], names: dict[str, str], state: RunState, bb: Backbone, ex: Extractor,
-                   cfg: EmbedConfig, workers: int, summary: Summary) -> None:
+def embed_one_shard(url: str, name: str, state: RunState, bb: Backbone, ex: Extractor, cfg: EmbedConfig,
+                    workers: int) -> tuple[ShardRecord | None, str | None]:
+    """The unit of work of every engine: one shard in, one committed Parquet file (or a failure) out."""
+    for _, rec, reason in iter_embedded([url], {url: name}, state, bb, ex, cfg, workers, None):
+        return rec, reason
+    raise AssertionError("the reader ends every shard")
+
+
+def iter_embedded(pending: list[str], names: dict[str, str], state: RunState, bb: Backbone, ex: Extractor,
+                  cfg: EmbedConfig, workers: int, bar: tqdm | None) -> Iterator[tuple[str, ShardRecord | None, str | None]]:
+    """Stream ``pending`` shards through the DataLoader and the model; yield each shard once it is committed."""
     data = ShardSamples(pending, bb.preprocess, cfg.batch_size, cfg.keep, cfg.max_pixels)
     loader = DataLoader(data, batch_size=None, num_workers=workers, pin_memory=ex.device.type == "cuda",
                         prefetch_factor=4 if workers else None, persistent_workers=False,
@@ -201,29 +272,18 @@ def _embed_pending(pending: list[str], names: dict[str, str], state: RunState, b
     meta = shard_metadata(bb, ex, cfg)
     buffers: dict[str, _ShardBuffer] = {}
     crash = _Crash()
-    bar = tqdm(desc="embed", unit="img", disable=cfg.quiet, dynamic_ncols=True, smoothing=0.1)
-    done_count = 0
-    try:
-        for piece in loader:
-            buf = buffers.setdefault(piece.url, _ShardBuffer())
-            emb = _embed_batch(ex, piece.images, cfg.normalize, cfg.out_dtype) if len(piece.keys) else None
-            buf.add(piece, emb)
+    for piece in loader:
+        buf = buffers.setdefault(piece.url, _ShardBuffer())
+        emb = _embed_batch(ex, piece.images, cfg.normalize, cfg.out_dtype) if len(piece.keys) else None
+        buf.add(piece, emb)
+        if bar is not None:
             bar.update(len(piece.keys))
-            crash.tick(len(piece.keys))
-            if buf.ends < max(1, workers):
-                continue
-            del buffers[piece.url]
-            rec = _finish(piece.url, names[piece.url], buf, state, meta, cfg)
-            done_count += 1
-            bar.set_postfix_str(f"shards {done_count}/{len(pending)}")
-            if rec is None:
-                summary.failed[piece.url] = buf.failed or "unknown"
-            else:
-                summary.shards_done += 1
-                summary.embedded += rec.embedded
-                summary.skipped += len(rec.skipped)
-    finally:
-        bar.close()
+        crash.tick(len(piece.keys))
+        if buf.ends < max(1, workers):
+            continue
+        del buffers[piece.url]
+        rec = _finish(piece.url, names[piece.url], buf, state, meta, cfg)
+        yield piece.url, rec, (buf.failed or "unknown") if rec is None else None
 
 
 def _finish(url: str, name: str, buf: _ShardBuffer, state: RunState, meta: dict[str, Any],

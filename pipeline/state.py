@@ -41,11 +41,11 @@ def _pid_alive(pid: int) -> bool:
 class RunState:
     """Everything a run knows about ``out`` lives in files there, so any process can resume it."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, lock_name: str = "_lock"):
         self.out = Path(out)
         self.emb_dir = self.out / store.EMBEDDINGS
         self.state_dir = self.out / store.STATE
-        self.lock = self.out / "_lock"
+        self.lock = self.out / lock_name  # one per rank when several ranks share a folder
         self._locked = False
 
     # -- ownership -------------------------------------------------------------------------------

@@ -1,0 +1,46 @@
+"""Several device workers (CPU stand-ins for GPUs): same rows as one process, dead workers' shards retried."""
+import os
+
+import numpy as np
+import pytest
+
+from pipeline import store
+from pipeline.devices import parse_devices
+from pipeline.embed import embed
+from pipeline.errors import UserError
+
+FAST = dict(model="torchvision:resnet18", weights="none", input_size=64, quiet=True, batch_size=32,
+            out_dtype="float32", workers=0)
+
+
+def test_parse_devices():
+    assert parse_devices("cpu") == ["cpu"]
+    assert parse_devices("cpu,cpu") == ["cpu", "cpu"]
+    assert parse_devices("auto") in (["cpu"], [f"cuda:{i}" for i in range(8)][: len(parse_devices("auto"))])
+    with pytest.raises(UserError, match="not a device"):
+        parse_devices("gpu0")
+
+
+@pytest.mark.slow
+def test_two_cpu_workers_equal_single_process(digits_shards, tmp_path):
+    shards = [str(p) for p in digits_shards]
+    single = embed(shards, tmp_path / "one", compile="eager", **FAST)
+    multi = embed(shards, tmp_path / "two", devices="cpu,cpu", compile="eager", **FAST)
+    assert multi.failed == {} and multi.embedded == single.embedded == 300 and multi.shards_done == 3
+    a, b = store.read_all(tmp_path / "one"), store.read_all(tmp_path / "two")
+    assert sorted(a.keys) == sorted(b.keys) and len(set(b.keys)) == 300
+    order_a, order_b = np.argsort(a.keys), np.argsort(b.keys)
+    assert np.allclose(a.embeddings[order_a], b.embeddings[order_b], atol=1e-5)
+    assert (tmp_path / "two" / "_SUCCESS").is_file()
+
+
+@pytest.mark.slow
+def test_killed_worker_shard_is_retried_by_another(digits_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBEDPIPE_CRASH_AT", "40")  # a worker SIGKILLs itself mid-shard ...
+    monkeypatch.setenv("EMBEDPIPE_CRASH_ONCE", str(tmp_path / "crashed"))  # ... once
+    s = embed([str(p) for p in digits_shards], tmp_path / "out", devices="cpu,cpu", compile="eager", **FAST)
+    assert (tmp_path / "crashed").exists()
+    assert s.failed == {} and s.shards_done == 3 and s.embedded == 300
+    keys = store.read_all(tmp_path / "out").keys
+    assert len(keys) == len(set(keys)) == 300
+    assert not list((tmp_path / "out").rglob("*.tmp"))
