@@ -113,3 +113,39 @@ def knn(emb_dir: str, ks: tuple[int, ...], **opts: Any) -> None:
     parts = [f"k={k} top-1 {acc * 100:.2f}%" for k, acc in r["top1"].items()]
     click.echo(f"knn: {', '.join(parts)} on {r['n_val']} val rows against {r['n_train']} train rows, "
                f"{r['num_classes']} classes ({r['seconds']:.1f}s)")
+
+
+@cli.command()
+@click.argument("shards", nargs=-1)
+@click.option("--val", "val_shards", multiple=True, required=True, help="Validation shards (repeat, or a brace range).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder: checkpoint.pt, metrics.json, classifier.pt.")
+@click.option("--unfreeze", type=int, default=1, show_default=True, help="Train the last N blocks (0: head only).")
+@click.option("--model", default="default", show_default=True)
+@click.option("--weights", default="default", show_default=True)
+@click.option("--input-size", type=int, default=None, help="Square input side (default: the model's).")
+@click.option("--epochs", type=int, default=5, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Head learning rate (AdamW, cosine schedule).")
+@click.option("--backbone-lr-factor", type=float, default=0.1, show_default=True, help="Backbone lr = lr x this.")
+@click.option("--weight-decay", type=float, default=0.05, show_default=True)
+@click.option("--hflip/--no-hflip", default=True, show_default=True, help="Random horizontal flips.")
+@click.option("--label-field", default=None, help="Label from this .json field instead of .cls.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--workers", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--compare-probe/--no-compare-probe", default=True, show_default=True, help="Also fit a linear probe on the same split.")
+@config_option
+def finetune(shards: tuple[str, ...], val_shards: tuple[str, ...], out: str, **opts: Any) -> None:
+    """Fine-tune the head and the last N blocks on tar shards (resumes from OUT/checkpoint.pt).
+
+    Example: embedpipe finetune 'data/train-{000000..000009}.tar' --val data/val-000000.tar --out runs/ft --unfreeze 2
+    """
+    from .finetune import FinetuneOptions, run_finetune
+
+    r = run_finetune(list(shards), list(val_shards), out, FinetuneOptions(**opts))
+    for h in r["history"]:
+        click.echo(f"epoch {h['epoch']}: val top-1 {h['val_top1'] * 100:.2f}% (train loss {h['train_loss']:.3f})")
+    last = r["history"][-1]["val_top1"] if r["history"] else float("nan")
+    probe = f", linear probe {r['probe_top1'] * 100:.2f}%" if r["probe_top1"] is not None else ""
+    click.echo(f"finetune: val top-1 {last * 100:.2f}% after {len(r['history'])} epoch(s){probe}; "
+               f"trained {', '.join(r['trained_blocks']) or 'head only'}" + (f" -> {r['classifier']}" if r.get("classifier") else ""))

@@ -1,0 +1,49 @@
+"""finetune: last blocks + head on tar shards improve over epoch 0, resume from the checkpoint, export."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.backbones import load_backbone
+from pipeline.errors import UserError
+from pipeline.finetune import FinetuneOptions, blocks, run_finetune
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # shared CI cores: a thread pool is slower here
+    yield
+    torch.set_num_threads(before)
+
+
+def test_blocks_of_resnet():
+    bb = load_backbone("torchvision:resnet18", weights="none")
+    names = [n for n, _ in blocks(bb.model, bb.model.fc)]
+    assert names == ["conv1+bn1", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1",
+                     "layer4.0", "layer4.1"]
+
+
+def test_finetune_improves_and_resumes(digits_shards, tmp_path, one_thread):
+    train, val = [str(s) for s in digits_shards[:2]], [str(digits_shards[2])]
+    opts = FinetuneOptions(model="torchvision:resnet18", weights="none", input_size=48, epochs=3, batch_size=25,
+                           unfreeze=1, hflip=False, lr=3e-3, stop_after=2)
+    first = run_finetune(train, val, tmp_path, opts)  # "interrupted" after 2 of 3 epochs
+    assert [h["epoch"] for h in first["history"]] == [0, 1] and not first["done"]
+    assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "classifier.pt").exists()
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert all(k.startswith(("model.layer4.1.", "model.fc.")) for k in ck["weights"])  # only what trains is saved
+    r = run_finetune(train, val, tmp_path, FinetuneOptions(**{**opts.__dict__, "stop_after": None}))
+    assert [h["epoch"] for h in r["history"]] == [0, 1, 2] and r["done"]
+    assert r["history"][:2] == first["history"]  # resumed, not restarted
+    acc = [h["val_top1"] for h in r["history"]]
+    assert acc[-1] > acc[0] + 0.1, acc
+    assert r["trained_blocks"] == ["layer4.1"] and 0.0 < r["probe_top1"] <= 1.0
+    assert json.loads((tmp_path / "metrics.json").read_text())["history"][-1]["val_top1"] == acc[-1]
+    clf = torch.jit.load(str(tmp_path / "classifier.pt"))
+    assert clf.classes == [str(i) for i in range(10)]
+    assert clf(torch.zeros(2, 3, 80, 60, dtype=torch.uint8)).shape == (2, 10)
+    with pytest.raises(UserError, match="other settings"):
+        run_finetune(train, val, tmp_path, FinetuneOptions(**{**opts.__dict__, "unfreeze": 2}))
