@@ -1,0 +1,241 @@
+"""`embedpipe bench`: decode, model, write and end-to-end rates measured side by side, against a tutorial baseline."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .backbones import DEFAULT_MODEL, Backbone, load_backbone
+from .compiler import build_extractor
+
+log = logging.getLogger(__name__)
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def make_bench_shards(out: Path, n: int, shard_size: int = 128, seed: int = 0) -> list[Path]:
+    """Realistic shards: ~500x375 JPEGs of 40-120 KB cut from real photos with varied crops and qualities."""
+    from PIL import Image
+
+    from .sample_data import PHOTOS, load_photo
+    from .shards import stem  # noqa: F401  (shards are named like real ones)
+
+    rng = np.random.default_rng(seed)
+    photos = [load_photo(p) for p in PHOTOS]
+    photos = [p for p in photos if min(p.size) >= 300]
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    import tarfile
+
+    for s in range(0, n, shard_size):
+        path = out / f"bench-{s // shard_size:06d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(s, min(n, s + shard_size)):
+                photo = photos[i % len(photos)]
+                w, h = photo.size
+                cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+                x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                img = photo.crop((x, y, x + cw, y + ch)).resize((500, 375), Image.BICUBIC)
+                if rng.random() < 0.5:
+                    img = img.transpose(Image.FLIP_LEFT_RIGHT)
+                buf = io.BytesIO()
+                img.save(buf, "JPEG", quality=int(rng.integers(80, 97)))
+                for ext, data in (("jpg", buf.getvalue()), ("cls", str(i % 10).encode())):
+                    info = tarfile.TarInfo(f"img{i:06d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return paths
+
+
+def _rate(fn: Callable[[], int], min_seconds: float) -> float:
+    """Items per second of ``fn`` (which returns how many items it processed), repeated for ``min_seconds``."""
+    done, t0 = 0, time.perf_counter()
+    while True:
+        done += fn()
+        dt = time.perf_counter() - t0
+        if dt >= min_seconds:
+            return done / dt
+
+
+def decode_rate(urls: list[str], bb: Backbone, limit: int) -> tuple[float, torch.Tensor]:
+    """``r_d``: the embed stage's own decode + resize + crop path, one thread, in this process."""
+    from .reader import decode_rgb, iter_tar_samples, resize_crop
+
+    raw = [s["jpg"] for u in urls for s in iter_tar_samples(u)][:limit]
+    pre = bb.preprocess
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        imgs = [resize_crop(decode_rgb(d, pre.resize_size), pre) for d in raw]
+        rate = len(raw) / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+    return rate, torch.stack(imgs)
+
+
+def model_rate(bb: Backbone, batch: torch.Tensor, precision: str, compile: str, cache_dir: str,
+               min_seconds: float) -> tuple[float, float]:
+    """``r_m``: model-only images/s on pre-decoded uint8 batches, all threads; and the build time."""
+    t0 = time.perf_counter()
+    ex = build_extractor(bb, "cpu", precision, compile, cache_dir)
+    ex(batch)  # warm-up (and the compile, for inductor)
+    build = time.perf_counter() - t0
+    return _rate(lambda: (ex(batch), len(batch))[1], min_seconds), build
+
+
+def write_rate(dim: int, dtype: str, rows: int = 20000) -> float:
+    """``r_w``: rows/s of Parquet embedding shards written the way the embed stage writes them."""
+    from . import store
+
+    emb = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32)
+    keys = [f"k{i:08d}" for i in range(rows)]
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        table = store.embedding_table(keys, "s", range(rows), [0] * rows, emb, dtype)
+        store.write_table_atomic(Path(d) / "x.parquet", table)
+        return rows / (time.perf_counter() - t0)
+
+
+def flops_per_image(bb: Backbone) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 3, bb.preprocess.input_size, bb.preprocess.input_size)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        bb.model(x)
+    return float(counter.get_total_flops())
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, min_seconds: float = 1.0) -> float:
+    """Measured matrix-multiply FLOP/s of ``dtype`` on this process's threads."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    return 2 * n**3 * _rate(lambda: (torch.mm(a, b), 1)[1], min_seconds)
+
+
+def baseline(urls: list[str], spec: str, weights: str, batch_size: int = 32) -> tuple[float, dict[str, np.ndarray]]:
+    """The loop a tutorial would write: webdataset + PIL + torchvision transforms + eager fp32, fc = Identity."""
+    import torchvision.transforms as T
+    import webdataset as wds
+
+    from .backbones import load_classifier, remove_head
+
+    _, model, pre, _, _ = load_classifier(spec, weights)
+    if spec.startswith("timm:") or "efficientnet_lite0" in spec or spec == "default":
+        model.reset_classifier(0)
+    else:
+        model, _ = remove_head(model, spec)
+    model.eval()
+    tf = T.Compose([T.Resize(pre.resize_size, interpolation=T.InterpolationMode(pre.interpolation)),
+                    T.CenterCrop(pre.input_size), T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil").to_tuple("__key__", "jpg")
+    ds = ds.map_tuple(lambda k: k, tf)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size)
+    out: dict[str, np.ndarray] = {}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for keys, x in loader:
+            for k, e in zip(keys, torch.nn.functional.normalize(model(x), dim=1).numpy()):
+                out[k] = e
+    return len(out) / (time.perf_counter() - t0), out
+
+
+def end_to_end(urls: list[str], out: Path, **opts: Any) -> tuple[float, dict[str, np.ndarray]]:
+    """``T``: ``embedpipe embed`` itself, shards -> Parquet, timed by its own summary (model already cached)."""
+    from . import store
+    from .embed import embed
+
+    summary = embed([str(u) for u in urls], out, quiet=True, overwrite=True, **opts)
+    b = store.read_all(out)
+    return summary.images_per_s, dict(zip(b.keys, b.embeddings))
+
+
+def _cos(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    keys = sorted(set(a) & set(b))
+    return float(min(np.dot(a[k], b[k]) / (np.linalg.norm(a[k]) * np.linalg.norm(b[k])) for k in keys))
+
+
+def run_bench(model: str = DEFAULT_MODEL, weights: str = "default", quick: bool = False, workdir: str | None = None,
+              precision: str = "fp32", compile: str = "torchscript", batch_size: int = 64,
+              workers: int | None = None) -> dict[str, Any]:
+    """Measure r_d, r_m, r_w, T, the bound T*, E = T/T*, the tutorial baseline and model FLOP/s vs matmul peak.
+
+    Everything is measured in one run, side by side, because these machines are shared and noisy.
+    """
+    C = cores()
+    n_images = 192 if quick else 768
+    secs = 2.0 if quick else 5.0
+    tmp = Path(workdir or tempfile.mkdtemp(prefix="embedpipe-bench-"))
+    urls = [str(p) for p in make_bench_shards(tmp / "shards", n_images, shard_size=n_images // 2)]
+    sizes = [len(s["jpg"]) for u in urls for s in __import__("pipeline.reader", fromlist=["x"]).iter_tar_samples(u)]
+    bb = load_backbone(model, weights)
+    cache = str(tmp / "cache")
+    r_d, batch = decode_rate(urls, bb, 128 if quick else 256)
+    batch = batch[:batch_size] if len(batch) >= batch_size else batch
+    modes = [("eager", "fp32"), ("torchscript", "fp32"), ("eager", "bf16"), ("torchscript", "bf16")]
+    if not quick:
+        modes += [("inductor", "fp32"), ("inductor", "bf16")]
+    flops = flops_per_image(bb)
+    peaks = {p: matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16, min_seconds=secs / 2)
+             for p in ("fp32", "bf16")}
+    model_rows = []
+    for comp, prec in modes:
+        try:
+            rate, build = model_rate(bb, batch, prec, comp, cache, secs)
+        except Exception as e:  # a mode that cannot run here is reported, not fatal
+            log.warning("model mode %s/%s failed: %s", comp, prec, e)
+            continue
+        model_rows.append({"compile": comp, "precision": prec, "images_per_s": rate, "build_s": build,
+                           "flops_per_s": rate * flops, "peak_fraction": rate * flops / peaks[prec]})
+    r_m = next(r["images_per_s"] for r in model_rows if r["compile"] == compile and r["precision"] == precision)
+    r_w = write_rate(bb.num_features, "float16")
+    opts = dict(model=model, weights=weights, precision=precision, compile=compile, batch_size=batch_size,
+                workers=workers, cache_dir=cache, device="cpu")
+    end_to_end(urls[:1], tmp / "warm", **opts)  # compile once, so T measures the steady state
+    T, ours = end_to_end(urls, tmp / "out", **opts)
+    T_base, base = baseline(urls, model, weights)
+    T_star = 1.0 / (1.0 / (C * r_d) + 1.0 / r_m + 1.0 / r_w)
+    fastest = max(model_rows, key=lambda r: r["images_per_s"])
+    return {
+        "machine": {"cores": C, "torch": torch.__version__, "cuda": torch.cuda.is_available()},
+        "setup": {"model": bb.spec, "images": n_images, "jpeg_kb_mean": float(np.mean(sizes)) / 1024,
+                  "jpeg_kb_range": [min(sizes) / 1024, max(sizes) / 1024], "compile": compile, "precision": precision,
+                  "batch_size": batch_size, "quick": quick, "model_gflops_per_image": flops / 1e9},
+        "r_d_per_core": r_d, "r_m": r_m, "r_w": r_w, "T": T, "T_star": T_star, "E": T / T_star,
+        "T_baseline": T_base, "speedup": T / T_base, "cosine_to_baseline_min": _cos(ours, base),
+        "matmul_peak_flops": peaks, "model_modes": model_rows,
+        "fastest_mode": {k: fastest[k] for k in ("compile", "precision", "images_per_s", "peak_fraction")},
+    }
+
+
+def format_report(r: dict[str, Any]) -> str:
+    s = r["setup"]
+    lines = [
+        f"embedpipe bench: {s['model']} ({s['model_gflops_per_image']:.2f} GFLOP/img), {r['machine']['cores']} cores, "
+        f"{s['images']} JPEGs of {s['jpeg_kb_mean']:.0f} KB mean, {s['compile']}/{s['precision']}, batch {s['batch_size']}",
+        f"  r_d  decode+resize+crop per core  {r['r_d_per_core']:8.1f} img/s",
+        f"  r_m  model only (all cores)       {r['r_m']:8.1f} img/s",
+        f"  r_w  Parquet write                {r['r_w']:8.0f} rows/s",
+        f"  T    end to end (embed)           {r['T']:8.1f} img/s",
+        f"  T*   bound 1/(1/(C r_d)+1/r_m+1/r_w) {r['T_star']:5.1f} img/s   E = T/T* = {r['E']:.2f}",
+        f"  baseline (tutorial loop)          {r['T_baseline']:8.1f} img/s   speedup T/T_base = {r['speedup']:.2f}x"
+        f"   (min cosine to baseline {r['cosine_to_baseline_min']:.4f})",
+        "  model modes:        img/s   GFLOP/s  of matmul peak   build s",
+    ]
+    for m in r["model_modes"]:
+        lines.append(f"    {m['compile']:<11} {m['precision']:<5} {m['images_per_s']:7.1f} {m['flops_per_s'] / 1e9:9.1f}"
+                     f"  {100 * m['peak_fraction']:6.1f}%          {m['build_s']:6.1f}")
+    lines.append("  matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in r["matmul_peak_flops"].items()))
+    return "\n".join(lines)
