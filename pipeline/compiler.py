@@ -118,10 +118,21 @@ class Extractor:
     dim: int
     cache_path: Path | None = None
     cache_hit: bool = False
+    fixed_batch: int | None = None  # inductor graphs are specialised to one batch size: pad smaller ones
 
     @torch.inference_mode()
     def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        return self.module(images_uint8.to(self.device, non_blocking=True))
+        x = images_uint8.to(self.device, non_blocking=True)
+        if self.compile != "inductor":
+            return self.module(x)
+        n = x.shape[0]
+        if self.fixed_batch is None:
+            self.fixed_batch = n
+        if n < self.fixed_batch:  # the last, short batch of a run would otherwise cost a full recompile
+            pad = x.new_zeros((self.fixed_batch - n, *x.shape[1:]))
+            return self.module(torch.cat([x, pad]))[:n]
+        # Always an inference tensor (as the padded batch is): a mix of the two kinds fails dynamo's guards.
+        return self.module(x.clone())
 
 
 def default_cache_dir() -> Path:
@@ -213,6 +224,9 @@ def build_extractor(
     if compile == "inductor":
         cache = Path(cache_dir) if cache_dir else default_cache_dir()
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True  # weights are constants: fold BN, prepack conv weights (inference only)
         return Extractor(torch.compile(wrapper, dynamic=False), dev, prec, compile, bb.num_features, cache / "inductor")
     path = (Path(cache_dir) if cache_dir else default_cache_dir()) / "torchscript" / (
         cache_key(bb, prec, dev, channels_last) + ".pt")

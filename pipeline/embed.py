@@ -224,7 +224,11 @@ def prepare_model(cfg: EmbedConfig) -> tuple[Backbone, Extractor]:
     bb = load_backbone(cfg.model, cfg.weights, cfg.layer)
     if cfg.input_size:
         bb = with_input_size(bb, cfg.input_size)
-    return bb, build_extractor(bb, cfg.device, cfg.precision, cfg.compile, cfg.cache_dir)
+    ex = build_extractor(bb, cfg.device, cfg.precision, cfg.compile, cfg.cache_dir)
+    if cfg.compile == "inductor":  # compile now, at the batch size of the run, not inside the timed loop
+        size = bb.preprocess.input_size
+        ex(torch.zeros(cfg.batch_size, 3, size, size, dtype=torch.uint8))
+    return bb, ex
 
 
 def _run(all_urls: list[str], urls: list[str], state: RunState, bb: Backbone, ex: Extractor, cfg: EmbedConfig,
