@@ -151,6 +151,34 @@ def resolve_rank_world(rank: int | None, world: int | None,
     return rw.rank, rw.world
 
 
+def task_identity(env: Mapping[str, str] = os.environ) -> str | None:
+    """Who this task is to its scheduler, which never runs two live instances of one identity at once.
+
+    A lock left by a task with the same identity belongs to a dead earlier attempt (a requeued Slurm
+    array task on another node, a retried Kubernetes pod), so it may be taken over. ``EMBEDPIPE_TASK_ID``
+    wins (the Kubernetes example sets it to the Job's uid and completion index); else the Slurm array task
+    or job id. None outside a scheduler.
+
+    Example:
+        >>> task_identity({"SLURM_ARRAY_JOB_ID": "41", "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_ID": "44",
+        ...                "SLURM_PROCID": "0"})
+        'slurm:41_3/0'
+    """
+    if env.get("EMBEDPIPE_TASK_ID", "").strip():
+        return env["EMBEDPIPE_TASK_ID"].strip()
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        ident = f"slurm:{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    elif env.get("SLURM_JOB_ID"):
+        ident = f"slurm:{env['SLURM_JOB_ID']}"
+    else:
+        return None
+    # Steps and tasks of one job (`srun -n2 ...`) run at the same time: each is its own identity.
+    for name, sep in (("SLURM_STEP_ID", "."), ("SLURM_PROCID", "/")):
+        if env.get(name):
+            ident += f"{sep}{env[name]}"
+    return ident
+
+
 def describe_source(rank: int | None, world: int | None, env: Mapping[str, str] = os.environ) -> str:
     """Where :func:`resolve_rank_world` takes its numbers from, e.g. ``'RANK=2 of WORLD_SIZE=4'``."""
     return resolve(rank, world, env).source

@@ -50,9 +50,15 @@ class RunState:
 
     # -- ownership -------------------------------------------------------------------------------
     def acquire(self) -> None:
-        """One writer per folder: a lock file with pid and host; a dead owner's lock on this host is taken over."""
+        """One writer per folder: a lock file with pid, host and scheduler task; a dead owner's lock is taken over.
+
+        Dead means: on this host and its pid is gone, or an earlier attempt of this very scheduler task
+        (:func:`pipeline.cluster.task_identity`), e.g. a Slurm array task requeued onto another node.
+        """
         self.out.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        from .cluster import task_identity
+
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "task": task_identity()}
         for _ in range(2):
             try:
                 fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -63,6 +69,14 @@ class RunState:
                     owner = {}
                 if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
                     log.warning("taking over the stale lock %s of dead pid %s", self.lock, owner.get("pid"))
+                    self.lock.unlink(missing_ok=True)
+                    continue
+                same_host_alive = owner.get("host") == me["host"] and _pid_alive(int(owner.get("pid", -1)))
+                if me["task"] and owner.get("task") == me["task"] and not same_host_alive:
+                    # The scheduler runs one attempt of a task at a time: this is a requeued/retried task
+                    # (maybe on another node) and the lock is its killed predecessor's.
+                    log.warning("taking over the lock %s of an earlier attempt of task %s (pid %s on %s)",
+                                self.lock, me["task"], owner.get("pid"), owner.get("host"))
                     self.lock.unlink(missing_ok=True)
                     continue
                 raise UserError(

@@ -167,3 +167,69 @@ def test_reads_os_environ_by_default(monkeypatch):
     monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
     monkeypatch.setenv("EMBEDPIPE_WORLD_SIZE", "6")
     assert resolve_rank_world(None, None) == (2, 6)
+
+
+SCHEDULER_VARS = ("EMBEDPIPE_TASK_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_ID", "SLURM_STEP_ID",
+                  "SLURM_PROCID")
+
+
+@pytest.mark.parametrize("env, identity", [
+    ({}, None),
+    ({"SLURM_JOB_ID": "44"}, "slurm:44"),
+    ({"SLURM_ARRAY_JOB_ID": "41", "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_ID": "44", "SLURM_PROCID": "0"}, "slurm:41_3/0"),
+    ({"SLURM_JOB_ID": "44", "SLURM_STEP_ID": "2", "SLURM_PROCID": "1"}, "slurm:44.2/1"),  # srun -n2: one per task
+    ({"EMBEDPIPE_TASK_ID": "job-uid-7/4", "SLURM_JOB_ID": "44"}, "job-uid-7/4"),
+    ({"JOB_COMPLETION_INDEX": "4"}, None),  # pods are retried under new names: the Job example sets EMBEDPIPE_TASK_ID
+])
+def test_task_identity(env, identity):
+    from pipeline.cluster import task_identity
+
+    assert task_identity(env) == identity
+
+
+def _lock_of(tmp_path, owner: dict):
+    import json
+
+    from pipeline.state import RunState
+
+    state = RunState(tmp_path / "out", lock_name="_lock.3-of-8")
+    state.out.mkdir(parents=True)
+    state.lock.write_text(json.dumps(owner))
+    return state
+
+
+def test_requeued_slurm_task_takes_over_its_predecessors_lock_from_another_node(tmp_path, monkeypatch):
+    import json
+    import socket
+
+    for name in SCHEDULER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    state = _lock_of(tmp_path, {"pid": 1, "host": "gpu-node-17", "since": 0, "task": "slurm:41_3"})
+    state.acquire()
+    assert json.loads(state.lock.read_text())["task"] == "slurm:41_3"
+    assert json.loads(state.lock.read_text())["host"] == socket.gethostname()
+    state.release()
+    assert not state.lock.exists()
+
+
+def test_lock_of_another_task_or_a_live_process_is_refused(tmp_path, monkeypatch):
+    import os
+    import socket
+
+    for name in SCHEDULER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    other = _lock_of(tmp_path / "a", {"pid": 1, "host": "gpu-node-17", "since": 0, "task": "slurm:41_4"})
+    with pytest.raises(UserError, match="in use by another embedpipe run .pid 1 on gpu-node-17"):
+        other.acquire()
+    live = _lock_of(tmp_path / "b", {"pid": os.getpid(), "host": socket.gethostname(), "since": 0, "task": "slurm:41_3"})
+    with pytest.raises(UserError, match="in use by another embedpipe run"):
+        live.acquire()  # same identity but alive here (two runs in one allocation): never taken over
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID")
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
+    outside = _lock_of(tmp_path / "c", {"pid": 1, "host": "gpu-node-17", "since": 0, "task": None})
+    with pytest.raises(UserError, match="in use by another embedpipe run"):
+        outside.acquire()  # no scheduler, other host: cannot tell whether it is alive
