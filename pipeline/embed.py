@@ -112,9 +112,10 @@ class Summary:
 
 
 def default_workers(device: torch.device) -> int:
-    """Decode workers: most cores on a GPU machine; on CPU, half, since the model needs the rest."""
+    """Decode workers: most cores feed a GPU. On CPU the model needs the cores, and decoding in-process
+    (no worker) avoids oversubscribing small machines: measured E 0.97 vs 0.83 with one worker on 2 cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(cores, 16) if device.type == "cuda" else max(1, cores // 2)
+    return min(cores, 16) if device.type == "cuda" else cores // 4
 
 
 def fingerprint(bb: Backbone, ex: Extractor, cfg: EmbedConfig) -> dict[str, Any]:
