@@ -20,6 +20,8 @@ from .config import config_option
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True, help="auto: fp16 on CUDA, fp32 on CPU.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (one process).")
 @click.option("--devices", default=None, help="One worker process per device: auto, cuda, N, cuda:0,cuda:2, cpu,cpu.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="ray: a Ray Data actor pool (pip install 'embedpipe[ray]').")
+@click.option("--address", "ray_address", default=None, help="Ray cluster address (with --engine ray; default: start a local instance).")
 @click.option("--rank", type=int, default=None, help="This task's part of the shards (default: SLURM_ARRAY_TASK_ID, RANK, JOB_COMPLETION_INDEX).")
 @click.option("--world-size", type=int, default=None, help="Number of parts (default: SLURM_ARRAY_TASK_COUNT, WORLD_SIZE, EMBEDPIPE_WORLD_SIZE).")
 @click.option("--batch-size", type=int, default=64, show_default=True)

@@ -47,6 +47,8 @@ class EmbedConfig:
     overwrite: bool = False
     quiet: bool = False
     devices: str | None = None
+    engine: str = "local"
+    ray_address: str | None = None
     rank: int | None = None
     world_size: int | None = None
 
@@ -75,6 +77,10 @@ class EmbedConfig:
             raise UserError(f"--keep accepts {', '.join(KEEPABLE)}; got {', '.join(bad)}")
         if self.input_size is not None and not 16 <= self.input_size <= 2048:
             raise UserError(f"--input-size must be between 16 and 2048 pixels, got {self.input_size}")
+        if self.engine not in ("local", "ray"):
+            raise UserError(f"--engine must be local or ray, got {self.engine!r}")
+        if self.engine == "ray" and self.devices:
+            raise UserError("--engine ray places work itself (one actor per GPU); drop --devices")
         if self.max_pixels < 1:
             raise UserError("--max-pixels must be positive")
 
@@ -207,10 +213,11 @@ def embed(shards: Sequence[str] | str, out: str | Path, **options: Any) -> Summa
     devices = parse_devices(cfg.devices) if cfg.devices else None
     if devices and len(devices) == 1:
         cfg, devices = replace(cfg, device=devices[0], devices=None), None
-    main_cfg = replace(cfg, device="cpu", compile="eager", precision="fp32") if devices else cfg
+    elsewhere = devices or cfg.engine == "ray"  # the model runs in other processes; here only the fingerprint
+    main_cfg = replace(cfg, device="cpu", compile="eager", precision="fp32") if elsewhere else cfg
     bb, ex = prepare_model(main_cfg)  # with several devices: only for the fingerprint, on CPU
-    if devices:
-        ex.precision = resolve_precision(cfg.precision, resolve_device(devices[0]))
+    if elsewhere:
+        ex.precision = resolve_precision(cfg.precision, resolve_device(devices[0] if devices else cfg.device))
     state = RunState(Path(out), lock_name="_lock" if world == 1 else f"_lock.{rank}-of-{world}")
     fp = fingerprint(bb, ex, cfg)
     state.claim(fp, {**asdict(cfg), "shards": len(all_urls), "version": __version__}, cfg.overwrite)
@@ -239,7 +246,11 @@ def _run(all_urls: list[str], urls: list[str], state: RunState, bb: Backbone, ex
     summary = Summary(state.out, shards_total=len(urls))
     pending = [u for u in urls if not state.is_done(u, names[u])]
     summary.shards_skipped = len(urls) - len(pending)
-    if pending and devices:
+    if pending and cfg.engine == "ray":
+        from .ray_engine import run_with_ray
+
+        run_with_ray(pending, names, str(state.out), cfg, summary, cfg.ray_address)
+    elif pending and devices:
         from .devices import run_on_devices
 
         run_on_devices(pending, names, str(state.out), cfg, devices, summary)
