@@ -86,6 +86,7 @@ def index_merge(index_dir: str, target_recall: float, overwrite: bool) -> None:
 @click.option("--include-self", is_flag=True, help="Keep the query item in its own results, flagged as self.")
 @click.option("--params", callback=_params, default=None, help="Override tuned search parameters, e.g. nprobe=64.")
 @click.option("--embeddings-source", type=click.Path(), default=None, help="Where the indexed embedding folder lives now, if it moved.")
+@click.option("--html", type=click.Path(dir_okay=False), default=None, help="Also write a page with the query and neighbour images (with --key/--image).")
 @config_option
 def search(index_dir: str, query: str | None, **options: Any) -> None:
     """Nearest neighbours in INDEX_DIR of QUERY: an indexed key, an image, a vectors .parquet or an embedding folder.

@@ -273,8 +273,10 @@ def classify(query: str) -> str:
 def run_search(index_dir: str | Path, query: str | None = None, keys: Sequence[str] = (), images: Sequence[str] = (),
                vectors: str | None = None, embeddings: str | None = None, k: int = 10, fmt: str = "table",
                include_self: bool = False, params: dict[str, int] | None = None,
-               embeddings_source: str | None = None) -> Iterator[str]:
+               embeddings_source: str | None = None, html: str | None = None) -> Iterator[str]:
     """Entry point of ``embedpipe search``: yields output chunks (one per query batch), then a summary line.
+
+    With ``html``, also writes a page with each query image and its neighbours' thumbnails (read from the shards).
 
     The last item yielded is the summary (the CLI prints it on stderr so stdout stays machine-readable).
     """
@@ -295,6 +297,8 @@ def run_search(index_dir: str | Path, query: str | None = None, keys: Sequence[s
     if given != 1:
         raise UserError("give exactly one kind of query: a KEY (or --key), --image FILE, --vectors FILE.parquet or "
                         "--embeddings EMB_DIR")
+    if html and not (keys or images):
+        raise UserError("--html shows query images: use it with --key or --image queries")
     idx = open_index(index_dir, embeddings_source)
     if params:
         idx.set_params(params)
@@ -303,6 +307,13 @@ def run_search(index_dir: str | Path, query: str | None = None, keys: Sequence[s
     if keys:
         res = idx.search_keys(keys, k, include_self)
         n = len(keys)
+        if html:
+            from .html_report import render
+
+            shard_col = idx.ids.column("shard").to_pylist()
+            id_col = idx.ids.column("id").to_numpy()
+            row_of = {int(i): r for r, i in enumerate(id_col)}
+            render(res.records(), html, query_shards={q: shard_col[row_of[int(i)]] for q, i in zip(keys, idx.lookup(keys))})
         yield format_result(res, fmt)
     elif vectors:
         x, qkeys, qmeta = vectors_file(vectors)
@@ -316,6 +327,10 @@ def run_search(index_dir: str | Path, query: str | None = None, keys: Sequence[s
                             "embed the query with the model the index was built from, or rebuild the index")
         res = idx.search(x, k, queries=images, where=f"the embedding of --image {images[0]}")
         n = len(images)
+        if html:
+            from .html_report import render
+
+            render(res.records(), html, query_images={p: p for p in images})
         yield format_result(res, fmt)
     else:
         src = ix.scan(embeddings)
