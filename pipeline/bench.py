@@ -29,7 +29,6 @@ def make_bench_shards(out: Path, n: int, shard_size: int = 128, seed: int = 0) -
     from PIL import Image
 
     from .sample_data import PHOTOS, load_photo
-    from .shards import stem  # noqa: F401  (shards are named like real ones)
 
     rng = np.random.default_rng(seed)
     photos = [load_photo(p) for p in PHOTOS]
@@ -50,7 +49,7 @@ def make_bench_shards(out: Path, n: int, shard_size: int = 128, seed: int = 0) -
                 if rng.random() < 0.5:
                     img = img.transpose(Image.FLIP_LEFT_RIGHT)
                 buf = io.BytesIO()
-                img.save(buf, "JPEG", quality=int(rng.integers(80, 97)))
+                img.save(buf, "JPEG", quality=int(rng.integers(88, 99)))
                 for ext, data in (("jpg", buf.getvalue()), ("cls", str(i % 10).encode())):
                     info = tarfile.TarInfo(f"img{i:06d}.{ext}")
                     info.size = len(data)
@@ -179,7 +178,9 @@ def run_bench(model: str = DEFAULT_MODEL, weights: str = "default", quick: bool 
     secs = 2.0 if quick else 5.0
     tmp = Path(workdir or tempfile.mkdtemp(prefix="embedpipe-bench-"))
     urls = [str(p) for p in make_bench_shards(tmp / "shards", n_images, shard_size=n_images // 2)]
-    sizes = [len(s["jpg"]) for u in urls for s in __import__("pipeline.reader", fromlist=["x"]).iter_tar_samples(u)]
+    from .reader import iter_tar_samples
+
+    sizes = [len(s["jpg"]) for u in urls for s in iter_tar_samples(u)]
     bb = load_backbone(model, weights)
     cache = str(tmp / "cache")
     r_d, batch = decode_rate(urls, bb, 128 if quick else 256)
@@ -203,12 +204,17 @@ def run_bench(model: str = DEFAULT_MODEL, weights: str = "default", quick: bool 
             (r for r in model_rows if r["precision"] == precision), key=lambda r: r["images_per_s"])["compile"]
     if precision == "auto":
         precision = max((r for r in model_rows if r["compile"] == compile), key=lambda r: r["images_per_s"])["precision"]
-    r_m = next(r["images_per_s"] for r in model_rows if r["compile"] == compile and r["precision"] == precision)
     r_w = write_rate(bb.num_features, "float16")
     opts = dict(model=model, weights=weights, precision=precision, compile=compile, batch_size=batch_size,
                 workers=workers, cache_dir=cache, device="cpu")
     end_to_end(urls[:1], tmp / "warm", **opts)  # compile once, so T measures the steady state
-    T, ours = end_to_end(urls, tmp / "out", **opts)
+    # r_m and T alternate, twice, so a burst of load from other processes hits both alike.
+    r_ms, Ts = [], []
+    for rep in range(2):
+        r_ms.append(model_rate(bb, batch, precision, compile, cache, secs)[0])
+        T_rep, ours = end_to_end(urls, tmp / f"out{rep}", **opts)
+        Ts.append(T_rep)
+    r_m, T = float(np.mean(r_ms)), float(np.mean(Ts))
     T_base, base = baseline(urls, model, weights)
     T_star = 1.0 / (1.0 / (C * r_d) + 1.0 / r_m + 1.0 / r_w)
     return {
