@@ -221,10 +221,26 @@ def embed(shards: Sequence[str] | str, out: str | Path, **options: Any) -> Summa
     state = RunState(Path(out), lock_name="_lock" if world == 1 else f"_lock.{rank}-of-{world}")
     fp = fingerprint(bb, ex, cfg)
     state.claim(fp, {**asdict(cfg), "shards": len(all_urls), "version": __version__}, cfg.overwrite)
+    previous = _exit_on_sigterm()
     try:
         return _run(all_urls, urls, state, bb, ex, cfg, devices)
     finally:
         state.release()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm() -> Any:
+    """Schedulers stop jobs with SIGTERM: turn it into SystemExit so the lock is released on the way out."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def prepare_model(cfg: EmbedConfig) -> tuple[Backbone, Extractor]:

@@ -201,3 +201,20 @@ def test_status_command(digits_run):
     r = CliRunner().invoke(cli, ["status", str(out), "--json"])
     st = json.loads(r.output)
     assert r.exit_code == 0 and st["done"] == 3 and st["embedded"] == 300 and st["success"]
+
+
+def test_sigterm_releases_the_lock(digits_shards, tmp_path):
+    import signal
+    import time
+
+    args = [sys.executable, "-m", "pipeline", "embed", *map(str, digits_shards), "--out", str(tmp_path),
+            "--model", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "--batch-size", "1",
+            "--compile", "eager", "--workers", "0", "-q"]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not (tmp_path / "_lock").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert (tmp_path / "_lock").exists()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert not (tmp_path / "_lock").exists() and not list(tmp_path.rglob("*.tmp"))
