@@ -130,7 +130,7 @@ def knn(emb_dir: str, ks: tuple[int, ...], **opts: Any) -> None:
 @click.option("--weight-decay", type=float, default=0.05, show_default=True)
 @click.option("--hflip/--no-hflip", default=True, show_default=True, help="Random horizontal flips.")
 @click.option("--label-field", default=None, help="Label from this .json field instead of .cls.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA if visible, else CPU), cpu, cuda, cuda:N.")
 @click.option("--workers", type=int, default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--compare-probe/--no-compare-probe", default=True, show_default=True, help="Also fit a linear probe on the same split.")
