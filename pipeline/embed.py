@@ -297,7 +297,8 @@ def embed_one_shard(url: str, name: str, state: RunState, bb: Backbone, ex: Extr
 def iter_embedded(pending: list[str], names: dict[str, str], state: RunState, bb: Backbone, ex: Extractor,
                   cfg: EmbedConfig, workers: int, bar: tqdm | None) -> Iterator[tuple[str, ShardRecord | None, str | None]]:
     """Stream ``pending`` shards through the DataLoader and the model; yield each shard once it is committed."""
-    data = ShardSamples(pending, bb.preprocess, cfg.batch_size, cfg.keep, cfg.max_pixels)
+    threads = torch.get_num_threads() if workers == 0 else 1
+    data = ShardSamples(pending, bb.preprocess, cfg.batch_size, cfg.keep, cfg.max_pixels, decode_threads=threads)
     loader = DataLoader(data, batch_size=None, num_workers=workers, pin_memory=ex.device.type == "cuda",
                         prefetch_factor=4 if workers else None, persistent_workers=False,
                         multiprocessing_context="fork" if workers and os.name == "posix" else None)

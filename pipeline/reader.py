@@ -5,6 +5,7 @@ import io
 import logging
 import re
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -161,8 +162,9 @@ class ShardSamples(IterableDataset):
     """
 
     def __init__(self, urls: Sequence[str], pre: Preprocess, batch_size: int, keep: Sequence[str] = KEEPABLE,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, decode_threads: int = 1):
         self.urls = list(urls)
+        self.decode_threads = decode_threads
         self.pre = pre
         self.batch_size = batch_size
         self.keep = [k for k in keep if k in KEEPABLE]
@@ -178,8 +180,44 @@ class ShardSamples(IterableDataset):
         s = self.pre.input_size
         return Piece(url, torch.empty(0, 3, s, s, dtype=torch.uint8), extra={k: [] for k in self.keep})
 
+    def _decode_one(self, data: bytes) -> torch.Tensor | SkipSample:
+        try:
+            return resize_crop(decode_rgb(data, self.pre.resize_size, self.max_pixels), self.pre)
+        except SkipSample as e:
+            return e
+
+    def _decode_batch(self, url: str, raw: list[tuple[int, dict[str, Any], str]], piece: Piece) -> Piece:
+        """Decode a batch of samples (in threads when decoding in-process) and fill ``piece``, in order."""
+        datas = [sample[ext] for _, sample, ext in raw]
+        pool = self._pool()
+        results = list(pool.map(self._decode_one, datas)) if pool else [self._decode_one(d) for d in datas]
+        images = []
+        for (i, sample, _), img in zip(raw, results):
+            if isinstance(img, SkipSample):
+                piece.skipped.append((sample["__key__"], str(img)))
+                continue
+            images.append(img)
+            piece.keys.append(sample["__key__"])
+            piece.indices.append(i)
+            piece.labels.append(_label(sample))
+            for k in self.keep:
+                v = sample.get(k)
+                piece.extra[k].append(v.decode("utf-8", "replace") if v is not None else None)
+        if images:
+            piece.images = torch.stack(images)
+        return piece
+
+    def _pool(self) -> ThreadPoolExecutor | None:
+        # In the main process (no DataLoader workers) a batch is decoded by one thread per core while the
+        # model waits, so decoding uses every core as the bound T* = 1/(1/(C r_d) + 1/r_m + 1/r_w) assumes.
+        if self.decode_threads <= 1 or get_worker_info() is not None:
+            return None
+        if getattr(self, "_executor", None) is None:
+            self._executor = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
+        return self._executor
+
     def _shard(self, url: str, wid: int, nw: int) -> Iterator[Piece]:
-        piece, images, seen, keys_seen = self._empty(url), [], 0, set()
+        piece, raw, seen, keys_seen = self._empty(url), [], 0, set()
         try:
             for i, sample in enumerate(iter_tar_samples(url)):
                 key = sample["__key__"]
@@ -196,28 +234,15 @@ class ShardSamples(IterableDataset):
                     have = ", ".join(sorted(k for k in sample if not k.startswith("__"))) or "nothing"
                     piece.skipped.append((key, f"no image field (has: {have}; expected one of {', '.join(IMAGE_EXTS)})"))
                     continue
-                try:
-                    img = resize_crop(decode_rgb(sample[ext], self.pre.resize_size, self.max_pixels), self.pre)
-                except SkipSample as e:
-                    piece.skipped.append((key, str(e)))
-                    continue
-                images.append(img)
-                piece.keys.append(key)
-                piece.indices.append(i)
-                piece.labels.append(_label(sample))
-                for k in self.keep:
-                    v = sample.get(k)
-                    piece.extra[k].append(v.decode("utf-8", "replace") if v is not None else None)
-                if len(images) == self.batch_size:
-                    piece.images = torch.stack(images)
-                    yield piece
-                    piece, images = self._empty(url), []
+                raw.append((i, sample, ext))
+                if len(raw) == self.batch_size:
+                    yield self._decode_batch(url, raw, piece)
+                    piece, raw = self._empty(url), []
         except PROGRAMMING_ERRORS:
             raise
         except Exception as e:  # unreadable, truncated or missing shard: the shard fails, the run goes on
             yield Piece(url, self._empty(url).images, end=True, failed=f"{type(e).__name__}: {e}", seen=seen)
             return
-        if images:
-            piece.images = torch.stack(images)
+        piece = self._decode_batch(url, raw, piece)
         piece.seen, piece.end = seen, True
         yield piece
