@@ -211,9 +211,14 @@ def new_index(factory: str, dim: int, metric: str) -> Any:
     import faiss
 
     try:
-        return faiss.index_factory(dim, factory, tune.faiss_metric(metric))
+        index = faiss.index_factory(dim, factory, tune.faiss_metric(metric))
     except RuntimeError as e:
         raise UserError(f"FAISS cannot build {factory!r} for dim {dim}: {e}".splitlines()[0]) from None
+    ivf = faiss.try_extract_index_ivf(index)
+    ivf = faiss.downcast_index(ivf) if ivf is not None else None
+    if isinstance(ivf, faiss.IndexIVFPQ):
+        ivf.do_polysemous_training = False  # slow to train (minutes at PQ64) and unused by our searches
+    return index
 
 
 def train(index: Any, sample: np.ndarray, factory: str) -> float:
@@ -301,6 +306,9 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
     if cfg.parts is not None:
         return index_parts.build_part(cfg)
     if cfg.update:
+        if not (Path(cfg.out) / META_FILE).exists() and not Path(cfg.out).exists():
+            log.info("%s does not exist yet: --update builds it", cfg.out)  # a cron job's first run
+            return build(cfg, budget)
         from .index_update import update
 
         return update(cfg)
