@@ -56,5 +56,6 @@ from . import cli_models  # noqa: E402,F401
 from . import cli_embed  # noqa: E402,F401
 from . import cli_index  # noqa: E402,F401
 from . import cli_probe  # noqa: E402,F401
+from . import cli_verify  # noqa: E402,F401
 from . import cli_bench  # noqa: E402,F401
 from . import cli_demo  # noqa: E402,F401

@@ -1,0 +1,91 @@
+"""`embedpipe verify`: check an embed folder against its done records, and an index against its embeddings."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from . import store
+from .errors import UserError
+
+
+def verify_embeddings(out: Path) -> tuple[list[str], dict[str, Any]]:
+    """Problems found in an embed output folder (empty when it is sound), and counts."""
+    problems: list[str] = []
+    run = json.loads((out / "run.json").read_text())
+    fp = run.get("fingerprint", {})
+    dim_expected, dtype_expected = None, fp.get("dtype")
+    records = {p.name[: -len(".json")]: p for p in (out / store.STATE).glob("*.json")
+               if not p.name.endswith(".failed.json")}
+    files = {p.stem: p for p in (out / store.EMBEDDINGS).glob("*.parquet")} if (out / store.EMBEDDINGS).is_dir() else {}
+    rows = 0
+    for name, rec_path in sorted(records.items()):
+        rec = json.loads(rec_path.read_text())
+        f = files.get(name)
+        if f is None:
+            problems.append(f"{rec_path}: done record but no {store.EMBEDDINGS}/{name}.parquet (rerun embed to redo it)")
+            continue
+        try:
+            info = store.shard_info(f)
+            table = pq.read_table(f)
+        except Exception as e:  # an unreadable file is exactly what verify reports
+            problems.append(f"{f}: unreadable Parquet ({e})")
+            continue
+        rows += table.num_rows
+        if table.num_rows != rec.get("embedded"):
+            problems.append(f"{f}: {table.num_rows} rows but its done record says {rec.get('embedded')} were embedded")
+        keys = table.column("key").to_pylist()
+        if len(set(keys)) != len(keys):
+            problems.append(f"{f}: {len(keys) - len(set(keys))} duplicate key(s)")
+        dim_expected = dim_expected or info.metadata.get("dim") or info.dim
+        if info.dim != dim_expected:
+            problems.append(f"{f}: dim {info.dim}, expected {dim_expected}")
+        if dtype_expected and info.dtype != dtype_expected:
+            problems.append(f"{f}: dtype {info.dtype}, run.json says {dtype_expected}")
+        emb = store.embedding_matrix(table.column("embedding"))
+        bad = int((~np.isfinite(emb)).any(axis=1).sum())
+        if bad:
+            problems.append(f"{f}: {bad} embedding(s) with NaN or Inf")
+    pending = sorted(set(files) - set(records))
+    failed = sorted(p.name for p in (out / store.STATE).glob("*.failed.json"))
+    return problems, {"shards_verified": len(records), "rows": rows, "pending_without_record": pending,
+                      "failed_records": failed}
+
+
+def verify_index(index_dir: Path) -> tuple[list[str], dict[str, Any]]:
+    """Problems in an index folder: FAISS count vs index.json and ids.parquet, ids mapping to real keys."""
+    from .index import load_faiss, read_meta
+
+    problems: list[str] = []
+    meta = read_meta(index_dir)
+    index = load_faiss(index_dir, meta, mmap=True)
+    ids = pq.read_table(index_dir / "ids.parquet")
+    if index.ntotal != meta["count"]:
+        problems.append(f"{index_dir}: the FAISS index holds {index.ntotal} vectors, index.json says {meta['count']}")
+    if ids.num_rows != index.ntotal:
+        problems.append(f"{index_dir}/ids.parquet: {ids.num_rows} rows for {index.ntotal} vectors")
+    id_col = ids.column("id").to_numpy()
+    if len(np.unique(id_col)) != len(id_col):
+        problems.append(f"{index_dir}/ids.parquet: duplicate ids")
+    emb_dir = meta.get("config", {}).get("emb_dir")
+    if emb_dir and Path(emb_dir).exists():
+        known: set[str] = set()
+        for f in store.list_shards(emb_dir):
+            known.update(pq.read_table(f, columns=["key"]).column("key").to_pylist())
+        missing = [k for k in ids.column("key").to_pylist() if k not in known]
+        if missing:
+            problems.append(f"{index_dir}: {len(missing)} id(s) map to keys not in {emb_dir} (first: {missing[0]!r})")
+    return problems, {"vectors": int(index.ntotal), "factory": meta.get("factory")}
+
+
+def run_verify(path: str | Path) -> tuple[list[str], dict[str, Any]]:
+    """Verify an embed output folder (has run.json) or an index folder (has index.json)."""
+    p = Path(path)
+    if (p / "run.json").is_file():
+        return verify_embeddings(p)
+    if (p / "index.json").is_file():
+        return verify_index(p)
+    raise UserError(f"{p} is neither an embed output folder (run.json) nor an index folder (index.json)")
