@@ -229,3 +229,29 @@ def test_failing_urls_fail_their_shard_and_zero_byte_member_is_skipped(tmp_path)
     assert "exit" in s.failed["pipe:false"]
     rec = json.loads((tmp_path / "out" / "_state" / "z.json").read_text())
     assert rec["embedded"] == 1 and rec["skipped"] == [{"key": "zero", "reason": "empty image (0 bytes)"}]
+
+
+def test_disk_full_fails_the_shard_leaves_nothing_and_rerun_completes(digits_shards, tmp_path, monkeypatch):
+    import errno
+
+    from pipeline import store as store_mod
+
+    real = store_mod.pq.write_table
+    calls = []
+
+    def full_disk(table, where, **kw):
+        calls.append(where)
+        if len(calls) == 1:  # the first shard: half a file, then the disk is full
+            Path(where).write_bytes(b"PAR1 partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(table, where, **kw)
+
+    monkeypatch.setattr(store_mod.pq, "write_table", full_disk)
+    shards = [str(p) for p in digits_shards[:2]]
+    s = embed(shards, tmp_path, **{**FAST, "compile": "eager", "workers": 0})
+    assert list(s.failed) == [shards[0]] and "No space left" in s.failed[shards[0]] and s.shards_done == 1
+    assert not (tmp_path / "embeddings" / f"{digits_shards[0].stem}.parquet").exists()
+    assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "_SUCCESS").exists()
+    again = embed(shards, tmp_path, **{**FAST, "compile": "eager", "workers": 0})
+    assert again.failed == {} and again.shards_done == 1 and again.shards_skipped == 1
+    assert (tmp_path / "_SUCCESS").is_file()
