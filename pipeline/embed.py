@@ -54,12 +54,9 @@ class EmbedConfig:
 
     def rank_world(self) -> tuple[int, int]:
         """This process's share of the shards: explicit values, else the cluster's environment variables."""
-        try:
-            from .cluster import resolve_rank_world
-        except ImportError:  # pragma: no cover - cluster.py is optional until it lands
-            rank, world = self.rank if self.rank is not None else 0, self.world_size or 1
-        else:
-            rank, world = resolve_rank_world(self.rank, self.world_size)
+        from .cluster import resolve_rank_world
+
+        rank, world = resolve_rank_world(self.rank, self.world_size)
         if world > 1 and self.overwrite:
             raise UserError("--overwrite cannot be combined with several ranks (each would delete the others' "
                             "output); run once with --overwrite and no rank, or delete the folder first")
@@ -209,7 +206,10 @@ def embed(shards: Sequence[str] | str, out: str | Path, **options: Any) -> Summa
     rank, world = cfg.rank_world()
     urls = partition(all_urls, rank, world) if world > 1 else all_urls
     if world > 1:
-        log.info("rank %d of %d: %d of %d shards", rank, world, len(urls), len(all_urls))
+        from .cluster import describe_source
+
+        log.info("rank %d of %d (%s): %d of %d shards", rank, world, describe_source(cfg.rank, cfg.world_size),
+                 len(urls), len(all_urls))
     devices = parse_devices(cfg.devices) if cfg.devices else None
     if devices and len(devices) == 1:
         cfg, devices = replace(cfg, device=devices[0], devices=None), None

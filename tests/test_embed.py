@@ -255,3 +255,14 @@ def test_disk_full_fails_the_shard_leaves_nothing_and_rerun_completes(digits_sha
     again = embed(shards, tmp_path, **{**FAST, "compile": "eager", "workers": 0})
     assert again.failed == {} and again.shards_done == 1 and again.shards_skipped == 1
     assert (tmp_path / "_SUCCESS").is_file()
+
+
+def test_ranks_share_one_folder_and_the_last_marks_success(digits_shards, tmp_path, monkeypatch):
+    shards = [str(p) for p in digits_shards]
+    first = embed(shards, tmp_path, rank=0, world_size=2, **{**FAST, "compile": "eager", "workers": 0})
+    assert first.shards_total == 2 and first.shards_done == 2 and not (tmp_path / "_SUCCESS").exists()
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    second = embed(shards, tmp_path, **{**FAST, "compile": "eager", "workers": 0})  # rank from the environment
+    assert second.shards_total == 1 and second.shards_done == 1 and (tmp_path / "_SUCCESS").is_file()
+    assert len(store.read_all(tmp_path).keys) == 300
