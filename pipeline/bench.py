@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import replace
@@ -16,12 +15,9 @@ import torch
 
 from .backbones import DEFAULT_MODEL, Backbone, load_backbone
 from .compiler import build_extractor
+from .devices import usable_cores
 
 log = logging.getLogger(__name__)
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def make_bench_shards(out: Path, n: int, shard_size: int = 128, seed: int = 0) -> list[Path]:
@@ -173,7 +169,7 @@ def run_bench(model: str = DEFAULT_MODEL, weights: str = "default", quick: bool 
 
     Everything is measured in one run, side by side, because these machines are shared and noisy.
     """
-    C = cores()
+    C = usable_cores()
     n_images = 384 if quick else 1536
     secs = 1.5 if quick else 5.0
     tmp = Path(workdir or tempfile.mkdtemp(prefix="embedpipe-bench-"))

@@ -51,7 +51,8 @@ def parse_devices(spec: str) -> list[str]:
     return out
 
 
-def _cores() -> int:
+def usable_cores() -> int:
+    """Cores this process may run on (the scheduler's CPU set, not the machine's)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -64,12 +65,12 @@ def _worker(wid: int, device: str, cfg: Any, out: str, tasks: Any, results: Any)
 
     cpu_workers = int(os.environ.get("EMBEDPIPE_CPU_WORKERS", "1"))
     if device == "cpu":  # share the cores between the CPU workers instead of oversubscribing them
-        torch.set_num_threads(max(1, _cores() // max(1, cpu_workers)))
+        torch.set_num_threads(max(1, usable_cores() // max(1, cpu_workers)))
     cfg = replace(cfg, device=device)
     bb, ex = prepare_model(cfg)
     state = RunState(Path(out))
-    workers = cfg.workers if cfg.workers is not None else max(1, _cores() // (2 * cpu_workers)) \
-        if device == "cpu" else min(_cores(), 16)
+    workers = cfg.workers if cfg.workers is not None else max(1, usable_cores() // (2 * cpu_workers)) \
+        if device == "cpu" else min(usable_cores(), 16)
     results.put(("ready", wid, None, None))
     while True:
         task = tasks.get()
