@@ -56,10 +56,13 @@ def write_shard(path: Path, n: int, size: int = 128) -> None:
 
 
 def write_vectors(emb: Path, n: int, dim: int = 512, per_shard: int = 100_000) -> None:
+    """Clustered unit vectors, as real embeddings are (uniform noise on a 512-d sphere has no neighbours
+    worth the name, and tuning an IVF index on it degenerates into near-exhaustive search)."""
     rng = np.random.default_rng(0)
+    centers = rng.standard_normal((1000, dim)).astype(np.float32)
     for s in range(0, n, per_shard):
         m = min(per_shard, n - s)
-        x = rng.standard_normal((m, dim)).astype(np.float32)
+        x = centers[rng.integers(0, len(centers), m)] + 0.6 * rng.standard_normal((m, dim)).astype(np.float32) / np.sqrt(dim)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         table = store.embedding_table([f"v{s + i:08d}" for i in range(m)], f"part-{s // per_shard}", range(m),
                                       [None] * m, x, "float16", metadata={"dim": dim, "dtype": "float16"})

@@ -60,7 +60,7 @@ def _worker(wid: int, device: str, cfg: Any, out: str, tasks: Any, results: Any)
     """Runs in a child process: build the model on ``device`` once, then embed shards until told to stop."""
     from pathlib import Path
 
-    from .embed import embed_one_shard, prepare_model
+    from .embed import default_workers, embed_one_shard, prepare_model
     from .state import RunState
 
     cpu_workers = int(os.environ.get("EMBEDPIPE_CPU_WORKERS", "1"))
@@ -69,8 +69,7 @@ def _worker(wid: int, device: str, cfg: Any, out: str, tasks: Any, results: Any)
     cfg = replace(cfg, device=device)
     bb, ex = prepare_model(cfg)
     state = RunState(Path(out))
-    workers = cfg.workers if cfg.workers is not None else max(1, usable_cores() // (2 * cpu_workers)) \
-        if device == "cpu" else min(usable_cores(), 16)
+    workers = cfg.workers if cfg.workers is not None else default_workers(ex.device)
     results.put(("ready", wid, None, None))
     while True:
         task = tasks.get()
