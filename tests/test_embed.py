@@ -266,3 +266,18 @@ def test_ranks_share_one_folder_and_the_last_marks_success(digits_shards, tmp_pa
     second = embed(shards, tmp_path, **{**FAST, "compile": "eager", "workers": 0})  # rank from the environment
     assert second.shards_total == 1 and second.shards_done == 1 and (tmp_path / "_SUCCESS").is_file()
     assert len(store.read_all(tmp_path).keys) == 300
+
+
+def test_hostile_keys_and_shard_names_never_become_paths(tmp_path):
+    from pipeline.shards import stem
+
+    assert stem("/data/../../etc/passwd.tar") == "passwd" and stem("/d/..hidden.tar") == "hidden"
+    assert "/" not in stem("pipe:curl -s 'http://h/a/../b c.tar'")
+    shard = write_tar(tmp_path / "in" / "..evil.tar", [{"__key__": "../../outside", "jpg": jpeg_bytes(sample_image())},
+                                                       {"__key__": "/abs/key", "jpg": jpeg_bytes(sample_image(seed=3))}])
+    out = tmp_path / "out"
+    s = embed([str(shard)], out, **{**FAST, "compile": "eager", "workers": 0})
+    assert s.embedded == 2
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() and "in" not in p.parts)
+    assert written == ["out/_SUCCESS", "out/_state/evil.json", "out/embeddings/evil.parquet", "out/run.json"]
+    assert sorted(store.read_all(out).keys) == ["../../outside", "/abs/key"]
