@@ -222,3 +222,22 @@ def test_image_query_uses_index_model(real_emb, digits_shards, tmp_path):
         key = member.name[: -len(".jpg")]
     chunks = list(run_search(tmp_path / "idx", images=[str(img)], k=1, fmt="json"))
     assert json.loads(chunks[0])[0]["results"][0]["key"] == key
+
+
+@pytest.mark.slow
+def test_image_query_refuses_index_of_other_weights(real_emb, digits_shards, tmp_path):
+    emb_mod = pytest.importorskip("pipeline.embed")
+    if not hasattr(emb_mod, "embed_images"):
+        pytest.skip("pipeline.embed.embed_images is not written yet; --image cannot be tested")
+    import tarfile
+
+    out = tmp_path / "idx"
+    run_index(IndexConfig(str(real_emb), out=str(out), kind="flat"))
+    meta = json.loads((out / "index.json").read_text())
+    meta["embedding_meta"]["weights_sha256"] = "0" * 64  # as if the index came from other weights
+    (out / "index.json").write_text(json.dumps(meta))
+    with tarfile.open(digits_shards[0]) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        (tmp_path / "q.jpg").write_bytes(tar.extractfile(member).read())
+    with pytest.raises(UserError, match="another model|differ from those that made the embeddings"):
+        list(run_search(out, images=[str(tmp_path / "q.jpg")]))
