@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, store
 from .backbones import DEFAULT_MODEL, Backbone, load_backbone, with_input_size
 from .compiler import Extractor, build_extractor, resolve_device, resolve_precision
 from .devices import parse_devices, usable_cores
@@ -261,6 +261,11 @@ def _run(all_urls: list[str], urls: list[str], state: RunState, bb: Backbone, ex
     names = output_names(all_urls)  # from the full list, so every rank names every shard alike
     summary = Summary(state.out, shards_total=len(urls))
     pending = [u for u in urls if not state.is_done(u, names[u])]
+    # Temporary files a killed run left (ours alone: this rank's shards; the folder's own files with one rank)
+    store.remove_stale_temps(state.emb_dir, [f"{names[u]}.parquet" for u in urls])
+    store.remove_stale_temps(state.state_dir, [f"{names[u]}{x}" for u in urls for x in (".json", ".failed.json")])
+    if state.lock.name == "_lock":
+        store.remove_stale_temps(state.out, ["run.json", "_SUCCESS"])
     summary.shards_skipped = len(urls) - len(pending)
     if pending and cfg.engine == "ray":
         from .ray_engine import run_with_ray

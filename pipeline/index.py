@@ -158,7 +158,19 @@ def locked(final: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UserError(f"another embedpipe command is writing {final}; wait for it to finish") from None
+        _clean_stale(final)
         yield
+
+
+def _clean_stale(final: Path) -> None:
+    """Under the lock: drop what a killed writer left beside ``final`` (and put back an index it had moved away)."""
+    leftovers = sorted(final.parent.glob(f".{final.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if leftovers and not final.exists():  # killed between the two renames of the fallback swap
+        log.warning("restoring %s from %s", final, leftovers[-1])
+        os.rename(leftovers.pop(), final)
+    for p in leftovers + list(final.parent.glob(f".{final.name}.tmp-*")):
+        log.warning("removing %s, left by an interrupted run", p)
+        shutil.rmtree(p, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -168,6 +180,9 @@ def staged(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        if final.exists() and store.exchange_dirs(tmp, final):  # one atomic step: readers see old or new
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous version
+            return
         old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
         if final.exists():
             os.rename(final, old)

@@ -1,6 +1,7 @@
 """A trained probe on disk (head.pt, metrics.json, report), its metrics, and `predict` over embedding shards."""
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,8 @@ class Head:
 def load_head(probe_dir: str | Path) -> Head:
     """Read ``PROBE_DIR/head.pt`` (plain tensors, lists and dicts: loads with ``weights_only=True``)."""
     p = Path(probe_dir)
+    if p.is_dir():
+        store.recover_files(p)  # a probe killed mid-commit: finish it, so head.pt matches metrics.json
     f = p / "head.pt" if p.is_dir() else p
     if not f.is_file():
         raise UserError(f"no probe head at {f}; train one with `embedpipe probe EMB_DIR --out {p}`")
@@ -120,21 +123,21 @@ def report(metrics: dict[str, Any]) -> str:
 
 
 def save_probe(out: Path, head: Head, metrics: dict[str, Any], plots: bool = False) -> None:
-    """Write ``head.pt``, ``metrics.json``, ``report.txt`` (and ``confusion.png`` with plots), each atomically."""
+    """Write ``head.pt``, ``metrics.json``, ``report.txt`` (and ``confusion.png`` with plots), as one commit."""
     import io
 
-    out.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(head.to_dict(), buf)
-    store.atomic_write_bytes(out / "head.pt", buf.getvalue())
-    store.atomic_write_json(out / "metrics.json", metrics)
-    store.atomic_write_bytes(out / "report.txt", (report(metrics) + "\n").encode())
+    files = {"head.pt": buf.getvalue(),
+             "metrics.json": (json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n").encode(),
+             "report.txt": (report(metrics) + "\n").encode()}
     if plots:
-        plot_confusion(np.asarray(metrics["confusion"]), metrics["classes"], out / "confusion.png")
+        files["confusion.png"] = plot_confusion(np.asarray(metrics["confusion"]), metrics["classes"])
+    store.write_files_atomic(out, files)  # all of them or none: a killed probe leaves the previous set
 
 
-def plot_confusion(conf: np.ndarray, names: list[str], path: Path) -> None:
-    """Row-normalised confusion matrix as a PNG (needs matplotlib: ``pip install 'embedpipe[plots]'``)."""
+def plot_confusion(conf: np.ndarray, names: list[str]) -> bytes:
+    """Row-normalised confusion matrix as PNG bytes (needs matplotlib: ``pip install 'embedpipe[plots]'``)."""
     try:
         import matplotlib
 
@@ -153,10 +156,12 @@ def plot_confusion(conf: np.ndarray, names: list[str], path: Path) -> None:
     ax.set_ylabel("true")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(path)
+    return buf.getvalue()
 
 
 def check_features(head: Head, info: store.ShardInfo) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,84 @@ def embedding_table(
     if metadata is not None:
         table = table.replace_schema_metadata({META_KEY: json.dumps(metadata, sort_keys=True, default=str)})
     return table
+
+
+def remove_stale_temps(folder: Path, names: Sequence[str]) -> int:
+    """Delete the temporary files (``.NAME.<random>.tmp``) a killed writer left for these file names in ``folder``.
+
+    Only for names this process alone writes (its own shards, under its lock); returns how many went.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    wanted = re.compile(r"^\.(%s)\.[A-Za-z0-9_]+\.tmp$" % "|".join(re.escape(n) for n in names)) if names else None
+    gone = 0
+    for p in folder.iterdir() if wanted else ():
+        if wanted.match(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+            gone += 1
+    return gone
+
+
+COMMIT = ".commit.json"  # journal of a multi-file commit (write_files_atomic)
+
+
+def write_files_atomic(folder: Path, files: dict[str, bytes]) -> None:
+    """Replace several files of ``folder`` as one: after a crash a reader sees all old or all new ones.
+
+    Each file goes to a temporary name; the journal ``.commit.json`` (final name -> temporary name), written
+    atomically, is the commit point; then the renames. :func:`recover_files`, called by writers and readers
+    of the folder, finishes a commit a crash interrupted; the temporaries of an uncommitted one are dropped.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    recover_files(folder)
+    remove_stale_temps(folder, [*sorted(files), COMMIT])
+    tmps: dict[str, str] = {}
+    try:
+        for name, data in files.items():
+            tmp = _temp_beside(folder / name)
+            tmps[name] = Path(tmp).name
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        atomic_write_json(folder / COMMIT, tmps)
+    except BaseException:
+        for t in tmps.values():
+            (folder / t).unlink(missing_ok=True)
+        raise
+    recover_files(folder)
+
+
+def recover_files(folder: Path) -> None:
+    """Finish the multi-file commit of :func:`write_files_atomic` that a crash interrupted, if any."""
+    journal = Path(folder) / COMMIT
+    try:
+        plan = json.loads(journal.read_text())
+    except FileNotFoundError:
+        return
+    for name, tmp in plan.items():
+        if Path(name).name != name or Path(tmp).name != tmp:
+            raise UserError(f"{journal} names a file outside its folder ({name!r}); delete it")
+        try:
+            os.replace(Path(folder) / tmp, Path(folder) / name)
+        except FileNotFoundError:
+            pass  # renamed already
+    journal.unlink(missing_ok=True)
+
+
+def exchange_dirs(a: Path, b: Path) -> bool:
+    """Swap two existing directories in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def write_table_atomic(path: Path, table: pa.Table) -> None:
