@@ -148,8 +148,12 @@ class RunState:
         return ShardRecord(url, record["output"], seen, len(keys), record["skipped"], seconds)
 
     def record_failure(self, url: str, name: str, reason: str) -> None:
-        store.atomic_write_json(self._failed_path(name), {"url": url, "reason": reason,
-                                                          "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        """Write ``_state/<name>.failed.json``; on a full disk the failure is still in the summary and exit status."""
+        try:
+            store.atomic_write_json(self._failed_path(name), {"url": url, "reason": reason,
+                                                              "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        except OSError as e:
+            log.error("cannot record the failure of %s (%s): %s", url, reason, e)
 
     def mark_success(self) -> None:
         store.atomic_write_bytes(self.out / "_SUCCESS", b"")

@@ -3,12 +3,13 @@
     python tests/faults/killer.py MODULE.FUNCTION K embed SHARDS... --out OUT ...
 
 e.g. ``os.replace 3`` dies just before the third file is renamed into place; ``faiss.write_index 1`` while an
-index is written. K = 0 runs the command untouched. Used by test_crash.py (not collected: no ``test_`` prefix).
+index is written. K = 0 runs the command untouched; K < 0 hangs (sleeps) at the |K|-th call instead. Used by test_crash.py (not collected: no ``test_`` prefix).
 """
 import importlib
 import os
 import signal
 import sys
+import time
 
 
 def arm(target: str, k: int) -> None:
@@ -21,6 +22,8 @@ def arm(target: str, k: int) -> None:
         calls[0] += 1
         if calls[0] == k:
             os.kill(os.getpid(), signal.SIGKILL)
+        if calls[0] == -k:
+            time.sleep(3600)
         return real(*args, **kwargs)
 
     setattr(mod, name, dying)
