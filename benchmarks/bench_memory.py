@@ -93,6 +93,9 @@ def main() -> None:
         print(name, r)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)  # ~3 GB of shards, embeddings and index
 
 
 if __name__ == "__main__":
