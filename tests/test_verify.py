@@ -44,6 +44,8 @@ def test_sound_folders_verify_clean(sound):
     ("drop_rows", "rows but its done record says"),
     ("duplicate_key", "duplicate key"),
     ("nan", "NaN or Inf"),
+    ("inf", "NaN or Inf"),
+    ("other_dim", "dim 256, expected 512"),
     ("other_dtype", "dtype float32, run.json says float16"),
     ("missing_parquet", "done record but no"),
 ])
@@ -55,11 +57,15 @@ def test_corruptions_are_reported(sound, tmp_path, corruption, expected):
     elif corruption == "duplicate_key":
         keys = t.column("key").to_pylist()
         t = t.set_column(0, "key", pa.array([keys[0]] + keys[1:-1] + [keys[0]]))
-    elif corruption in ("nan", "other_dtype"):
+    elif corruption in ("nan", "inf", "other_dtype", "other_dim"):
         e = np.stack(t.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
         if corruption == "nan":
             e[3, 5] = np.nan
-        typ = pa.float16() if corruption == "nan" else pa.float32()
+        if corruption == "inf":
+            e[7, 0] = -np.inf
+        if corruption == "other_dim":
+            e = np.ascontiguousarray(e[:, :256])
+        typ = pa.float32() if corruption == "other_dtype" else pa.float16()
         col = pa.FixedSizeListArray.from_arrays(pa.array(e.reshape(-1).astype(typ.to_pandas_dtype())), e.shape[1])
         t = t.set_column(t.column_names.index("embedding"), "embedding", col)
     if corruption == "missing_parquet":
