@@ -25,6 +25,7 @@ from .config import config_option
 @click.option("--rank", type=int, default=None, help="This task's part of the shards (default: SLURM_ARRAY_TASK_ID, RANK, JOB_COMPLETION_INDEX).")
 @click.option("--world-size", type=int, default=None, help="Number of parts (default: SLURM_ARRAY_TASK_COUNT, WORLD_SIZE, EMBEDPIPE_WORLD_SIZE).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--micro-batch", type=int, default=None, help="Images per model call within a batch (default: 4 on CPU, whole batch on GPU; 0 = whole batch).")
 @click.option("--workers", type=int, default=None, help="DataLoader decode workers per device (default: half the cores on CPU, all on GPU).")
 @click.option("--out-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--normalize/--no-normalize", default=True, show_default=True, help="L2-normalise embeddings.")

@@ -38,6 +38,7 @@ class EmbedConfig:
     precision: str = "auto"
     device: str = "auto"
     batch_size: int = 64
+    micro_batch: int | None = None
     workers: int | None = None
     out_dtype: str = "float16"
     normalize: bool = True
@@ -65,6 +66,8 @@ class EmbedConfig:
     def validate(self) -> None:
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.micro_batch is not None and self.micro_batch < 0:
+            raise UserError(f"--micro-batch must be 0 (whole batch) or more, got {self.micro_batch}")
         if self.workers is not None and self.workers < 0:
             raise UserError(f"--workers must be 0 or more, got {self.workers}")
         if self.out_dtype not in ("float16", "float32"):
@@ -248,7 +251,7 @@ def prepare_model(cfg: EmbedConfig) -> tuple[Backbone, Extractor]:
     bb = load_backbone(cfg.model, cfg.weights, cfg.layer)
     if cfg.input_size:
         bb = with_input_size(bb, cfg.input_size)
-    ex = build_extractor(bb, cfg.device, cfg.precision, cfg.compile, cfg.cache_dir)
+    ex = build_extractor(bb, cfg.device, cfg.precision, cfg.compile, cfg.cache_dir, micro_batch=cfg.micro_batch)
     if cfg.compile == "inductor":  # compile now, at the batch size of the run, not inside the timed loop
         size = bb.preprocess.input_size
         ex(torch.zeros(cfg.batch_size, 3, size, size, dtype=torch.uint8))
