@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, micro_batch as micro_batches
 from .backbones import Backbone
 from .errors import UserError
 
@@ -148,21 +148,6 @@ class Extractor:
         return self.module(x.clone())
 
 
-# On CPU the model runs fastest on a few images at a time: a batch of 4 keeps each layer's activations in
-# the core's L2 cache, where 64 streams them through memory (2-core Xeon, AMX: default backbone 99 -> 168
-# img/s TorchScript fp32, 127 -> 210 inductor bf16; ResNet-50 22 -> 26 and 57 -> 73). GPUs want big batches.
-CPU_MICRO_BATCH = 4
-
-
-def resolve_micro_batch(micro_batch: int | None, device: torch.device) -> int:
-    """``None`` = 4 on CPU, the whole batch on GPU; 0 = always the whole batch."""
-    if micro_batch is None:
-        return CPU_MICRO_BATCH if device.type == "cpu" else 0
-    if micro_batch < 0:
-        raise UserError(f"--micro-batch must be 0 (whole batch) or more, got {micro_batch}")
-    return micro_batch
-
-
 def default_cache_dir() -> Path:
     env = os.environ.get("EMBEDPIPE_CACHE")
     if env:
@@ -234,7 +219,7 @@ def build_extractor(
         raise UserError(f"unknown compile mode {compile!r}; use one of {', '.join(COMPILE_MODES)}")
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    micro = resolve_micro_batch(micro_batch, dev)
+    micro = micro_batches.resolve(micro_batch, dev)
     if channels_last is None:
         channels_last = dev.type == "cuda" or compile != "eager"
     model = bb.model
@@ -251,24 +236,31 @@ def build_extractor(
         wrapper.model.to(memory_format=torch.channels_last)
     wrapper.eval()
     if compile == "eager":
-        return Extractor(wrapper, dev, prec, compile, bb.num_features, micro_batch=micro)
-    if compile == "inductor":
+        ex = Extractor(wrapper, dev, prec, compile, bb.num_features, micro_batch=micro)
+    elif compile == "inductor":
         cache = Path(cache_dir) if cache_dir else default_cache_dir()
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True  # weights are constants: fold BN, prepack conv weights (inference only)
-        return Extractor(torch.compile(wrapper, dynamic=False), dev, prec, compile, bb.num_features, cache / "inductor",
-                         micro_batch=micro)
-    path = (Path(cache_dir) if cache_dir else default_cache_dir()) / "torchscript" / (
-        cache_key(bb, prec, dev, channels_last) + ".pt")
-    module = _load_cached(path, dev)
-    hit = module is not None
-    if module is None:
-        log.info("compiling %s (%s, %s) with TorchScript; cached at %s", bb.spec, prec, dev, path)
-        module = _trace(wrapper, bb.preprocess.input_size, dev)
-        try:
-            _save_cached(module, path)
-        except OSError as e:  # a read-only cache dir costs a recompile next time, nothing more
-            log.warning("cannot write compile cache %s: %s", path, e)
-    return Extractor(_optimize(module, dev), dev, prec, compile, bb.num_features, path, hit, micro_batch=micro)
+        ex = Extractor(torch.compile(wrapper, dynamic=False), dev, prec, compile, bb.num_features, cache / "inductor",
+                       micro_batch=micro)
+    else:
+        path = (Path(cache_dir) if cache_dir else default_cache_dir()) / "torchscript" / (
+            cache_key(bb, prec, dev, channels_last) + ".pt")
+        module = _load_cached(path, dev)
+        hit = module is not None
+        if module is None:
+            log.info("compiling %s (%s, %s) with TorchScript; cached at %s", bb.spec, prec, dev, path)
+            module = _trace(wrapper, bb.preprocess.input_size, dev)
+            try:
+                _save_cached(module, path)
+            except OSError as e:  # a read-only cache dir costs a recompile next time, nothing more
+                log.warning("cannot write compile cache %s: %s", path, e)
+        ex = Extractor(_optimize(module, dev), dev, prec, compile, bb.num_features, path, hit, micro_batch=micro)
+    if micro == micro_batches.TUNE:
+        cache_file = (Path(cache_dir) if cache_dir else default_cache_dir()) / "micro_batch.json"
+        key = f"{cache_key(bb, prec, dev, channels_last)}-{compile}"
+        ex.micro_batch = micro_batches.remembered(cache_file, key, ex._forward, bb.preprocess.input_size)
+        ex.fixed_batch = ex.micro_batch if compile == "inductor" else None
+    return ex
