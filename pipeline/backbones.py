@@ -205,7 +205,9 @@ def _timm_model(name: str, weights: str, spec: str) -> tuple[nn.Module, Preproce
     size = dc["input_size"][-1]
     pre = Preprocess(size, int(round(size / dc.get("crop_pct", 0.875))), dc.get("interpolation", "bicubic"),
                      tuple(dc["mean"]), tuple(dc["std"]))
-    head = {"attr": model.pretrained_cfg.get("classifier", "classifier"), "in_features": model.num_features}
+    # head_hidden_size: models with a pre-logits layer after pooling (MobileNetV3: 960 -> 1280) feed that to the head
+    dim = getattr(model, "head_hidden_size", None) or model.num_features
+    head = {"attr": model.pretrained_cfg.get("classifier", "classifier"), "in_features": dim}
     return model, pre, head
 
 

@@ -5,7 +5,7 @@ import io
 import logging
 import re
 import tarfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -291,13 +291,12 @@ class ShardSamples(IterableDataset):
         except SkipSample as e:
             return e
 
-    def _decode_batch(self, url: str, raw: list[tuple[int, dict[str, Any], str]], piece: Piece) -> Piece:
-        """Decode a batch of samples (in threads when decoding in-process) and fill ``piece``, in order."""
-        datas = [sample[ext] for _, sample, ext in raw]
-        pool = self._pool()
-        results = list(pool.map(self._decode_one, datas)) if pool else [self._decode_one(d) for d in datas]
+    def _decode_batch(self, url: str, raw: list[tuple[int, dict[str, Any], Any]], piece: Piece) -> Piece:
+        """Fill ``piece`` with a batch of samples, in order: each third item is a decode already submitted to the
+        thread pool (in-process decoding), or the image field's name, decoded here."""
         images = []
-        for (i, sample, _), img in zip(raw, results):
+        for i, sample, job in raw:
+            img = job.result() if isinstance(job, Future) else self._decode_one(sample[job])
             if isinstance(img, SkipSample):
                 piece.skipped.append((sample["__key__"], str(img)))
                 continue
@@ -323,6 +322,7 @@ class ShardSamples(IterableDataset):
 
     def _shard(self, url: str, wid: int, nw: int) -> Iterator[Piece]:
         piece, raw, seen, keys_seen = self._empty(url), [], 0, set()
+        pool = self._pool()
         try:
             for i, sample in enumerate(iter_tar_samples(url)):
                 key = sample["__key__"]
@@ -339,7 +339,8 @@ class ShardSamples(IterableDataset):
                     have = ", ".join(sorted(k for k in sample if not k.startswith("__"))) or "nothing"
                     piece.skipped.append((key, f"no image field (has: {have}; expected one of {', '.join(IMAGE_EXTS)})"))
                     continue
-                raw.append((i, sample, ext))
+                # Submitted as soon as read, so the pool decodes while this thread reads on through the tar.
+                raw.append((i, sample, pool.submit(self._decode_one, sample[ext]) if pool else ext))
                 if len(raw) == self.batch_size:
                     yield self._decode_batch(url, raw, piece)
                     piece, raw = self._empty(url), []

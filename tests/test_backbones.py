@@ -30,6 +30,7 @@ def default_bb():
     ("torchvision:mobilenet_v3_small", 1024),
     ("torchvision:vit_b_16", 768),
     ("timm:efficientnet_lite0", 1280),
+    ("timm:mobilenetv3_large_100", 1280),  # pools 960 channels, then a pre-logits layer of 1280
 ])
 def test_spec_kinds_give_stated_dim_and_are_frozen(spec, dim):
     bb = load_backbone(spec, weights="none")
