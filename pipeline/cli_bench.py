@@ -16,7 +16,7 @@ from .config import config_option
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True, help="Mode used for T (auto: the fastest measured).")
 @click.option("--compile", "compile_mode", type=click.Choice(["auto", "torchscript", "inductor", "eager"]), default="auto", show_default=True, help="Mode used for T (auto: the fastest measured).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--micro-batch", type=int, default=None, help="Images per model call (default as in embed: 4 on CPU).")
+@click.option("--micro-batch", type=int, default=None, help="Images per model call (default as in embed: measured on CPU; 0 = whole batch).")
 @click.option("--workers", type=int, default=None, help="Decode workers for T (default as in embed).")
 @click.option("--quick", is_flag=True, help="Fewer images and shorter timings (under 2 minutes on 2 cores).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
