@@ -1,6 +1,7 @@
 """Tar shards -> samples -> decoded, resized, centre-cropped uint8 images, split across DataLoader workers."""
 from __future__ import annotations
 
+import collections
 import io
 import logging
 import re
@@ -57,7 +58,8 @@ class _Tap(io.RawIOBase):
         else:
             self.src = _Prefixed(head, raw)
         self.pos = 0
-        self.tail = bytearray()
+        self.chunks: collections.deque[bytes] = collections.deque()  # the last reads, >= KEEP bytes in all
+        self.kept = 0
 
     def readable(self) -> bool:
         return True
@@ -65,18 +67,22 @@ class _Tap(io.RawIOBase):
     def read(self, n: int = -1) -> bytes:
         data = self.src.read(n) if n is not None and n >= 0 else self.src.read()
         self.pos += len(data)
-        self.tail += data
-        del self.tail[: max(0, len(self.tail) - self.KEEP)]
+        # References to the chunks, not a copy: keeping a rolling bytearray cost a 64 KiB move per read.
+        self.chunks.append(data)
+        self.kept += len(data)
+        while self.kept - len(self.chunks[0]) >= self.KEEP:
+            self.kept -= len(self.chunks.popleft())
         return data
 
     def block(self, offset: int) -> bytes:
         """The 512 bytes at ``offset`` of the tar stream (fewer at its end), once it is read to the end."""
         while self.read(1 << 16):
             pass  # to the end: decompressors verify their checksums there
-        start = len(self.tail) - (self.pos - offset)
+        tail = b"".join(self.chunks)
+        start = len(tail) - (self.pos - offset)
         if start < 0:
             raise tarfile.ReadError(f"cannot check the tar's end at byte {offset}")
-        return bytes(self.tail[start: start + 512])
+        return tail[start: start + 512]
 
 
 class _Prefixed(io.RawIOBase):
