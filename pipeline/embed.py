@@ -5,6 +5,8 @@ import logging
 import os
 import signal
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -313,18 +315,34 @@ def iter_embedded(pending: list[str], names: dict[str, str], state: RunState, bb
     meta = shard_metadata(bb, ex, cfg)
     buffers: dict[str, _ShardBuffer] = {}
     crash = _Crash()
-    for piece in loader:
-        buf = buffers.setdefault(piece.url, _ShardBuffer())
-        emb = _embed_batch(ex, piece.images, cfg.normalize, cfg.out_dtype) if len(piece.keys) else None
-        buf.add(piece, emb)
-        if bar is not None:
-            bar.update(len(piece.keys))
-        crash.tick(len(piece.keys))
-        if buf.ends < max(1, workers):
-            continue
-        del buffers[piece.url]
-        rec = _finish(piece.url, names[piece.url], buf, state, meta, cfg)
-        yield piece.url, rec, (buf.failed or "unknown") if rec is None else None
+    # A finished shard is committed (Parquet encoding, fsync, done record) by one writer thread while the next
+    # one is decoded and embedded; one thread, so shards are committed one at a time and in order.
+    writer = ThreadPoolExecutor(1, thread_name_prefix="commit")
+    committing: deque[tuple[str, _ShardBuffer, Future]] = deque()
+
+    def committed(keep: int) -> Iterator[tuple[str, ShardRecord | None, str | None]]:
+        """The shards committed so far, in order; waits for the oldest while more than ``keep`` are pending."""
+        while committing and (len(committing) > keep or committing[0][2].done()):
+            url, buf, job = committing.popleft()
+            rec = job.result()
+            yield url, rec, (buf.failed or "unknown") if rec is None else None
+
+    try:
+        for piece in loader:
+            buf = buffers.setdefault(piece.url, _ShardBuffer())
+            emb = _embed_batch(ex, piece.images, cfg.normalize, cfg.out_dtype) if len(piece.keys) else None
+            buf.add(piece, emb)
+            if bar is not None:
+                bar.update(len(piece.keys))
+            crash.tick(len(piece.keys))
+            if buf.ends < max(1, workers):
+                continue
+            del buffers[piece.url]
+            committing.append((piece.url, buf, writer.submit(_finish, piece.url, names[piece.url], buf, state, meta, cfg)))
+            yield from committed(keep=1)  # bounds memory: one finished shard in the writer's hands at a time
+        yield from committed(keep=0)
+    finally:
+        writer.shutdown(wait=True)  # a commit under way completes (also on SIGTERM): its shard is not redone
 
 
 def _finish(url: str, name: str, buf: _ShardBuffer, state: RunState, meta: dict[str, Any],

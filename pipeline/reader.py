@@ -169,8 +169,11 @@ def _close(stream: Any) -> None:
 
 
 def _jpeg_truncated(data: bytes) -> bool:
-    # The end-of-image marker must follow the last start-of-scan; byte stuffing keeps it out of scan data.
-    return data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
+    # The end-of-image marker must follow the last start-of-scan; byte stuffing keeps both out of scan data.
+    # Searching forward from the last end-of-image marker (at the very end of an intact file) reads a few
+    # bytes, where a backward search for the last start-of-scan read the whole file with the GIL held.
+    eoi = data.rfind(b"\xff\xd9")
+    return data.find(b"\xff\xda", max(eoi, 0)) != -1
 
 
 def _pil_rgb(im: Image.Image) -> torch.Tensor:
