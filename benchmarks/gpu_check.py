@@ -54,7 +54,7 @@ def check(spec: str, weights: str, urls: list[str], tmp: Path, batch_size: int) 
     bb = load_backbone(spec, weights)
     fp32 = build_extractor(bb, "cuda", "fp32", "eager")
     fp16 = build_extractor(bb, "cuda", "fp16", "torchscript", cache_dir=str(tmp / "cache"))
-    r_d, photos = decode_rate(urls, bb, batch_size)  # the embed stage's CPU decode, per core; real photos
+    r_d, _, photos = decode_rate(urls, bb, batch_size)  # the embed stage's CPU decode per core, all decoding
     x = photos[:batch_size]
     cos = F.cosine_similarity(fp16(x).float(), fp32(x)).min().item()
     x = x.repeat((batch_size + len(x) - 1) // len(x), 1, 1, 1)[:batch_size]

@@ -24,11 +24,13 @@ def test_bench_measures_every_rate_and_the_bound(tmp_path: Path):
     r = run_bench("torchvision:resnet18", "none", quick=True, workdir=str(tmp_path), images=48, batch_size=16,
                   modes=[("eager", "fp32"), ("torchscript", "fp32")])
     assert r["setup"]["compile"] == max(r["model_modes"][:2], key=lambda m: m["images_per_s"])["compile"]
-    for k in ("r_d_per_core", "r_m", "r_w", "T", "T_baseline"):
+    for k in ("r_d_per_core", "r_d_one_core_alone", "r_m", "r_w", "T", "T_baseline"):
         assert r[k] > 0, k
     C = r["machine"]["cores"]
     assert abs(r["T_star"] - 1 / (1 / (C * r["r_d_per_core"]) + 1 / r["r_m"] + 1 / r["r_w"])) < 1e-6 * r["T_star"]
     assert r["E"] == r["T"] / r["T_star"] and r["speedup"] == r["T"] / r["T_baseline"]
+    linear = 1 / (1 / (C * r["r_d_one_core_alone"]) + 1 / r["r_m"] + 1 / r["r_w"])
+    assert abs(r["E_if_decode_scaled_linearly"] - r["T"] / linear) < 1e-9
     assert r["cosine_to_baseline_min"] >= 0.99  # the same features as the tutorial loop
     gflops = r["setup"]["model_gflops_per_image"]
     assert 3.5 < gflops < 3.8  # ResNet-18 at 224: 1.8 G multiply-adds
