@@ -33,10 +33,11 @@ def resolve(micro_batch: int | None, device: torch.device) -> int:
 
 
 def _seconds_per_image(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, images: int) -> float:
+    calls = max(1, images // len(x))
     t0 = time.perf_counter()
-    for _ in range(max(1, images // len(x))):
+    for _ in range(calls):
         forward(x)
-    return (time.perf_counter() - t0) / max(len(x), images)
+    return (time.perf_counter() - t0) / (calls * len(x))
 
 
 def measure(forward: Callable[[torch.Tensor], torch.Tensor], input_size: int, rounds: int = 3) -> int:
