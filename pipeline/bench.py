@@ -239,6 +239,11 @@ def run_bench(model: str = DEFAULT_MODEL, weights: str = "default", quick: bool 
     peaks = {p: matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16, min_seconds=secs / 2)
              for p in ("fp32", "bf16")}
     model_rows, built = [], {}
+
+    def row(comp: str, prec: str, rate: float, build: float, micro: int, **extra: Any) -> dict[str, Any]:
+        return {"compile": comp, "precision": prec, "images_per_s": rate, "build_s": build, "micro_batch": micro,
+                "flops_per_s": rate * flops, "peak_fraction": rate * flops / peaks[prec], **extra}
+
     for comp, prec in modes:
         try:
             rate, build, ex = model_rate(bb, batch, prec, comp, cache, secs, micro_batch)
@@ -246,9 +251,7 @@ def run_bench(model: str = DEFAULT_MODEL, weights: str = "default", quick: bool 
             log.warning("model mode %s/%s failed: %s", comp, prec, e)
             continue
         built[comp, prec] = ex
-        model_rows.append({"compile": comp, "precision": prec, "images_per_s": rate, "build_s": build,
-                           "micro_batch": ex.micro_batch, "flops_per_s": rate * flops,
-                           "peak_fraction": rate * flops / peaks[prec]})
+        model_rows.append(row(comp, prec, rate, build, ex.micro_batch))
     fastest = max(model_rows, key=lambda r: r["images_per_s"])
     if compile == "auto":  # T is measured in the fastest mode unless one is asked for
         compile = fastest["compile"] if precision == "auto" else max(
@@ -257,9 +260,7 @@ def run_bench(model: str = DEFAULT_MODEL, weights: str = "default", quick: bool 
         precision = max((r for r in model_rows if r["compile"] == compile), key=lambda r: r["images_per_s"])["precision"]
     if micro_batch != 0:  # the same TorchScript fp32 model on the whole batch at once: what micro-batching buys
         rate, build, _ = model_rate(bb, batch, "fp32", "torchscript", cache, secs, 0)
-        model_rows.append({"compile": "torchscript", "precision": "fp32", "images_per_s": rate, "build_s": build,
-                           "micro_batch": 0, "flops_per_s": rate * flops, "peak_fraction": rate * flops / peaks["fp32"],
-                           "whole_batch": True})
+        model_rows.append(row("torchscript", "fp32", rate, build, 0, whole_batch=True))
     r_w = write_rate(bb.num_features, "float16")
     opts = dict(model=model, weights=weights, precision=precision, compile=compile, batch_size=batch_size,
                 micro_batch=micro_batch, workers=workers, cache_dir=cache, device="cpu")

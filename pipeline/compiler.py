@@ -235,10 +235,11 @@ def build_extractor(
     if channels_last:
         wrapper.model.to(memory_format=torch.channels_last)
     wrapper.eval()
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    key = cache_key(bb, prec, dev, channels_last)
     if compile == "eager":
         ex = Extractor(wrapper, dev, prec, compile, bb.num_features, micro_batch=micro)
     elif compile == "inductor":
-        cache = Path(cache_dir) if cache_dir else default_cache_dir()
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
         import torch._inductor.config as inductor_config
 
@@ -246,8 +247,7 @@ def build_extractor(
         ex = Extractor(torch.compile(wrapper, dynamic=False), dev, prec, compile, bb.num_features, cache / "inductor",
                        micro_batch=micro)
     else:
-        path = (Path(cache_dir) if cache_dir else default_cache_dir()) / "torchscript" / (
-            cache_key(bb, prec, dev, channels_last) + ".pt")
+        path = cache / "torchscript" / f"{key}.pt"
         module = _load_cached(path, dev)
         hit = module is not None
         if module is None:
@@ -259,8 +259,7 @@ def build_extractor(
                 log.warning("cannot write compile cache %s: %s", path, e)
         ex = Extractor(_optimize(module, dev), dev, prec, compile, bb.num_features, path, hit, micro_batch=micro)
     if micro == micro_batches.TUNE:
-        cache_file = (Path(cache_dir) if cache_dir else default_cache_dir()) / "micro_batch.json"
-        key = f"{cache_key(bb, prec, dev, channels_last)}-{compile}"
-        ex.micro_batch = micro_batches.remembered(cache_file, key, ex._forward, bb.preprocess.input_size)
+        ex.micro_batch = micro_batches.remembered(cache / "micro_batch.json", f"{key}-{compile}", ex._forward,
+                                                  bb.preprocess.input_size)
         ex.fixed_batch = ex.micro_batch if compile == "inductor" else None
     return ex
