@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import open_index, store
-from pipeline.index import IndexConfig, run_index
+from pipeline.index.build import run_index
+from pipeline.index.options import IndexConfig
 
 DIM = 512
 
@@ -39,7 +40,7 @@ def write_data(root: Path, n: int, seed: int, shard_rows: int = 100_000) -> np.n
         keys = [f"b{s:04d}_{i:06d}" for i in range(rows)]
         t = store.embedding_table(keys, f"b{s:04d}.tar", range(rows), [None] * rows, x, dtype="float16",
                                   metadata={"model": "synthetic", "dim": DIM, "dtype": "float16"})
-        store.write_table_atomic(root / "embeddings" / f"b{s:04d}.parquet", t)
+        store.write_table(root / "embeddings" / f"b{s:04d}.parquet", t)
     return centers
 
 

@@ -66,7 +66,7 @@ def write_vectors(emb: Path, n: int, dim: int = 512, per_shard: int = 100_000) -
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         table = store.embedding_table([f"v{s + i:08d}" for i in range(m)], f"part-{s // per_shard}", range(m),
                                       [None] * m, x, "float16", metadata={"dim": dim, "dtype": "float16"})
-        store.write_table_atomic(emb / "embeddings" / f"part-{s // per_shard:04d}.parquet", table)
+        store.write_table(emb / "embeddings" / f"part-{s // per_shard:04d}.parquet", table)
 
 
 def main() -> None:

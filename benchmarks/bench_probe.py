@@ -22,8 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.labels import LabelSource, load_split  # noqa: E402
-from pipeline.probe import DEFAULT_WDS, ProbeOptions, run_probe  # noqa: E402
+from pipeline.probe.labels import LabelSource, load_split  # noqa: E402
+from pipeline.probe.linear import run_probe  # noqa: E402
+from pipeline.probe.options import DEFAULT_WDS, ProbeOptions  # noqa: E402
 
 
 def sklearn_grid(train, val, wds: tuple[float, ...], max_iter: int) -> dict:

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.backbones import load_backbone
 from pipeline.bench import decode_rate, make_bench_shards
-from pipeline.compiler import build_extractor
-from pipeline.devices import usable_cores
-from pipeline.embed import embed
-from pipeline.reader import iter_tar_samples
+from pipeline.embedding.runner import embed
+from pipeline.embedding.tar import iter_tar_samples
+from pipeline.model.backbones import load_backbone
+from pipeline.model.compile import build_extractor
+from pipeline.model.device import usable_cores
 
 
 def model_rate(ex, batch: torch.Tensor, seconds: float = 5.0) -> float:

@@ -1,4 +1,4 @@
 """`python -m pipeline` runs the embedpipe CLI."""
-from .cli import main
+from .cli.main import main
 
 main()

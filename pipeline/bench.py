@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from .backbones import DEFAULT_MODEL, Backbone, load_backbone
-from .compiler import Extractor, build_extractor
-from .devices import usable_cores
+from .model.backbones import Backbone, load_backbone
+from .model.compile import Extractor, build_extractor
+from .model.device import usable_cores
+from .model.specs import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +84,15 @@ def decode_rate(urls: list[str], bb: Backbone, limit: int) -> tuple[float, float
     """``r_d``: the embed stage's own decode + resize + crop path in this process, per core: measured with
     every core decoding at once (one thread each, as the embed stage runs it), and with one thread alone.
 
-    The first is what ``C * r_d`` in the bound means, a machine's decode rate: on this project's 2-core VM two
-    decoding threads reach only ~80% of twice one thread's rate (shared caches and memory), so one thread's
-    rate times C would be a bound that no program can reach. Both are reported.
+    The first is what ``C * r_d`` in the bound means, a machine's decode rate: cores decoding together share
+    caches and memory, so one thread's rate times C can be a bound no program reaches (README, Performance).
+    Both are reported.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from .reader import decode_rgb, iter_tar_samples, resize_crop
+    from .embedding.tar import iter_tar_samples
+    from .model.decode import decode_rgb
+    from .model.preprocess import resize_crop
 
     raw = [s["jpg"] for u in urls for s in iter_tar_samples(u)][:limit]
     pre = bb.preprocess
@@ -140,7 +141,7 @@ def write_rate(dim: int, dtype: str, rows: int = 20000) -> float:
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         table = store.embedding_table(keys, "s", range(rows), [0] * rows, emb, dtype)
-        store.write_table_atomic(Path(d) / "x.parquet", table)
+        store.write_table(Path(d) / "x.parquet", table)
         return rows / (time.perf_counter() - t0)
 
 
@@ -172,7 +173,7 @@ def baseline(urls: list[str], spec: str, weights: str, batch_size: int = 32,
     import torchvision.transforms as T
     import webdataset as wds
 
-    from .backbones import load_classifier, remove_head
+    from .model.backbones import load_classifier, remove_head
 
     _, model, pre, _, _ = load_classifier(spec, weights)
     if spec.startswith("timm:") or "efficientnet_lite0" in spec or spec == "default":
@@ -199,7 +200,7 @@ def baseline(urls: list[str], spec: str, weights: str, batch_size: int = 32,
 def end_to_end(urls: list[str], out: Path, **opts: Any) -> tuple[float, dict[str, np.ndarray]]:
     """``T``: ``embedpipe embed`` itself, shards -> Parquet, timed by its own summary (model already cached)."""
     from . import store
-    from .embed import embed
+    from .embedding.runner import embed
 
     summary = embed([str(u) for u in urls], out, quiet=True, overwrite=True, **opts)
     b = store.read_all(out)
@@ -224,7 +225,7 @@ def run_bench(model: str = DEFAULT_MODEL, weights: str = "default", quick: bool 
     secs = 1.5 if quick else 5.0
     tmp = Path(workdir or tempfile.mkdtemp(prefix="embedpipe-bench-"))
     urls = [str(p) for p in make_bench_shards(tmp / "shards", n_images, shard_size=n_images // 2)]
-    from .reader import iter_tar_samples
+    from .embedding.tar import iter_tar_samples
 
     sizes = [len(s["jpg"]) for u in urls for s in iter_tar_samples(u)]
     bb = load_backbone(model, weights)

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import store
+from . import atomic, store
 
 
 def precision_at_k(index: Any, keys: list[str], label_of: dict[str, int], k: int = 10) -> float:
@@ -26,12 +26,14 @@ def precision_at_k(index: Any, keys: list[str], label_of: dict[str, int], k: int
 def run_demo(out: str | Path, dataset: str = "digits", echo: Callable[[str], None] = print,
              model: str = "default", limit: int | None = None, image_size: int = 224) -> dict[str, Any]:
     """Run every stage on sample data written from installed packages and return the headline numbers."""
-    from .embed import embed
-    from .index import IndexConfig, run_index
-    from .knn import run_knn
-    from .probe import ProbeOptions, run_probe
+    from .embedding.runner import embed
+    from .index.build import run_index
+    from .index.options import IndexConfig
+    from .index.search import open_index
+    from .probe.knn import run_knn
+    from .probe.linear import run_probe
+    from .probe.options import ProbeOptions
     from .sample_data import write_sample_shards
-    from .search import open_index
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -90,7 +92,7 @@ def run_demo(out: str | Path, dataset: str = "digits", echo: Callable[[str], Non
     result = {"images": summary.embedded, "precision_at_10": p10, "probe_top1": metrics["top1"],
               "knn_top1": knn["top1"], "seconds": round(time.perf_counter() - t0, 1), "steps": steps,
               "out": str(out)}
-    store.atomic_write_json(out / "demo.json", result)
+    atomic.write_json(out / "demo.json", result)
     echo("")
     echo(f"done in {result['seconds']}s: {summary.embedded} images embedded, precision@10 {p10:.3f}, "
          f"probe top-1 {metrics['top1'] * 100:.2f}%, k-NN top-1 "

@@ -5,7 +5,6 @@ import functools
 import io
 import json
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance
 from tqdm import tqdm
-from webdataset import TarWriter
 
+from . import atomic
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -114,19 +113,12 @@ def _chunks(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
 
 
 def _write_tar_atomic(path: Path, samples: list[Sample]) -> None:
-    """Write ``samples`` to a temporary file next to ``path``, fsync it, then ``os.replace`` it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            with TarWriter(f, encoder=False, mtime=TAR_MTIME) as w:
-                for s in samples:
-                    w.write(s)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write ``samples`` as a tar shard that is complete or absent (``atomic.replacing``)."""
+    from webdataset import TarWriter  # imports torch: only when shards are written
+
+    with atomic.replacing(path) as tmp, open(tmp, "wb") as f, TarWriter(f, encoder=False, mtime=TAR_MTIME) as w:
+        for s in samples:
+            w.write(s)
 
 
 def _encode(img: Image.Image, ext: str, quality: int = 90) -> bytes:

@@ -1,10 +1,7 @@
-"""Embedding shards on disk: the Parquet schema, atomic writes, done records, reading back in batches."""
+"""The embedding Parquet format: its schema and metadata, the model-identity keys, reading shards back in batches."""
 from __future__ import annotations
 
 import json
-import os
-import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -13,42 +10,31 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import atomic
 from .errors import UserError
 
-EMBEDDINGS = "embeddings"
-STATE = "_state"
-META_KEY = b"embedpipe"
+EMBEDDINGS = "embeddings"  # the folder of Parquet shards inside an embed output folder
+META_KEY = b"embedpipe"  # file metadata key holding the embedding run's metadata (JSON)
 DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK  # mkstemp makes 0600 files; outputs get the usual permissions instead
+BASE_COLUMNS = ("key", "shard", "index", "label", "embedding")
+# What makes two embeddings comparable: the same network, weights, layer and preprocessing. Every check that
+# vectors, heads or queries come from "the same model" compares exactly these keys of the file metadata.
+MODEL_KEYS = ("model", "weights_sha256", "layer", "preprocess")
 
 
-def _temp_beside(path: Path) -> str:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, FILE_MODE)
-    os.close(fd)
-    return tmp
+def model_identity(meta: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`MODEL_KEYS` of an embedding shard's metadata (or of ``Backbone.describe()``)."""
+    return {k: meta[k] for k in MODEL_KEYS if k in meta}
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that the file is either complete or absent (tmp + fsync + replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+def check_same_model(expected: dict[str, Any], got: dict[str, Any], where: str, fix: str,
+                     keys: Sequence[str] = MODEL_KEYS, theirs: str = "the index") -> None:
+    """Refuse vectors from another model (only keys both sides record are compared); the error names the keys."""
+    diff = [k for k in keys if k in expected and k in got and expected[k] != got[k]]
+    if diff:
+        short = theirs.removeprefix("the ")
+        detail = "; ".join(f"{k}: {short} has {expected[k]!r}, {where} has {got[k]!r}" for k in diff)
+        raise UserError(f"{where} was embedded with another model than {theirs} ({detail}); {fix}")
 
 
 def embedding_table(
@@ -61,7 +47,8 @@ def embedding_table(
     extra: dict[str, Sequence[str | None]] | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> pa.Table:
-    """Build one shard's table in the STYLE.md schema; ``metadata`` lands in the file's key-value metadata."""
+    """One shard's table: ``key``, ``shard``, ``index`` int32, ``label`` int64, ``embedding``
+    fixed_size_list<float16|float32>[D], then ``extra`` string columns; ``metadata`` goes to the file metadata."""
     if dtype not in DTYPES:
         raise UserError(f"unknown embedding dtype {dtype!r}; use one of {sorted(DTYPES)}")
     np_dtype, pa_dtype = DTYPES[dtype]
@@ -85,98 +72,11 @@ def embedding_table(
     return table
 
 
-def remove_stale_temps(folder: Path, names: Sequence[str]) -> int:
-    """Delete the temporary files (``.NAME.<random>.tmp``) a killed writer left for these file names in ``folder``.
-
-    Only for names this process alone writes (its own shards, under its lock); returns how many went.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    wanted = re.compile(r"^\.(%s)\.[A-Za-z0-9_]+\.tmp$" % "|".join(re.escape(n) for n in names)) if names else None
-    gone = 0
-    for p in folder.iterdir() if wanted else ():
-        if wanted.match(p.name) and p.is_file():
-            p.unlink(missing_ok=True)
-            gone += 1
-    return gone
-
-
-COMMIT = ".commit.json"  # journal of a multi-file commit (write_files_atomic)
-
-
-def write_files_atomic(folder: Path, files: dict[str, bytes]) -> None:
-    """Replace several files of ``folder`` as one: after a crash a reader sees all old or all new ones.
-
-    Each file goes to a temporary name; the journal ``.commit.json`` (final name -> temporary name), written
-    atomically, is the commit point; then the renames. :func:`recover_files`, called by writers and readers
-    of the folder, finishes a commit a crash interrupted; the temporaries of an uncommitted one are dropped.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    recover_files(folder)
-    remove_stale_temps(folder, [*sorted(files), COMMIT])
-    tmps: dict[str, str] = {}
-    try:
-        for name, data in files.items():
-            tmp = _temp_beside(folder / name)
-            tmps[name] = Path(tmp).name
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        atomic_write_json(folder / COMMIT, tmps)
-    except BaseException:
-        for t in tmps.values():
-            (folder / t).unlink(missing_ok=True)
-        raise
-    recover_files(folder)
-
-
-def recover_files(folder: Path) -> None:
-    """Finish the multi-file commit of :func:`write_files_atomic` that a crash interrupted, if any."""
-    journal = Path(folder) / COMMIT
-    try:
-        plan = json.loads(journal.read_text())
-    except FileNotFoundError:
-        return
-    for name, tmp in plan.items():
-        if Path(name).name != name or Path(tmp).name != tmp:
-            raise UserError(f"{journal} names a file outside its folder ({name!r}); delete it")
-        try:
-            os.replace(Path(folder) / tmp, Path(folder) / name)
-        except FileNotFoundError:
-            pass  # renamed already
-    journal.unlink(missing_ok=True)
-
-
-def exchange_dirs(a: Path, b: Path) -> bool:
-    """Swap two existing directories in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def write_table_atomic(path: Path, table: pa.Table) -> None:
+def write_table(path: Path, table: pa.Table) -> None:
     """Write a Parquet file atomically. The embedding column skips dictionary encoding (it never repeats)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(path)
-    try:
+    with atomic.replacing(path) as tmp:
         dict_cols = [c for c in table.column_names if c != "embedding"]
         pq.write_table(table, tmp, use_dictionary=dict_cols, compression="zstd")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def embeddings_dir(path: Path | str) -> Path:
@@ -213,6 +113,7 @@ class ShardInfo:
 
 
 def shard_info(path: Path) -> ShardInfo:
+    """Rows, dim, dtype and metadata of one embedding shard, read from its footer."""
     pf = pq.ParquetFile(path)
     field = pf.schema_arrow.field("embedding")
     if not pa.types.is_fixed_size_list(field.type):
@@ -241,6 +142,32 @@ def check_consistent(infos: Sequence[ShardInfo]) -> ShardInfo:
     return ref
 
 
+@dataclass
+class Source:
+    """A set of embedding shards checked for one dim, one dtype and one model."""
+
+    files: list[Path]
+    infos: list[ShardInfo]
+    dim: int
+    dtype: str
+    meta: dict[str, Any]
+
+    @property
+    def rows(self) -> int:
+        return sum(i.rows for i in self.infos)
+
+
+def scan(emb_dir: str | Path, files: Sequence[Path] | None = None) -> Source:
+    """List and check the shards under ``emb_dir`` (mixed dims, dtypes or models are errors)."""
+    files = list(files) if files is not None else list_shards(emb_dir)
+    infos = [shard_info(f) for f in files]
+    ref = check_consistent(infos)
+    for info in infos[1:]:
+        check_same_model(model_identity(ref.metadata), model_identity(info.metadata), str(info.path),
+                         "index each model's embeddings separately", theirs=str(ref.path))
+    return Source(files, infos, ref.dim, ref.dtype, dict(ref.metadata))
+
+
 def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A fixed_size_list column as a float32 [N, D] matrix, without going through Python objects."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
@@ -249,8 +176,10 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return values.reshape(-1, dim).astype(np.float32, copy=False)
 
 
-@dataclass
+@dataclass(repr=False)
 class Batch:
+    """Rows of embedding shards: keys, shard urls, indices within the shard, labels and float32 embeddings."""
+
     keys: list[str]
     shards: list[str]
     indices: np.ndarray
@@ -259,9 +188,16 @@ class Batch:
     source: Path
     extra: dict[str, list[Any]] = field(default_factory=dict)  # requested non-base columns, as Python lists
 
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __repr__(self) -> str:
+        extra = f", extra={sorted(self.extra)}" if self.extra else ""
+        return f"Batch({len(self.keys)} rows, dim {self.embeddings.shape[1]}, from {self.source}{extra})"
+
 
 def iter_batches(
-    path: Path | str, batch_size: int = 65536, files: Sequence[Path] | None = None, columns: Sequence[str] = ()
+    path: Path | str | None, batch_size: int = 65536, files: Sequence[Path] | None = None, columns: Sequence[str] = ()
 ) -> Iterator[Batch]:
     """Stream every embedding shard as float32 batches; memory stays at one batch (plus Parquet's row group).
 
@@ -269,7 +205,7 @@ def iter_batches(
     """
     files = list(files) if files is not None else list_shards(path)
     check_consistent([shard_info(f) for f in files])
-    base = ["key", "shard", "index", "label", "embedding"]
+    base = list(BASE_COLUMNS)
     wanted = [c for c in dict.fromkeys(columns) if c not in base]
     for f in files:
         pf = pq.ParquetFile(f)

@@ -9,18 +9,20 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from . import store
+from .embedding import run_folder
 from .errors import UserError
+from .index import layout
 
 
 def verify_embeddings(out: Path) -> tuple[list[str], dict[str, Any]]:
     """Problems found in an embed output folder (empty when it is sound), and counts."""
     problems: list[str] = []
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads((out / run_folder.RUN_JSON).read_text())
     fp = run.get("fingerprint", {})
     dim_expected, dtype_expected = None, fp.get("dtype")
-    records = {p.name[: -len(".json")]: p for p in (out / store.STATE).glob("*.json")
-               if not p.name.endswith(".failed.json")}
-    files = {p.stem: p for p in (out / store.EMBEDDINGS).glob("*.parquet")} if (out / store.EMBEDDINGS).is_dir() else {}
+    records, failed_records = run_folder.records(out)
+    emb_dir = out / store.EMBEDDINGS
+    files = {p.stem: p for p in emb_dir.glob("*.parquet")} if emb_dir.is_dir() else {}
     rows = 0
     for name, rec_path in sorted(records.items()):
         rec = json.loads(rec_path.read_text())
@@ -50,26 +52,24 @@ def verify_embeddings(out: Path) -> tuple[list[str], dict[str, Any]]:
         if bad:
             problems.append(f"{f}: {bad} embedding(s) with NaN or Inf")
     pending = sorted(set(files) - set(records))
-    failed = sorted(p.name for p in (out / store.STATE).glob("*.failed.json"))
+    failed = sorted(p.name for p in failed_records.values())
     return problems, {"shards_verified": len(records), "rows": rows, "pending_without_record": pending,
                       "failed_records": failed}
 
 
 def verify_index(index_dir: Path) -> tuple[list[str], dict[str, Any]]:
     """Problems in an index folder: FAISS count vs index.json and ids.parquet, ids mapping to real keys."""
-    from .index import load_faiss, read_meta
-
     problems: list[str] = []
-    meta = read_meta(index_dir)
-    index = load_faiss(index_dir, meta, mmap=True)
-    ids = pq.read_table(index_dir / "ids.parquet")
+    meta = layout.read_meta(index_dir)
+    index = layout.load_faiss(index_dir, meta, mmap=True)
+    ids = pq.read_table(index_dir / layout.IDS_FILE)
     if index.ntotal != meta["count"]:
         problems.append(f"{index_dir}: the FAISS index holds {index.ntotal} vectors, index.json says {meta['count']}")
     if ids.num_rows != index.ntotal:
-        problems.append(f"{index_dir}/ids.parquet: {ids.num_rows} rows for {index.ntotal} vectors")
+        problems.append(f"{index_dir}/{layout.IDS_FILE}: {ids.num_rows} rows for {index.ntotal} vectors")
     id_col = ids.column("id").to_numpy()
     if len(np.unique(id_col)) != len(id_col):
-        problems.append(f"{index_dir}/ids.parquet: duplicate ids")
+        problems.append(f"{index_dir}/{layout.IDS_FILE}: duplicate ids")
     emb_dir = meta.get("config", {}).get("emb_dir")
     if emb_dir and Path(emb_dir).exists():
         known: set[str] = set()
@@ -84,8 +84,9 @@ def verify_index(index_dir: Path) -> tuple[list[str], dict[str, Any]]:
 def run_verify(path: str | Path) -> tuple[list[str], dict[str, Any]]:
     """Verify an embed output folder (has run.json) or an index folder (has index.json)."""
     p = Path(path)
-    if (p / "run.json").is_file():
+    if run_folder.is_run_folder(p):
         return verify_embeddings(p)
-    if (p / "index.json").is_file():
+    if (p / layout.META_FILE).is_file():
         return verify_index(p)
-    raise UserError(f"{p} is neither an embed output folder (run.json) nor an index folder (index.json)")
+    raise UserError(f"{p} is neither an embed output folder ({run_folder.RUN_JSON}) nor an index folder "
+                    f"({layout.META_FILE})")

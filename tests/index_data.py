@@ -31,7 +31,7 @@ def write_shards(root: Path, x: np.ndarray, shards: int = 3, dtype: str = "float
         table = store.embedding_table(keys, f"{name}.tar", range(len(part)), [None] * len(part), part, dtype=dtype,
                                       metadata=meta)
         path = Path(root) / "embeddings" / f"{name}.parquet"
-        store.write_table_atomic(path, table)
+        store.write_table(path, table)
         paths.append(path)
     return paths
 

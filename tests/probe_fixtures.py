@@ -29,5 +29,5 @@ def write_shards(out: Path, x: np.ndarray, y: np.ndarray, shards: int = 3, label
             x[idx], dtype="float32", extra={"json": js},
             metadata={"model": "test:blobs", "dim": x.shape[1], "normalize": False, **(metadata or {})},
         )
-        store.write_table_atomic(out / "embeddings" / f"shard-{s:03d}.parquet", t)
+        store.write_table(out / "embeddings" / f"shard-{s:03d}.parquet", t)
     return out

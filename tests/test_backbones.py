@@ -1,16 +1,16 @@
 """Backbones: spec kinds, frozen features, weights loading and errors, precision, compile and its cache."""
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from skimage import data as skdata
 
-from pipeline.backbones import load_backbone, load_classifier, resolve_spec
-from pipeline.compiler import build_extractor
 from pipeline.errors import UserError
-from pipeline.reader import resize_crop
+from pipeline.model.backbones import load_backbone, load_classifier
+from pipeline.model.compile import build_extractor
+from pipeline.model.preprocess import resize_crop
+from pipeline.model.specs import resolve_spec
 
 
 def photo_batch(pre, names=("chelsea", "coffee", "astronaut", "rocket")) -> torch.Tensor:

@@ -7,7 +7,7 @@ from pathlib import Path
 from PIL import Image
 
 from pipeline.bench import format_report, make_bench_shards, run_bench
-from pipeline.reader import iter_tar_samples
+from pipeline.embedding.tar import iter_tar_samples
 
 
 def test_bench_shards_are_realistic_jpegs(tmp_path: Path):

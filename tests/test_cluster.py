@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.cluster import describe_source, resolve, resolve_rank_world
+from pipeline.embedding.cluster import describe_source, resolve, resolve_rank_world
+from pipeline.embedding.shards import partition
 from pipeline.errors import UserError
-from pipeline.shards import partition
 
 SHARDS = [f"/data/shard-{i:06d}.tar" for i in range(23)]
 
@@ -182,7 +182,7 @@ SCHEDULER_VARS = ("EMBEDPIPE_TASK_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_I
     ({"JOB_COMPLETION_INDEX": "4"}, None),  # pods are retried under new names: the Job example sets EMBEDPIPE_TASK_ID
 ])
 def test_task_identity(env, identity):
-    from pipeline.cluster import task_identity
+    from pipeline.embedding.cluster import task_identity
 
     assert task_identity(env) == identity
 
@@ -190,9 +190,9 @@ def test_task_identity(env, identity):
 def _lock_of(tmp_path, owner: dict):
     import json
 
-    from pipeline.state import RunState
+    from pipeline.embedding.run_folder import RunState
 
-    state = RunState(tmp_path / "out", lock_name="_lock.3-of-8")
+    state = RunState(tmp_path / "out", rank=3, world=8)
     state.out.mkdir(parents=True)
     state.lock.write_text(json.dumps(owner))
     return state

@@ -1,12 +1,11 @@
 """Several device workers (CPU stand-ins for GPUs): same rows as one process, dead workers' shards retried."""
-import os
 
 import numpy as np
 import pytest
 
 from pipeline import store
-from pipeline.devices import parse_devices
-from pipeline.embed import embed
+from pipeline.embedding.devices import parse_devices
+from pipeline.embedding.runner import embed
 from pipeline.errors import UserError
 
 FAST = dict(model="torchvision:resnet18", weights="none", input_size=64, quiet=True, batch_size=32,

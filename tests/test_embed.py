@@ -13,12 +13,13 @@ import torch
 from click.testing import CliRunner
 
 from pipeline import store
-from pipeline.backbones import load_backbone, with_input_size
 from pipeline.cli import cli
-from pipeline.compiler import build_extractor
-from pipeline.embed import embed
+from pipeline.embedding.runner import embed
 from pipeline.errors import UserError
-from pipeline.reader import decode_rgb, resize_crop
+from pipeline.model.backbones import load_backbone, with_input_size
+from pipeline.model.compile import build_extractor
+from pipeline.model.decode import decode_rgb
+from pipeline.model.preprocess import resize_crop
 from shards import UNDECODABLE, jpeg_bytes, read_tar, sample_image, write_tar
 
 FAST = dict(model="torchvision:resnet18", weights="none", input_size=64, quiet=True, batch_size=32)
@@ -269,7 +270,7 @@ def test_ranks_share_one_folder_and_the_last_marks_success(digits_shards, tmp_pa
 
 
 def test_hostile_keys_and_shard_names_never_become_paths(tmp_path):
-    from pipeline.shards import stem
+    from pipeline.embedding.shards import stem
 
     assert stem("/data/../../etc/passwd.tar") == "passwd" and stem("/d/..hidden.tar") == "hidden"
     assert "/" not in stem("pipe:curl -s 'http://h/a/../b c.tar'")

@@ -8,13 +8,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.backbones import load_backbone
 from pipeline.cli import cli
-from pipeline.embed import embed
-from pipeline.export import FeatureHead, attach_head, export_classifier
-from pipeline.probe import ProbeOptions, run_probe
-from pipeline.probe_head import run_predict
-from pipeline.reader import decode_rgb, iter_tar_samples
+from pipeline.embedding.runner import embed
+from pipeline.embedding.tar import iter_tar_samples
+from pipeline.model.backbones import load_backbone
+from pipeline.model.decode import decode_rgb
+from pipeline.probe.export import FeatureHead, attach_head, export_classifier
+from pipeline.probe.linear import run_probe
+from pipeline.probe.options import ProbeOptions
+from pipeline.probe.predict import run_predict
 
 TINY = dict(model="torchvision:resnet18", weights="none", input_size=64, device="cpu", workers=0, quiet=True)
 

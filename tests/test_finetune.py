@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
-from pipeline.backbones import load_backbone
 from pipeline.errors import UserError
-from pipeline.finetune import FinetuneOptions, blocks, run_finetune
+from pipeline.model.backbones import load_backbone
+from pipeline.probe.finetune import blocks, run_finetune
+from pipeline.probe.options import FinetuneOptions
 
 
 @pytest.fixture

@@ -8,9 +8,10 @@ from html.parser import HTMLParser
 import pytest
 from PIL import Image
 
-from pipeline.embed import embed
-from pipeline.index import IndexConfig, run_index
-from pipeline.search import run_search
+from pipeline.embedding.runner import embed
+from pipeline.index.build import run_index
+from pipeline.index.options import IndexConfig
+from pipeline.index.query import run_search
 
 FAST = dict(model="torchvision:resnet18", weights="none", input_size=64, quiet=True, compile="eager", workers=0)
 

@@ -12,11 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from index_data import brute_force, clustered, recall_at, write_shards
-from pipeline import index_tune as tune
 from pipeline import open_index
 from pipeline.errors import UserError
-from pipeline.index import CRASH_ENV, IndexConfig, run_index
-from pipeline.index_parts import part_files, run_merge
+from pipeline.index import choose
+from pipeline.index.add import CRASH_ENV
+from pipeline.index.build import run_index
+from pipeline.index.options import IndexConfig
+from pipeline.index.parts import part_files, run_merge
 
 N, DIM = 4000, 32
 
@@ -52,29 +54,29 @@ def digest(d: Path) -> dict[str, str]:
 
 
 def test_parse_memory():
-    assert tune.parse_memory("8GB") == 8_000_000_000
-    assert tune.parse_memory("512MiB") == 512 * 2**20
-    assert tune.parse_memory("1.5g") == 1_500_000_000
+    assert choose.parse_memory("8GB") == 8_000_000_000
+    assert choose.parse_memory("512MiB") == 512 * 2**20
+    assert choose.parse_memory("1.5g") == 1_500_000_000
     for bad in ("lots", "8XB", "-1GB"):
         with pytest.raises(UserError, match="--memory"):
-            tune.parse_memory(bad)
+            choose.parse_memory(bad)
 
 
 def test_auto_choice_by_count_dim_and_budget():
     gb = 10**9
-    assert tune.choose("auto", 30_000, 512, 8 * gb).factory == "Flat"
-    assert tune.choose("auto", 100_000, 512, 8 * gb).factory == "HNSW32,Flat"
-    assert tune.choose("auto", 1_000_000, 512, 8 * gb).factory == "IVF1024,Flat"  # √N lists
-    assert tune.choose("auto", 1_000_000, 512, int(1.5 * gb)).factory == "IVF1024,PQ64,Refine(SQfp16)"
-    assert tune.choose("auto", 1_000_000, 512, int(0.8 * gb)).factory == "IVF1024,PQ64,Refine(SQ8)"
-    c = tune.choose("auto", 10_000_000, 512, 1 * gb)
+    assert choose.choose("auto", 30_000, 512, 8 * gb).factory == "Flat"
+    assert choose.choose("auto", 100_000, 512, 8 * gb).factory == "HNSW32,Flat"
+    assert choose.choose("auto", 1_000_000, 512, 8 * gb).factory == "IVF1024,Flat"  # √N lists
+    assert choose.choose("auto", 1_000_000, 512, int(1.5 * gb)).factory == "IVF1024,PQ64,Refine(SQfp16)"
+    assert choose.choose("auto", 1_000_000, 512, int(0.8 * gb)).factory == "IVF1024,PQ64,Refine(SQ8)"
+    c = choose.choose("auto", 10_000_000, 512, 1 * gb)
     assert c.factory.startswith("IVF4096,PQ") and "Refine" not in c.factory and c.estimated_bytes <= gb
-    assert tune.choose("auto", 100_000, 512, 8 * gb, parts=True).factory == "IVF256,Flat"
-    assert tune.choose("auto", 1_000_000, 512, int(0.5 * gb), parts=True).factory.startswith("IVF1024,PQ")
+    assert choose.choose("auto", 100_000, 512, 8 * gb, parts=True).factory == "IVF256,Flat"
+    assert choose.choose("auto", 1_000_000, 512, int(0.5 * gb), parts=True).factory.startswith("IVF1024,PQ")
     with pytest.raises(UserError, match="do not fit --memory"):
-        tune.choose("auto", 10**9, 512, 1 * gb)
+        choose.choose("auto", 10**9, 512, 1 * gb)
     with pytest.raises(UserError, match="--parts needs an IVF"):
-        tune.choose("hnsw", 1000, 32, gb, parts=True)
+        choose.choose("hnsw", 1000, 32, gb, parts=True)
 
 
 def test_part_files_are_disjoint_and_cover():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.knn import knn_scores, run_knn
+from pipeline.probe.knn import knn_scores, run_knn
 from probe_fixtures import blobs, write_shards
 
 

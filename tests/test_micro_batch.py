@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import micro_batch
-from pipeline.backbones import load_backbone, with_input_size
-from pipeline.compiler import build_extractor
 from pipeline.errors import UserError
+from pipeline.model import micro_batch
+from pipeline.model.backbones import load_backbone, with_input_size
+from pipeline.model.compile import build_extractor
 
 
 @pytest.fixture(scope="module")

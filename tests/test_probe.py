@@ -10,9 +10,11 @@ import torch
 
 from pipeline import store
 from pipeline.errors import UserError
-from pipeline.labels import ClassMap, LabelSource, load_split, stable_split
-from pipeline.probe import ProbeOptions, run_probe
-from pipeline.probe_head import PREDICTION_SCHEMA, load_head, run_predict
+from pipeline.probe.head import load_head
+from pipeline.probe.labels import ClassMap, LabelSource, load_split, stable_split
+from pipeline.probe.linear import run_probe
+from pipeline.probe.options import ProbeOptions
+from pipeline.probe.predict import PREDICTION_SCHEMA, run_predict
 from probe_fixtures import blobs, write_shards
 
 FAST = dict(weight_decays=(1e-5, 1e-3, 1e-1), max_iter=200)

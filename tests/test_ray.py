@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from pipeline import store
-from pipeline.embed import embed
+from pipeline.embedding.runner import embed
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'embedpipe[ray]'")
 

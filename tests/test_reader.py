@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.backbones import Preprocess
-from pipeline.reader import SkipSample, decode_rgb, iter_tar_samples, resize_crop
+from pipeline.embedding.tar import iter_tar_samples
+from pipeline.model.decode import SkipSample, decode_rgb
+from pipeline.model.preprocess import Preprocess, resize_crop
 from shards import (FAULTS, UNDECODABLE, jpeg_bytes, palette_png_bytes, sample_image, write_tar)
 
 PRE = Preprocess(input_size=32, resize_size=36)

@@ -14,8 +14,9 @@ from click.testing import CliRunner
 from index_data import brute_force, clustered, write_shards
 from pipeline import open_index, store
 from pipeline.errors import UserError
-from pipeline.index import IndexConfig, run_index
-from pipeline.search import format_result, run_search
+from pipeline.index.build import run_index
+from pipeline.index.options import IndexConfig
+from pipeline.index.query import format_result, run_search
 
 N, DIM = 2000, 16
 
@@ -46,7 +47,7 @@ def cli():
 def write_vectors(path: Path, x: np.ndarray, meta: dict | None = None, keys: list[str] | None = None) -> Path:
     t = store.embedding_table(keys or [f"q{i}" for i in range(len(x))], "q.tar", range(len(x)), [None] * len(x), x,
                               dtype="float32", metadata=meta)
-    store.write_table_atomic(path, t)
+    store.write_table(path, t)
     return path
 
 
@@ -182,7 +183,8 @@ def test_import_pipeline_stays_light():
 
 @pytest.fixture(scope="module")
 def real_emb(digits_shards, tmp_path_factory) -> Path:
-    embed = pytest.importorskip("pipeline.embed").embed
+    from pipeline.embedding.runner import embed
+
     out = tmp_path_factory.mktemp("real")
     embed([str(p) for p in digits_shards], out, workers=0, compile="eager", quiet=True, input_size=64,
           batch_size=100, cache_dir=str(out / "cache"))
@@ -209,9 +211,6 @@ def test_real_embeddings_each_kind(real_emb, tmp_path):
 
 @pytest.mark.slow
 def test_image_query_uses_index_model(real_emb, digits_shards, tmp_path):
-    emb_mod = pytest.importorskip("pipeline.embed")
-    if not hasattr(emb_mod, "embed_images"):
-        pytest.skip("pipeline.embed.embed_images is not written yet; --image cannot be tested")
     import tarfile
 
     run_index(IndexConfig(str(real_emb), out=str(tmp_path / "idx"), kind="flat"))
@@ -226,9 +225,6 @@ def test_image_query_uses_index_model(real_emb, digits_shards, tmp_path):
 
 @pytest.mark.slow
 def test_image_query_refuses_index_of_other_weights(real_emb, digits_shards, tmp_path):
-    emb_mod = pytest.importorskip("pipeline.embed")
-    if not hasattr(emb_mod, "embed_images"):
-        pytest.skip("pipeline.embed.embed_images is not written yet; --image cannot be tested")
     import tarfile
 
     out = tmp_path / "idx"

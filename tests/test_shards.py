@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.shards import expand, output_names, partition, stem
+from pipeline.embedding.shards import expand, output_names, partition, stem
 
 
 def test_brace_range_expands_in_order():

@@ -9,8 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.embed import embed
-from pipeline.index import IndexConfig, run_index
+from pipeline.embedding.runner import embed
+from pipeline.index.build import run_index
+from pipeline.index.options import IndexConfig
 
 FAST = dict(model="torchvision:resnet18", weights="none", input_size=64, quiet=True, compile="eager", workers=0)
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from pipeline import store
-from pipeline.embed import embed
+from pipeline.embedding.runner import embed
 
 KILLER = str(Path(__file__).with_name("killer.py"))
 EMBED = ["--model", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "--compile", "eager",
@@ -22,7 +22,7 @@ def test_second_run_refused_then_dead_owners_lock_taken_over(digits_shards, tmp_
     out = tmp_path / "emb"
     shards = [str(p) for p in digits_shards[:2]]
     # The first run holds the folder and hangs as it starts reading its first shard.
-    first = subprocess.Popen([sys.executable, KILLER, "pipeline.reader.iter_tar_samples", "-1", "embed", *shards,
+    first = subprocess.Popen([sys.executable, KILLER, "pipeline.embedding.tar.iter_tar_samples", "-1", "embed", *shards,
                               "--out", str(out), *EMBED], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 90
@@ -38,7 +38,7 @@ def test_second_run_refused_then_dead_owners_lock_taken_over(digits_shards, tmp_
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
     assert (out / "_lock").exists() and not list((out / "embeddings").glob("*.parquet"))
-    with caplog.at_level(logging.WARNING, logger="pipeline.state"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.embedding.run_folder"):
         s = embed(shards, out, model="torchvision:resnet18", weights="none", input_size=64, compile="eager",
                   batch_size=64, workers=0, quiet=True)
     assert f"taking over the stale lock {out / '_lock'} of dead pid {first.pid}" in caplog.text

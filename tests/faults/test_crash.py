@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import store
+from pipeline import atomic, store
 from pipeline.verify import run_verify
 from shards import jpeg_bytes, sample_image, write_tar
 
@@ -38,7 +38,7 @@ def leftovers(folder: Path) -> list[str]:
     """Temporary files, staging/old directories and locks anywhere under ``folder``."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
                   if p.name.endswith(".tmp") or ".tmp-" in p.name or ".old-" in p.name or p.name == "_lock"
-                  or p.name == store.COMMIT)
+                  or p.name == atomic.JOURNAL)
 
 
 def rows(out: Path) -> dict[tuple[str, str], np.ndarray]:
@@ -57,7 +57,7 @@ def small_shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clean(small_shards, tmp_path_factory):
-    from pipeline.embed import embed
+    from pipeline.embedding.runner import embed
 
     out = tmp_path_factory.mktemp("crash-clean") / "emb"
     embed(small_shards, out, model="torchvision:resnet18", weights="none", input_size=64, compile="eager",
@@ -99,7 +99,7 @@ def test_killed_between_parquet_and_done_record_redoes_the_shard(small_shards, t
     assert [p.name for p in (out / "_state").glob(f".{name}.json.*.tmp")]  # the record's temporary file
     problems, info = run_verify(out)
     assert problems == [] and info["pending_without_record"] == [name]  # pending, not corrupt
-    from pipeline.embed import embed
+    from pipeline.embedding.runner import embed
 
     again = embed(small_shards[:1], out, model="torchvision:resnet18", weights="none", input_size=64, compile="eager",
                   out_dtype="float32", batch_size=8, workers=0, quiet=True)
@@ -122,7 +122,8 @@ def index_input(tmp_path_factory):
 
 
 def build(emb: Path, idx: Path, **kw) -> dict:
-    from pipeline.index import IndexConfig, run_index
+    from pipeline.index.build import run_index
+    from pipeline.index.options import IndexConfig
 
     return run_index(IndexConfig(str(emb), out=str(idx), **kw))
 
@@ -131,7 +132,7 @@ def snapshot(idx: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(idx.iterdir())}
 
 
-@pytest.mark.parametrize("point", ["faiss.write_index 1", "pipeline.store.exchange_dirs 1", "shutil.rmtree 1"])
+@pytest.mark.parametrize("point", ["faiss.write_index 1", "pipeline.atomic.exchange_dirs 1", "shutil.rmtree 1"])
 def test_index_killed_while_rebuilding_keeps_the_old_or_puts_the_new(index_input, tmp_path, point):
     import shutil
 
@@ -146,7 +147,7 @@ def test_index_killed_while_rebuilding_keeps_the_old_or_puts_the_new(index_input
     if meta["factory"].startswith("IVF"):
         assert snapshot(idx) == before
     else:
-        assert meta["factory"] == "Flat" and point in ("pipeline.store.exchange_dirs 1", "shutil.rmtree 1")
+        assert meta["factory"] == "Flat" and point in ("pipeline.atomic.exchange_dirs 1", "shutil.rmtree 1")
     assert run_verify(idx)[0] == []
     build(root / "emb", idx, kind="flat", overwrite=True)  # the rerun (in-process: it cleans what the killed run left)
     assert json.loads((idx / "index.json").read_text())["factory"] == "Flat" and run_verify(idx)[0] == []
@@ -178,7 +179,7 @@ def test_index_update_killed_then_rerun(index_input, tmp_path):
 
 
 def probe_set(folder: Path) -> tuple[list, dict]:
-    from pipeline.probe_head import load_head
+    from pipeline.probe.head import load_head
 
     head = load_head(folder)
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -186,7 +187,8 @@ def probe_set(folder: Path) -> tuple[list, dict]:
 
 
 def probe(emb: Path, out: Path, frac: float) -> None:
-    from pipeline.probe import ProbeOptions, run_probe
+    from pipeline.probe.linear import run_probe
+    from pipeline.probe.options import ProbeOptions
 
     run_probe(emb, out, ProbeOptions(val_fraction=frac))
 

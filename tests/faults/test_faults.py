@@ -146,13 +146,13 @@ def faulty_run(tmp_path_factory):
 
 
 def record(out: Path, url: str) -> dict:
-    from pipeline.shards import output_names
+    from pipeline.embedding.shards import output_names
 
     return json.loads((out / "_state" / f"{output_names([url])[url]}.json").read_text())
 
 
 def table(out: Path, url: str):
-    from pipeline.shards import stem
+    from pipeline.embedding.shards import stem
 
     return pq.read_table(out / "embeddings" / f"{stem(url)}.parquet")
 
@@ -210,7 +210,7 @@ def test_duplicate_keys_first_kept_repeats_skipped(faulty_run):
 @pytest.mark.parametrize("name", sorted(SHARD_FAULTS))
 def test_shard_fault_outcome(faulty_run, name):
     urls, out, _ = faulty_run
-    from pipeline.shards import output_names
+    from pipeline.embedding.shards import output_names
 
     stem = output_names([urls[name]])[urls[name]]
     failed = out / "_state" / f"{stem}.failed.json"
@@ -239,8 +239,9 @@ def test_rerun_retries_only_the_failed_shards_once_fixed(faulty_run, tmp_path):
 def test_max_pixels_above_pils_own_limit_is_honoured():
     from PIL import Image as PILImage
 
-    from pipeline.backbones import Preprocess
-    from pipeline.reader import ShardSamples, SkipSample, decode_rgb
+    from pipeline.embedding.reader import ShardSamples
+    from pipeline.model.decode import SkipSample, decode_rgb
+    from pipeline.model.preprocess import Preprocess
 
     saved = PILImage.MAX_IMAGE_PIXELS
     try:

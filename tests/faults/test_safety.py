@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.backbones import read_weights_file, resolve_spec
+from pipeline.embedding.shards import output_names, stem
 from pipeline.errors import UserError
-from pipeline.shards import output_names, stem
+from pipeline.model.specs import resolve_spec
+from pipeline.model.weights import read_weights_file
 
 
 class Evil:
@@ -32,7 +33,7 @@ def test_pickled_code_in_a_weights_file_is_refused_not_run(tmp_path):
 
 
 def test_pickled_code_in_a_probe_head_is_refused_not_run(tmp_path):
-    from pipeline.probe_head import load_head
+    from pipeline.probe.head import load_head
 
     marker = tmp_path / "pwned"
     (tmp_path / "probe").mkdir()
@@ -69,7 +70,7 @@ def test_colliding_names_stay_distinct():
 
 
 def test_search_page_never_runs_a_pipe_url_from_index_data(tmp_path):
-    from pipeline.html_report import images_by_key
+    from pipeline.index.html_page import images_by_key
 
     marker = tmp_path / "pwned"
     assert images_by_key({f"pipe:touch {marker}; cat /dev/null": {"k"}}) == {}

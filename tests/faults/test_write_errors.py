@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline import store
+from pipeline import atomic, store
 from pipeline.cli import cli
 from pipeline.verify import run_verify
 
@@ -22,7 +22,7 @@ def full_disk_for(monkeypatch, victim: str, what: str) -> list[str]:
     ``what``: "all" (Parquet file, done record and failure record alike) or "record" (only the done record).
     """
     hits: list[str] = []
-    real_table, real_bytes = store.pq.write_table, store.atomic_write_bytes
+    real_table, real_bytes = store.pq.write_table, atomic.write_bytes
 
     def table(t, where, **kw):
         if what == "all" and Path(where).name.startswith(f".{victim}."):
@@ -39,7 +39,7 @@ def full_disk_for(monkeypatch, victim: str, what: str) -> list[str]:
         return real_bytes(path, data)
 
     monkeypatch.setattr(store.pq, "write_table", table)
-    monkeypatch.setattr(store, "atomic_write_bytes", raw)
+    monkeypatch.setattr(atomic, "write_bytes", raw)
     return hits
 
 
@@ -51,7 +51,7 @@ def test_disk_full_fails_only_that_shard_and_rerun_completes_it(digits_shards, t
     hits = full_disk_for(monkeypatch, victim, what)
     r = CliRunner().invoke(cli, ["embed", *shards, "--out", str(out), *ARGS])
     assert r.exit_code == 1, r.output
-    assert hits and f"1 shard(s) failed" in r.output and f"  {shards[0]}: write failed:" in r.output
+    assert hits and "1 shard(s) failed" in r.output and f"  {shards[0]}: write failed:" in r.output
     assert "No space left on device" in r.output
     assert not list(out.rglob("*.tmp")) and not (out / "_SUCCESS").exists() and not (out / "_lock").exists()
     assert not (out / "_state" / f"{victim}.json").exists()  # never a done record for an incomplete shard

@@ -1,0 +1,78 @@
+"""`embedpipe embed` and `embedpipe status`: the embed stage's commands."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..config import config_option
+from ..embedding.options import ENGINES, OUT_DTYPES, EmbedConfig
+from ..embedding.tar import KEEPABLE
+from ..model.device import COMPILE_MODES, PRECISION_CHOICES
+from .group import cli
+
+D = EmbedConfig  # the defaults shown here are the embed stage's own
+
+
+@cli.command()
+@click.argument("shards", nargs=-1)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (embeddings/, _state/, run.json).")
+@click.option("--model", default=D.model, show_default=True, help="timm:<name>, torchvision:<name>, torchscript:<path> or an alias.")
+@click.option("--weights", default=D.weights, show_default=True, help="default (embedded or downloaded), none (random), or a state-dict / .safetensors PATH.")
+@click.option("--layer", default=None, help="Use the pooled output of this graph node (see `embedpipe models SPEC --nodes`).")
+@click.option("--input-size", type=int, default=None, help="Crop size in pixels (default: the model's own).")
+@click.option("--compile", "compile_mode", type=click.Choice(COMPILE_MODES), default=D.compile, show_default=True)
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default=D.precision, show_default=True, help="auto: fp16 on CUDA, fp32 on CPU.")
+@click.option("--device", default=D.device, show_default=True, help="auto, cpu, cuda or cuda:N (one process).")
+@click.option("--devices", default=None, help="One worker process per device: auto, cuda, N, cuda:0,cuda:2, cpu,cpu.")
+@click.option("--engine", type=click.Choice(ENGINES), default=D.engine, show_default=True, help="ray: a Ray Data actor pool (pip install 'embedpipe[ray]').")
+@click.option("--address", "ray_address", default=None, help="Ray cluster address (with --engine ray; default: start a local instance).")
+@click.option("--rank", type=int, default=None, help="This task's part of the shards (default: SLURM_ARRAY_TASK_ID, RANK, JOB_COMPLETION_INDEX).")
+@click.option("--world-size", type=int, default=None, help="Number of parts (default: SLURM_ARRAY_TASK_COUNT, WORLD_SIZE, EMBEDPIPE_WORLD_SIZE).")
+@click.option("--batch-size", type=int, default=D.batch_size, show_default=True)
+@click.option("--micro-batch", type=int, default=None, help="Images per model call within a batch (default: on CPU 4 or 8, measured once per model; whole batch on GPU; 0 = whole batch).")
+@click.option("--workers", type=int, default=None, help="DataLoader decode workers per device (default: a quarter of the cores on CPU, 0 = decode in-process; all, up to 16, on GPU).")
+@click.option("--out-dtype", type=click.Choice(OUT_DTYPES), default=D.out_dtype, show_default=True)
+@click.option("--normalize/--no-normalize", default=D.normalize, show_default=True, help="L2-normalise embeddings.")
+@click.option("--keep", default=",".join(D.keep), show_default=True,
+              help=f"Sample fields kept as columns (subset of {','.join(KEEPABLE)}; '' for none).")
+@click.option("--max-pixels", type=int, default=D.max_pixels, show_default=True, help="Images whose header claims more pixels are skipped (decompression bombs).")
+@click.option("--cache-dir", default=None, help="Compiled-model cache (default $EMBEDPIPE_CACHE or ~/.cache/embedpipe).")
+@click.option("--overwrite", is_flag=True, help="Replace embeddings made with different settings in --out.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar (batch jobs).")
+@config_option
+def embed(shards: tuple[str, ...], out: str, compile_mode: str, keep: str, **opts) -> None:
+    """Embed WebDataset shards into Parquet files, one per shard (resumable)."""
+    from ..embedding.runner import embed as run_embed
+    from ..errors import UserError
+
+    if not shards:
+        raise UserError("no shards given: embedpipe embed 'data/shard-{000000..000009}.tar' --out OUT")
+    summary = run_embed(list(shards), out, compile=compile_mode,
+                        keep=tuple(k.strip() for k in keep.split(",") if k.strip()), **opts)
+    click.echo(summary.line(), err=False)
+    if summary.failed:
+        click.echo(f"{len(summary.failed)} shard(s) failed (rerun the same command to retry them):", err=True)
+        for url, reason in summary.failed.items():
+            click.echo(f"  {url}: {reason}", err=True)
+        click.get_current_context().exit(1)
+
+
+@cli.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(out: str, as_json: bool) -> None:
+    """Show done, failed and pending shards of an embed output folder."""
+    from ..embedding.run_folder import status as run_status
+
+    st = run_status(out)
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+    else:
+        click.echo(f"{out}: {st['done']}/{st['shards_expected']} shards done, {st['failed']} failed, "
+                   f"{st['pending']} pending; {st['embedded']} samples embedded, {st['skipped']} skipped"
+                   + ("; complete (_SUCCESS)" if st["success"] else ""))
+        for url, reason in st["failed_shards"].items():
+            click.echo(f"  failed {url}: {reason}")
+    if st["failed"]:
+        click.get_current_context().exit(1)

@@ -1,0 +1,30 @@
+"""The ``embedpipe`` click group. Command modules import it from here and register on it (``@cli.command()``)."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from .. import __version__
+from ..config import group_defaults, load_toml
+
+
+class Group(click.Group):
+    """Lists commands in the order they were added (the pipeline's order), not alphabetically."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110, "terminal_width": 110})
+@click.version_option(__version__, "--version", package_name="embedpipe", prog_name="embedpipe")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Job config (TOML), one [table] per command; CLI flags win.")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.pass_context
+def cli(ctx: click.Context, config_file: str | None, verbose: int) -> None:
+    """embedpipe: sharded images -> frozen backbone -> Parquet embeddings -> FAISS -> linear probes."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if config_file:
+        ctx.default_map = group_defaults(cli, load_toml(config_file), config_file)

@@ -1,0 +1,44 @@
+"""`embedpipe models`: known aliases, and for one spec its dimension, preprocessing and size."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from .group import cli
+
+
+@cli.command()
+@click.argument("spec", required=False)
+@click.option("--weights", default="none", show_default=True, help="Weights to load while describing (none avoids downloads).")
+@click.option("--layer", default=None, help="Describe the pooled output of this graph node instead.")
+@click.option("--nodes", is_flag=True, help="List the graph node names usable with --layer.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models(spec: str | None, weights: str, layer: str | None, nodes: bool, as_json: bool) -> None:
+    """List model aliases, or describe one model spec (dim, preprocessing, parameters)."""
+    from ..model.backbones import load_backbone
+    from ..model.specs import ALIASES, DEFAULT_MODEL, EMBEDDED_WEIGHTS, resolve_spec
+
+    if spec is None:
+        click.echo("Model specs: timm:<name>, torchvision:<name>, torchscript:<path> (runs code: trusted files only)")
+        click.echo(f"Default: {DEFAULT_MODEL} (ImageNet weights embedded, works offline)\nAliases:")
+        for alias, target in ALIASES.items():
+            note = " (embedded weights)" if target in EMBEDDED_WEIGHTS else ""
+            click.echo(f"  {alias:<20} {target}{note}")
+        return
+    if nodes:
+        from torchvision.models.feature_extraction import get_graph_node_names
+
+        kind, name = resolve_spec(spec)
+        bb = load_backbone(f"{kind}:{name}", weights="none")
+        for n in get_graph_node_names(bb.model)[1]:
+            click.echo(n)
+        return
+    info = load_backbone(spec, weights=weights, layer=layer).describe()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    pre = info["preprocess"]
+    click.echo(f"{info['model']}: dim {info['dim']}, {info['parameters'] / 1e6:.2f}M parameters, weights {info['weights']}")
+    click.echo(f"  input {pre['input_size']}px (resize {pre['resize_size']}, {pre['interpolation']}), "
+               f"mean {pre['mean']}, std {pre['std']}" + (f", layer {info['layer']}" if info["layer"] else ""))

@@ -1,0 +1,155 @@
+"""`embedpipe probe`, `predict` and `knn`: the frozen-feature evaluation commands."""
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ..config import config_option
+from ..model.specs import DEFAULT_MODEL
+from ..probe.options import KNN_KS, KNN_TEMPERATURE, METHODS, PREDICT_BATCH, FinetuneOptions, ProbeOptions
+from .group import cli
+
+D, F = ProbeOptions, FinetuneOptions  # the defaults shown here are the probe stage's own
+
+
+def _floats(ctx: click.Context, param: click.Parameter, value: Any) -> tuple[float, ...] | None:
+    """Comma-separated numbers on the command line, or a TOML list from --config."""
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        return tuple(float(v) for v in items if str(v).strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+@cli.command()
+@click.argument("emb_dir", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Probe folder (head.pt, metrics.json, report.txt).")
+@click.option("--label-column", default=None, help="Column holding the label [default: label, or json with --label-field].")
+@click.option("--label-field", default=None, help="Field (dotted path) inside the JSON column holding the label, e.g. 'species'.")
+@click.option("--val", default=None, type=click.Path(), help="Validation embedding folder (default: a key-hash split of EMB_DIR).")
+@click.option("--val-fraction", type=float, default=D.val_fraction, show_default=True, help="Share of each class held out when --val is not given.")
+@click.option("--weight-decays", callback=_floats, default=None, help="L2 strengths to try, comma-separated [default: 1e-6..1e-1, 11 values].")
+@click.option("--learning-rates", callback=_floats, default=None, help="Learning rates to try with --method sgd [default: 0.001,0.01,0.1].")
+@click.option("--method", type=click.Choice(METHODS), default=D.method, show_default=True, help="auto: full-batch L-BFGS when the features fit --max-memory-gb, else streamed SGD.")
+@click.option("--max-memory-gb", type=float, default=D.max_memory_gb, show_default=True)
+@click.option("--max-iter", type=int, default=D.max_iter, show_default=True, help="L-BFGS iterations.")
+@click.option("--epochs", type=int, default=D.epochs, show_default=True, help="SGD epochs.")
+@click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="SGD mini-batch.")
+@click.option("--standardize/--no-standardize", default=D.standardize, show_default=True, help="Scale features to zero mean, unit variance (folded into the saved head).")
+@click.option("--seed", type=int, default=D.seed, show_default=True)
+@click.option("--plots", is_flag=True, help="Also write confusion.png (needs the 'plots' extra: matplotlib).")
+@click.option("--export-classifier", type=click.Path(dir_okay=False), default=None, help="Also write a TorchScript classifier for raw images (backbone + this head).")
+@click.option("-q", "--quiet", is_flag=True, help="Only the summary line.")
+@config_option
+def probe(emb_dir: str, out: str, weight_decays: tuple[float, ...] | None, learning_rates: tuple[float, ...] | None,
+          export_classifier: str | None, quiet: bool, **opts: Any) -> None:
+    """Train a linear probe on an embedding folder; keep the best L2 strength on validation.
+
+    Example: embedpipe probe runs/digits --out runs/digits-probe --plots
+    """
+    from ..probe.evaluate import report
+    from ..probe.linear import run_probe
+
+    if weight_decays:
+        opts["weight_decays"] = weight_decays
+    if learning_rates:
+        opts["learning_rates"] = learning_rates
+    options = ProbeOptions(**opts)
+    options.check()
+    if export_classifier:
+        from ..probe.export import check_exportable
+
+        check_exportable(emb_dir)
+    m = run_probe(emb_dir, out, options)
+    if not quiet:
+        click.echo(report(m))
+    hp = m["hyperparameters"]
+    line = (f"probe: top-1 {m['top1'] * 100:.2f}%" + (f", top-5 {m['top5'] * 100:.2f}%" if "top5" in m else "")
+            + f" on {m['n_val']} val rows, {m['num_classes']} classes, {m['split']['train']} train rows; "
+            f"{hp['method']} wd={hp['weight_decay']:g}" + (f" lr={hp['learning_rate']:g}" if "learning_rate" in hp else "")
+            + f", {len(m['grid'])} heads in {m['train_seconds']:.1f}s -> {out}")
+    if export_classifier:
+        from ..probe.export import export_classifier as run_export
+
+        run_export(out, export_classifier)
+        line += f"; classifier {export_classifier}"
+    click.echo(line)
+
+
+@cli.command()
+@click.argument("probe_dir", type=click.Path())
+@click.argument("emb_dir", type=click.Path())
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Prediction folder [default: PROBE_DIR/predictions].")
+@click.option("--batch-size", type=int, default=PREDICT_BATCH, show_default=True)
+@config_option
+def predict(probe_dir: str, emb_dir: str, out: str | None, batch_size: int) -> None:
+    """Classify every embedding with a trained probe: key, class, class_name, probability -> Parquet.
+
+    Example: embedpipe predict runs/digits-probe runs/new --out runs/new/predictions
+    """
+    from ..probe.predict import run_predict
+
+    r = run_predict(probe_dir, emb_dir, out, batch_size=batch_size)
+    click.echo(f"predict: {r['rows']} rows from {r['files']} shard(s) -> {r['out']}")
+
+
+@cli.command()
+@click.argument("emb_dir", type=click.Path())
+@click.option("--val", default=None, type=click.Path(), help="Validation (query) embedding folder (default: a key-hash split of EMB_DIR).")
+@click.option("--val-fraction", type=float, default=D.val_fraction, show_default=True)
+@click.option("--label-column", default=None, help="Column holding the label [default: label].")
+@click.option("--label-field", default=None, help="Field inside the JSON column holding the label.")
+@click.option("-k", "--k", "ks", type=int, multiple=True, default=KNN_KS, show_default=True, help="Neighbours (repeat for several).")
+@click.option("--temperature", type=float, default=KNN_TEMPERATURE, show_default=True, help="Vote weight exp(cosine / T).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the result as JSON here.")
+@config_option
+def knn(emb_dir: str, ks: tuple[int, ...], **opts: Any) -> None:
+    """k-NN accuracy (cosine, weighted vote) of validation rows against training rows.
+
+    Example: embedpipe knn runs/digits -k 10 -k 20
+    """
+    from ..probe.knn import run_knn
+
+    r = run_knn(emb_dir, ks=ks, **opts)
+    parts = [f"k={k} top-1 {acc * 100:.2f}%" for k, acc in r["top1"].items()]
+    click.echo(f"knn: {', '.join(parts)} on {r['n_val']} val rows against {r['n_train']} train rows, "
+               f"{r['num_classes']} classes ({r['seconds']:.1f}s)")
+
+
+@cli.command()
+@click.argument("shards", nargs=-1)
+@click.option("--val", "val_shards", multiple=True, required=True, help="Validation shards (repeat, or a brace range).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder: checkpoint.pt, metrics.json, classifier.pt.")
+@click.option("--unfreeze", type=int, default=F.unfreeze, show_default=True, help="Train the last N blocks (0: head only).")
+@click.option("--model", default=F.model, show_default=True, help=f"Backbone (default: {DEFAULT_MODEL}).")
+@click.option("--weights", default=F.weights, show_default=True)
+@click.option("--input-size", type=int, default=None, help="Square input side (default: the model's).")
+@click.option("--epochs", type=int, default=F.epochs, show_default=True)
+@click.option("--batch-size", type=int, default=F.batch_size, show_default=True)
+@click.option("--lr", type=float, default=F.lr, show_default=True, help="Head learning rate (AdamW, cosine schedule).")
+@click.option("--backbone-lr-factor", type=float, default=F.backbone_lr_factor, show_default=True, help="Backbone lr = lr x this.")
+@click.option("--weight-decay", type=float, default=F.weight_decay, show_default=True)
+@click.option("--hflip/--no-hflip", default=F.hflip, show_default=True, help="Random horizontal flips.")
+@click.option("--label-field", default=None, help="Label from this .json field instead of .cls.")
+@click.option("--device", default=F.device, show_default=True, help="auto (CUDA if visible, else CPU), cpu, cuda, cuda:N.")
+@click.option("--workers", type=int, default=F.workers, show_default=True)
+@click.option("--seed", type=int, default=F.seed, show_default=True)
+@click.option("--compare-probe/--no-compare-probe", default=F.compare_probe, show_default=True, help="Also fit a linear probe on the same split.")
+@config_option
+def finetune(shards: tuple[str, ...], val_shards: tuple[str, ...], out: str, **opts: Any) -> None:
+    """Fine-tune the head and the last N blocks on tar shards (resumes from OUT/checkpoint.pt).
+
+    Example: embedpipe finetune 'data/train-{000000..000009}.tar' --val data/val-000000.tar --out runs/ft --unfreeze 2
+    """
+    from ..probe.finetune import run_finetune
+
+    r = run_finetune(list(shards), list(val_shards), out, FinetuneOptions(**opts))
+    for h in r["history"]:
+        click.echo(f"epoch {h['epoch']}: val top-1 {h['val_top1'] * 100:.2f}% (train loss {h['train_loss']:.3f})")
+    last = r["history"][-1]["val_top1"] if r["history"] else float("nan")
+    probe = f", linear probe {r['probe_top1'] * 100:.2f}%" if r["probe_top1"] is not None else ""
+    click.echo(f"finetune: val top-1 {last * 100:.2f}% after {len(r['history'])} epoch(s){probe}; "
+               f"trained {', '.join(r['trained_blocks']) or 'head only'}" + (f" -> {r['classifier']}" if r.get("classifier") else ""))

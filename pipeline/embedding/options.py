@@ -1,0 +1,112 @@
+"""The embed stage's options (validated before any data or device is touched) and the summary of a run."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import store
+from ..errors import UserError
+from ..model.decode import DEFAULT_MAX_PIXELS
+from ..model.device import DEFAULT_COMPILE, DEVICE_AUTO
+from ..model.specs import DEFAULT_MODEL
+from .tar import KEEPABLE
+
+ENGINES = ("local", "ray")
+OUT_DTYPES = tuple(store.DTYPES)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Every option of the embed stage; validated before any data or device is touched."""
+
+    model: str = DEFAULT_MODEL
+    weights: str = "default"
+    layer: str | None = None
+    input_size: int | None = None
+    compile: str = DEFAULT_COMPILE
+    precision: str = "auto"
+    device: str = DEVICE_AUTO
+    batch_size: int = 64
+    micro_batch: int | None = None
+    workers: int | None = None
+    out_dtype: str = "float16"
+    normalize: bool = True
+    keep: tuple[str, ...] = KEEPABLE
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    cache_dir: str | None = None
+    overwrite: bool = False
+    quiet: bool = False
+    devices: str | None = None
+    engine: str = "local"
+    ray_address: str | None = None
+    rank: int | None = None
+    world_size: int | None = None
+
+    def rank_world(self) -> tuple[int, int]:
+        """This process's share of the shards: explicit values, else the cluster's environment variables."""
+        from .cluster import resolve_rank_world
+
+        rank, world = resolve_rank_world(self.rank, self.world_size)
+        if world > 1 and self.overwrite:
+            raise UserError("--overwrite cannot be combined with several ranks (each would delete the others' "
+                            "output); run once with --overwrite and no rank, or delete the folder first")
+        return rank, world
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.micro_batch is not None and self.micro_batch < 0:
+            raise UserError(f"--micro-batch must be 0 (whole batch) or more, got {self.micro_batch}")
+        if self.workers is not None and self.workers < 0:
+            raise UserError(f"--workers must be 0 or more, got {self.workers}")
+        if self.out_dtype not in OUT_DTYPES:
+            raise UserError(f"--out-dtype must be {' or '.join(OUT_DTYPES)}, got {self.out_dtype!r}")
+        bad = [k for k in self.keep if k not in KEEPABLE]
+        if bad:
+            raise UserError(f"--keep accepts {', '.join(KEEPABLE)}; got {', '.join(bad)}")
+        if self.input_size is not None and not 16 <= self.input_size <= 2048:
+            raise UserError(f"--input-size must be between 16 and 2048 pixels, got {self.input_size}")
+        if self.engine not in ENGINES:
+            raise UserError(f"--engine must be {' or '.join(ENGINES)}, got {self.engine!r}")
+        if self.engine == "ray" and self.devices:
+            raise UserError("--engine ray places work itself (one actor per GPU); drop --devices")
+        if self.max_pixels < 1:
+            raise UserError("--max-pixels must be positive")
+
+
+@dataclass
+class EmbedSummary:
+    """What one run did; ``failed`` maps shard url -> reason. Every engine reports each shard through :meth:`add`."""
+
+    out: Path
+    shards_total: int = 0
+    shards_done: int = 0
+    shards_skipped: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    embedded: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def finished(self) -> int:
+        """Shards this run has an outcome for (done or failed)."""
+        return self.shards_done + len(self.failed)
+
+    def add(self, url: str, embedded: int = 0, skipped: int = 0, failed: str | None = None) -> None:
+        """One shard's outcome: committed with ``embedded`` rows and ``skipped`` samples, or ``failed`` (a reason)."""
+        if failed is not None:
+            self.failed[url] = failed or "unknown"
+        else:
+            self.shards_done += 1
+            self.embedded += embedded
+            self.skipped += skipped
+
+    def line(self) -> str:
+        return (f"embedded {self.embedded} samples ({self.skipped} skipped) from "
+                f"{self.shards_done + self.shards_skipped}/{self.shards_total} shards "
+                f"({self.shards_skipped} already done, {len(self.failed)} failed) in {self.seconds:.1f}s, "
+                f"{self.images_per_s:.1f} img/s -> {self.out}")

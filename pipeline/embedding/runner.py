@@ -1,0 +1,114 @@
+"""The embed runner: plan (expand, partition), claim the output folder, dispatch pending shards to an engine."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm import tqdm
+
+from .. import __version__
+from ..errors import UserError
+from ..model.device import resolve_device, resolve_precision
+from .options import EmbedConfig, EmbedSummary
+from .run_folder import RunState
+from .shards import expand, output_names, partition
+from .worker import default_workers, fingerprint, iter_embedded, outcome, prepare_model
+
+log = logging.getLogger(__name__)
+
+
+def embed(shards: Sequence[str] | str, out: str | Path, **options: Any) -> EmbedSummary:
+    """Embed WebDataset shards into ``out/embeddings/<shard>.parquet``, one file per shard, resumably.
+
+    Args:
+        shards: shard specs (paths, globs, ``{000..099}`` ranges, ``@list.txt``, urls).
+        out: output folder; rerunning into it skips shards that are done and retries failed ones.
+        **options: any field of :class:`EmbedConfig` (model, weights, compile, precision, batch_size, ...).
+
+    Example:
+        >>> summary = embed("data/shard-{000000..000009}.tar", "out", model="default")  # doctest: +SKIP
+        >>> summary.failed  # doctest: +SKIP
+        {}
+    """
+    cfg = EmbedConfig(**options)
+    cfg.validate()
+    all_urls = expand([shards] if isinstance(shards, str) else shards)
+    if not all_urls:
+        raise UserError("no shards given; pass paths, globs, brace ranges or @list.txt")
+    rank, world = cfg.rank_world()
+    urls = partition(all_urls, rank, world) if world > 1 else all_urls
+    if world > 1:
+        from .cluster import describe_source
+
+        log.info("rank %d of %d (%s): %d of %d shards", rank, world, describe_source(cfg.rank, cfg.world_size),
+                 len(urls), len(all_urls))
+    devices = None
+    if cfg.devices:
+        from .devices import parse_devices
+
+        devices = parse_devices(cfg.devices)
+    if devices and len(devices) == 1:
+        cfg, devices = replace(cfg, device=devices[0], devices=None), None
+    elsewhere = devices or cfg.engine == "ray"  # the model runs in other processes; here only the fingerprint
+    main_cfg = replace(cfg, device="cpu", compile="eager", precision="fp32") if elsewhere else cfg
+    bb, ex = prepare_model(main_cfg)  # with several devices: only for the fingerprint, on CPU
+    if elsewhere:
+        ex.precision = resolve_precision(cfg.precision, resolve_device(devices[0] if devices else cfg.device))
+    state = RunState(Path(out), rank, world)
+    state.claim(fingerprint(bb, ex, cfg), {**asdict(cfg), "shards": len(all_urls), "version": __version__},
+                cfg.overwrite)
+    previous = _exit_on_sigterm()
+    try:
+        return _run(all_urls, urls, state, bb, ex, cfg, devices)
+    finally:
+        state.release()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm() -> Any:
+    """Schedulers stop jobs with SIGTERM: turn it into SystemExit so the lock is released on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _run(all_urls: list[str], urls: list[str], state: RunState, bb: Any, ex: Any, cfg: EmbedConfig,
+         devices: list[str] | None) -> EmbedSummary:
+    t0 = time.time()
+    names = output_names(all_urls)  # from the full list, so every rank names every shard alike
+    summary = EmbedSummary(state.out, shards_total=len(urls))
+    pending = [u for u in urls if not state.is_done(u, names[u])]
+    state.remove_stale_temps([names[u] for u in urls])
+    summary.shards_skipped = len(urls) - len(pending)
+    if pending and cfg.engine == "ray":
+        from .ray_engine import run_with_ray
+
+        run_with_ray(pending, names, str(state.out), cfg, summary, cfg.ray_address)
+    elif pending and devices:
+        from .devices import run_on_devices
+
+        run_on_devices(pending, names, str(state.out), cfg, devices, summary)
+    elif pending:
+        workers = cfg.workers if cfg.workers is not None else default_workers(ex.device)
+        bar = tqdm(desc="embed", unit="img", disable=cfg.quiet, dynamic_ncols=True, smoothing=0.1)
+        try:
+            for i, (url, rec, reason) in enumerate(iter_embedded(pending, names, state, bb, ex, cfg, workers, bar)):
+                bar.set_postfix_str(f"shards {i + 1}/{len(pending)}")
+                summary.add(url, **outcome(rec, reason))
+        finally:
+            bar.close()
+    summary.seconds = time.time() - t0
+    # The last rank to finish sees every shard of the full list done and marks the folder complete.
+    if not summary.failed and all(state.is_done(u, names[u]) for u in all_urls):
+        state.mark_success()
+    return summary

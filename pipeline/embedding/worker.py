@@ -1,0 +1,185 @@
+"""The unit of work every engine runs: prepare the model once, then embed a shard into one committed Parquet file."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .. import __version__, store
+from ..model.backbones import Backbone, load_backbone, with_input_size
+from ..model.compile import Extractor, build_extractor
+from ..model.device import usable_cores
+from .options import EmbedConfig
+from .reader import Piece, ShardSamples
+from .run_folder import RunState, ShardRecord
+
+log = logging.getLogger(__name__)
+
+
+def default_workers(device: torch.device) -> int:
+    """Decode workers: most cores feed a GPU. On CPU the model needs the cores, and decoding in-process (no
+    worker, one decode thread per core between model calls) avoids oversubscribing small machines."""
+    cores = usable_cores()
+    return min(cores, 16) if device.type == "cuda" else cores // 4
+
+
+def prepare_model(cfg: EmbedConfig) -> tuple[Backbone, Extractor]:
+    """The frozen backbone and its compiled extractor for ``cfg`` (the same in every engine and process)."""
+    bb = load_backbone(cfg.model, cfg.weights, cfg.layer)
+    if cfg.input_size:
+        bb = with_input_size(bb, cfg.input_size)
+    ex = build_extractor(bb, cfg.device, cfg.precision, cfg.compile, cfg.cache_dir, micro_batch=cfg.micro_batch)
+    if cfg.compile == "inductor":  # compile now, at the batch size of the run, not inside the timed loop
+        size = bb.preprocess.input_size
+        ex(torch.zeros(cfg.batch_size, 3, size, size, dtype=torch.uint8))
+    return bb, ex
+
+
+def fingerprint(bb: Backbone, ex: Extractor, cfg: EmbedConfig) -> dict[str, Any]:
+    """What makes two runs' embeddings interchangeable; a folder holds one fingerprint only."""
+    return {**store.model_identity(bb.record()), "precision": ex.precision, "dtype": cfg.out_dtype,
+            "normalize": cfg.normalize, "keep": sorted(cfg.keep)}
+
+
+def shard_metadata(bb: Backbone, ex: Extractor, cfg: EmbedConfig) -> dict[str, Any]:
+    """The file metadata of every embedding shard: the backbone's record and how the vectors were made."""
+    return {**bb.record(), "dtype": cfg.out_dtype, "precision": ex.precision, "compile": ex.compile,
+            "normalize": cfg.normalize, "version": __version__}
+
+
+class _Crash:
+    """Test hook: EMBEDPIPE_CRASH_AT=N kills this process (SIGKILL, like kill -9) once N samples are embedded.
+
+    With EMBEDPIPE_CRASH_ONCE=FILE only the first process to create FILE crashes (for retry tests).
+    """
+
+    def __init__(self) -> None:
+        self.at = int(os.environ.get("EMBEDPIPE_CRASH_AT", "0") or 0)
+        self.once = os.environ.get("EMBEDPIPE_CRASH_ONCE")
+        self.count = 0
+
+    def tick(self, n: int) -> None:
+        self.count += n
+        if self.at and self.count >= self.at:
+            if self.once:
+                try:
+                    os.close(os.open(self.once, os.O_CREAT | os.O_EXCL))
+                except FileExistsError:
+                    self.at = 0
+                    return
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _ShardBuffer:
+    """Rows of one shard collected from every worker until all of them report its end."""
+
+    def __init__(self) -> None:
+        self.pieces: list[tuple[Piece, np.ndarray]] = []
+        self.ends = 0
+        self.seen = 0
+        self.skipped: list[tuple[str, str]] = []
+        self.failed: str | None = None
+        self.started = time.time()
+
+    def add(self, piece: Piece, emb: np.ndarray | None) -> None:
+        if emb is not None and len(piece.keys):
+            self.pieces.append((piece, emb))
+        self.skipped.extend(piece.skipped)
+        self.seen += piece.seen
+        if piece.failed and self.failed is None:
+            self.failed = piece.failed
+        self.ends += int(piece.end)
+
+
+def embed_one_shard(url: str, name: str, state: RunState, bb: Backbone, ex: Extractor, cfg: EmbedConfig,
+                    workers: int) -> tuple[ShardRecord | None, str | None]:
+    """The unit of work of every engine: one shard in, one committed Parquet file (or a failure) out."""
+    for _, rec, reason in iter_embedded([url], {url: name}, state, bb, ex, cfg, workers, None):
+        return rec, reason
+    raise AssertionError("the reader ends every shard")
+
+
+def iter_embedded(pending: list[str], names: dict[str, str], state: RunState, bb: Backbone, ex: Extractor,
+                  cfg: EmbedConfig, workers: int, bar: tqdm | None) -> Iterator[tuple[str, ShardRecord | None, str | None]]:
+    """Stream ``pending`` shards through the DataLoader and the model; yield each shard once it is committed."""
+    threads = torch.get_num_threads() if workers == 0 else 1
+    data = ShardSamples(pending, bb.preprocess, cfg.batch_size, cfg.keep, cfg.max_pixels, decode_threads=threads)
+    loader = DataLoader(data, batch_size=None, num_workers=workers, pin_memory=ex.device.type == "cuda",
+                        prefetch_factor=4 if workers else None, persistent_workers=False,
+                        multiprocessing_context="fork" if workers and os.name == "posix" else None)
+    meta = shard_metadata(bb, ex, cfg)
+    buffers: dict[str, _ShardBuffer] = {}
+    crash = _Crash()
+    # A finished shard is committed (Parquet encoding, fsync, done record) by one writer thread while the next
+    # one is decoded and embedded; one thread, so shards are committed one at a time and in order.
+    writer = ThreadPoolExecutor(1, thread_name_prefix="commit")
+    committing: deque[tuple[str, _ShardBuffer, Future]] = deque()
+
+    def committed(keep: int) -> Iterator[tuple[str, ShardRecord | None, str | None]]:
+        """The shards committed so far, in order; waits for the oldest while more than ``keep`` are pending."""
+        while committing and (len(committing) > keep or committing[0][2].done()):
+            url, buf, job = committing.popleft()
+            rec = job.result()
+            yield url, rec, (buf.failed or "unknown") if rec is None else None
+
+    try:
+        for piece in loader:
+            buf = buffers.setdefault(piece.url, _ShardBuffer())
+            emb = ex.embed(piece.images, cfg.normalize, cfg.out_dtype) if len(piece.keys) else None
+            buf.add(piece, emb)
+            if bar is not None:
+                bar.update(len(piece.keys))
+            crash.tick(len(piece.keys))
+            if buf.ends < max(1, workers):
+                continue
+            del buffers[piece.url]
+            committing.append((piece.url, buf, writer.submit(_finish, piece.url, names[piece.url], buf, state, meta, cfg)))
+            yield from committed(keep=1)  # bounds memory: one finished shard in the writer's hands at a time
+        yield from committed(keep=0)
+    finally:
+        writer.shutdown(wait=True)  # a commit under way completes (also on SIGTERM): its shard is not redone
+
+
+def _finish(url: str, name: str, buf: _ShardBuffer, state: RunState, meta: dict[str, Any],
+            cfg: EmbedConfig) -> ShardRecord | None:
+    """Commit one shard (Parquet, then its done record) or record why it failed."""
+    elapsed = time.time() - buf.started
+    if buf.failed:
+        log.error("shard %s failed: %s", url, buf.failed)
+        state.record_failure(url, name, buf.failed)
+        return None
+    pieces = buf.pieces
+    order = np.argsort(np.concatenate([p.indices for p, _ in pieces])) if pieces else np.array([], dtype=int)
+    cat = (lambda xs: [xs[i] for i in order])  # noqa: E731  (rows back in shard order)
+    dim = meta["dim"]
+    emb = np.concatenate([e for _, e in pieces])[order] if pieces else np.zeros((0, dim), dtype=cfg.out_dtype)
+    extra = {k: cat([v for p, _ in pieces for v in p.extra[k]]) for k in cfg.keep}
+    extra = {k: v for k, v in extra.items() if any(x is not None for x in v)}
+    if buf.seen == 0:
+        log.warning("no samples found in %s; is it the right file?", url)
+    try:
+        return state.commit(url, name, keys=cat([k for p, _ in pieces for k in p.keys]),
+                     indices=cat([i for p, _ in pieces for i in p.indices]),
+                     labels=cat([lab for p, _ in pieces for lab in p.labels]), embeddings=emb, extra=extra,
+                     metadata=meta, seen=buf.seen, skipped=sorted(buf.skipped), seconds=elapsed)
+    except OSError as e:  # disk full, permissions: this shard fails and is retried next run
+        log.error("cannot write the output of %s: %s", url, e)
+        buf.failed = f"write failed: {e}"
+        state.record_failure(url, name, buf.failed)
+        return None
+
+
+def outcome(rec: ShardRecord | None, reason: str | None) -> dict[str, Any]:
+    """A shard's result as :meth:`EmbedSummary.add` takes it (and as engines send it between processes)."""
+    if rec is None:
+        return {"failed": reason or "unknown"}
+    return {"embedded": rec.embedded, "skipped": len(rec.skipped)}

@@ -1,0 +1,105 @@
+"""Filling a FAISS index: create it from a factory string, train it on a sample, stream shards in with their ids."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .. import store
+from ..errors import UserError
+from .choose import faiss_metric
+from .layout import IdsWriter, now
+from .tune import ExactKnn
+
+log = logging.getLogger(__name__)
+
+CRASH_ENV = "EMBEDPIPE_INDEX_CRASH_AT"  # test hook: raise after this many added batches
+
+
+def new_index(factory: str, dim: int, metric: str) -> Any:
+    import faiss
+
+    try:
+        index = faiss.index_factory(dim, factory, faiss_metric(metric))
+    except RuntimeError as e:
+        raise UserError(f"FAISS cannot build {factory!r} for dim {dim}: {e}".splitlines()[0]) from None
+    ivf = faiss.try_extract_index_ivf(index)
+    ivf = faiss.downcast_index(ivf) if ivf is not None else None
+    if isinstance(ivf, faiss.IndexIVFPQ):
+        ivf.do_polysemous_training = False  # slow to train (minutes at PQ64) and unused by our searches
+    return index
+
+
+def train(index: Any, sample: np.ndarray, factory: str) -> float:
+    """Train on ``sample`` (no-op for indexes that need none); returns seconds."""
+    t0 = time.perf_counter()
+    if not index.is_trained:
+        if len(sample) == 0:
+            raise UserError(f"{factory} needs training data but the embedding set is empty")
+        log.info("training %s on %d vectors", factory, len(sample))
+        index.train(np.ascontiguousarray(sample, np.float32))
+    return time.perf_counter() - t0
+
+
+def add_shards(index: Any, files: Sequence[Path], id_starts: Sequence[int], ids_out: IdsWriter,
+               gt: ExactKnn | None, batch_size: int, desc: str = "adding") -> int:
+    """Stream ``files`` into ``index`` with ids ``id_start + row``, recording ids and feeding the exact k-NN."""
+    import faiss
+    from tqdm import tqdm
+
+    # IVF indexes take explicit ids (needed for parts); the others number vectors in add order, which we check
+    ivf = faiss.try_extract_index_ivf(index) is not None and not isinstance(faiss.downcast_index(index),
+                                                                             faiss.IndexRefine)
+    crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
+    total = sum(store.shard_info(f).rows for f in files)
+    added = batches = 0
+    with tqdm(total=total, desc=desc, unit="vec", unit_scale=True, disable=None, leave=False) as bar:
+        for f, id_start in zip(files, id_starts):
+            row = 0
+            for batch in store.iter_batches(None, batch_size=batch_size, files=[f]):
+                n = len(batch.keys)
+                rows = np.arange(row, row + n, dtype=np.int64)
+                ids = id_start + rows
+                x = np.ascontiguousarray(batch.embeddings, np.float32)
+                if ivf:
+                    index.add_with_ids(x, ids)
+                else:
+                    if index.ntotal != ids[0]:
+                        raise RuntimeError(f"sequential id mismatch: index has {index.ntotal}, next id {ids[0]}")
+                    index.add(x)
+                ids_out.write(ids, batch, rows)
+                if gt is not None:
+                    gt.add(x, ids)
+                row += n
+                added += n
+                batches += 1
+                bar.update(n)
+                if crash_at and batches >= crash_at:
+                    raise RuntimeError(f"{CRASH_ENV}={crash_at}: simulated crash after {batches} batches")
+    return added
+
+
+def shard_table(src: store.Source, start: int) -> tuple[dict[str, dict[str, Any]], list[int]]:
+    """index.json's per-shard record (rows, first id) and the first id of each file."""
+    table, starts = {}, []
+    for f, info in zip(src.files, src.infos):
+        table[f.name] = {"rows": info.rows, "id_start": start, "added": now()}
+        starts.append(start)
+        start += info.rows
+    return table, starts
+
+
+def warn_duplicate_keys(files: Sequence[Path]) -> None:
+    keys = pa.chunked_array([pq.read_table(f, columns=["key"]).column("key") for f in files])
+    counts = pc.value_counts(keys)
+    dup = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(dup):
+        log.warning("%d keys occur more than once across shards (e.g. %s); --key lookups return the first",
+                    len(dup), dup.field("values")[:3].to_pylist())

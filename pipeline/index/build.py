@@ -1,0 +1,84 @@
+"""``embedpipe index``: build a complete index directory from every embedding shard, tuned against exact search."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .. import atomic, store
+from ..errors import UserError
+from . import tune
+from .add import add_shards, new_index, shard_table, train, warn_duplicate_keys
+from .choose import choose
+from .layout import IDS_FILE, INDEX_FILE, META_FILE, IdsWriter, index_record, result
+from .options import IndexConfig
+
+log = logging.getLogger(__name__)
+
+
+def run_index(cfg: IndexConfig) -> dict[str, Any]:
+    """Entry point of ``embedpipe index``: build, update, train-only or build one part.
+
+    Example:
+        >>> run_index(IndexConfig("runs/a", out="runs/a/index"))  # doctest: +SKIP
+    """
+    budget = cfg.validate()
+    if cfg.train_only:
+        from .parts import train_only
+
+        return train_only(cfg, budget)
+    if cfg.parts is not None:
+        from .parts import build_part
+
+        return build_part(cfg)
+    if cfg.update:
+        if not (Path(cfg.out) / META_FILE).exists() and not Path(cfg.out).exists():
+            log.info("%s does not exist yet: --update builds it", cfg.out)  # a cron job's first run
+            return build(cfg, budget)
+        from .update import update
+
+        return update(cfg)
+    return build(cfg, budget)
+
+
+def build(cfg: IndexConfig, budget: int) -> dict[str, Any]:
+    """Build a complete index directory at ``cfg.out`` from every shard under ``cfg.emb_dir``."""
+    import faiss
+
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise UserError(f"{out} already exists; pass --update to add new shards to it, or --overwrite to rebuild")
+    src = store.scan(cfg.emb_dir)
+    n = src.rows
+    if n == 0:
+        raise UserError(f"embedding shards under {cfg.emb_dir} hold no rows; did `embedpipe embed` skip everything?")
+    choice = choose(cfg.kind, n, src.dim, budget, cfg.factory)
+    if choice.estimated_bytes > budget:
+        log.warning("%s needs ~%.2f GB, over --memory %.2f GB", choice.factory, choice.estimated_bytes / 1e9,
+                    budget / 1e9)
+    index = new_index(choice.factory, src.dim, cfg.metric)  # a bad --factory fails before any data is read
+    warn_duplicate_keys(src.files)
+    t0 = time.perf_counter()
+    q_rows, t_rows = tune.pick_rows(n, cfg.n_queries(n), choice.train_size, cfg.seed)
+    queries, sample = tune.read_rows(src.files, [q_rows, t_rows], cfg.batch_size)
+    train_s = train(index, sample, choice.factory)
+    del sample
+    gt = tune.ExactKnn(queries, 10 + tune.GT_EXTRA, cfg.metric)
+    shards, starts = shard_table(src, 0)
+    with atomic.locked_dir(out), atomic.staged_dir(out) as tmp:
+        ids_out = IdsWriter(tmp / IDS_FILE)
+        add_shards(index, src.files, starts, ids_out, gt, cfg.batch_size)
+        ids_out.close()
+        _, gt_ids = gt.result()
+        tuning = tune.tune(index, queries, q_rows, gt_ids, cfg.target_recall)
+        faiss.write_index(index, str(tmp / INDEX_FILE))
+        meta = index_record(
+            factory=choice.factory, kind=choice.kind, reason=choice.reason, metric=cfg.metric, dim=src.dim,
+            count=index.ntotal, dtype=src.dtype, tuning=tuning.to_dict(), memory_budget=budget,
+            estimated_bytes=choice.estimated_bytes, source=str(Path(cfg.emb_dir).resolve()), shards=shards,
+            embedding_meta=src.meta, config=asdict(cfg),
+            build_seconds={"train": round(train_s, 2), "total": round(time.perf_counter() - t0, 2)})
+        atomic.write_json(tmp / META_FILE, meta)
+    return result(out, meta)

@@ -1,0 +1,103 @@
+"""`search --html`: a self-contained page with each query image and its neighbours as thumbnails."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from .. import atomic
+from ..embedding import tar
+from ..embedding.tar import IMAGE_EXTS
+
+THUMB = 160
+log = logging.getLogger(__name__)
+
+
+def thumbnail_uri(data: bytes | None) -> str | None:
+    """A small JPEG data URI of an encoded image; None when it cannot be decoded."""
+    if not data:
+        return None
+    from PIL import Image, ImageOps
+
+    try:
+        im = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+        im.thumbnail((THUMB, THUMB))
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, "JPEG", quality=85)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def images_by_key(wanted: dict[str, set[str]]) -> dict[tuple[str, str], bytes]:
+    """Read each shard once and pick out the images of the wanted keys: ``{shard_url: {key, ...}}``."""
+    found: dict[tuple[str, str], bytes] = {}
+    for url, keys in wanted.items():
+        if url.startswith("pipe:"):  # the url comes from the index's data: never run it as a shell command
+            log.warning("not opening %r for thumbnails: pipe: shard urls recorded in an index are not run; "
+                        "their images show as missing", url)
+            continue
+        try:
+            for sample in tar.iter_tar_samples(url):
+                if sample["__key__"] in keys:
+                    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+                    if ext:
+                        found[(url, sample["__key__"])] = sample[ext]
+        except Exception:  # a shard that moved or broke: its thumbnails show as missing, the page still renders
+            continue
+    return found
+
+
+def render(records: Sequence[dict[str, Any]], out: str | Path, query_images: dict[str, str] | None = None,
+           query_shards: dict[str, str] | None = None, title: str = "embedpipe search") -> Path:
+    """Write the page for search ``records`` (``SearchResult.records()``) atomically to ``out``.
+
+    ``query_images`` maps a query name to an image file; ``query_shards`` maps a query key to its shard url.
+    """
+    wanted: dict[str, set[str]] = {}
+    for rec in records:
+        for hit in rec["results"]:
+            wanted.setdefault(hit["shard"], set()).add(hit["key"])
+        q = rec.get("query")
+        if q and query_shards and q in query_shards:
+            wanted.setdefault(query_shards[q], set()).add(q)
+    images = images_by_key(wanted)
+
+    def cell(uri: str | None, caption: str, cls: str = "") -> str:
+        img = f'<img src="{uri}" alt="{html.escape(caption)}">' if uri else '<div class="missing">image not found</div>'
+        return f'<figure class="{cls}">{img}<figcaption>{html.escape(caption)}</figcaption></figure>'
+
+    rows = []
+    for rec in records:
+        q = rec.get("query") or "query"
+        if query_images and q in query_images:
+            q_uri = thumbnail_uri(Path(query_images[q]).read_bytes())
+        else:
+            q_uri = thumbnail_uri(images.get(((query_shards or {}).get(q, ""), q)))
+        cells = [cell(q_uri, f"query: {q}", "query")]
+        for hit in rec["results"]:
+            cells.append(cell(thumbnail_uri(images.get((hit["shard"], hit["key"]))),
+                              f"#{hit['rank']} {hit['key']} · {hit['score']:.3f}"))
+        rows.append(f'<section class="row">{"".join(cells)}</section>')
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5rem; background: #fafafa; }}
+.row {{ display: flex; gap: .75rem; flex-wrap: wrap; margin-bottom: 1.5rem; align-items: flex-start; }}
+figure {{ margin: 0; width: {THUMB}px; text-align: center; }}
+figure img {{ max-width: {THUMB}px; max-height: {THUMB}px; border: 1px solid #ccc; }}
+figure.query img {{ border: 3px solid #2a6; }}
+figcaption {{ font-size: .75rem; word-break: break-all; }}
+.missing {{ width: {THUMB}px; height: {THUMB}px; background: #eee; display: flex; align-items: center;
+            justify-content: center; font-size: .75rem; color: #888; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+{"".join(rows)}
+</body></html>
+"""
+    out = Path(out)
+    atomic.write_bytes(out, page.encode())
+    return out

@@ -1,0 +1,152 @@
+"""An index directory on disk: its file names, the ``index.json`` record, the id table, staged and locked directories.
+
+    INDEX/index.faiss       the FAISS index (with merged.ivfdata and trained.faiss when merged from parts)
+    INDEX/ids.parquet       FAISS id -> key, shard, index, file, row (row i holds id i)
+    INDEX/index.json        what was built, from what, how it was tuned and how well it does (index_record)
+    INDEX.parts/            --train-only and --parts: trained.faiss, train.json, queries.npz, part-I-of-N/
+
+A directory is built in a temporary sibling and swapped in (``atomic.staged_dir``), so it is always complete
+or absent.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import __version__, store
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.parquet", "index.json"
+IVFDATA, TRAINED = "merged.ivfdata", "trained.faiss"
+TRAIN_JSON, QUERIES, GT, PART_JSON = "train.json", "queries.npz", "gt.npz", "part.json"
+FORMAT = "embedpipe-index/1"
+IDS_SCHEMA = pa.schema([("id", pa.int64()), ("key", pa.string()), ("shard", pa.string()), ("index", pa.int32()),
+                        ("file", pa.string()), ("row", pa.int64())])
+
+
+def parts_dir(out: str | Path) -> Path:
+    """Where ``--train-only`` and ``--part I`` write, next to the final index directory."""
+    out = Path(out)
+    return out.parent / f"{out.name}.parts"
+
+
+def part_name(part: int, parts: int) -> str:
+    return f"part-{part:05d}-of-{parts:05d}"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def index_record(*, factory: str, kind: str, reason: str, metric: str, dim: int, count: int, dtype: str,
+                 tuning: dict[str, Any], memory_budget: int, estimated_bytes: int, source: str,
+                 shards: dict[str, Any], embedding_meta: dict[str, Any], config: dict[str, Any],
+                 on_disk: bool = False, **extra: Any) -> dict[str, Any]:
+    """The ``index.json`` record: what was built, from what, how it was tuned (``Tuning.to_dict()``) and how well
+    it does. ``shards`` maps each embedding file to its rows and first id; ``extra`` adds keys (build times...)."""
+    return {
+        "format": FORMAT, "version": __version__, "created": now(), "updated": now(),
+        "factory": factory, "kind": kind, "reason": reason, "metric": metric,
+        "dim": dim, "count": count, "next_id": count, "embedding_dtype": dtype,
+        "search_params": tuning["params"], "tuning": tuning, "tuned_at_count": count,
+        "memory_budget": memory_budget, "estimated_bytes": estimated_bytes, "on_disk": on_disk,
+        "source": source, "shards": shards, "embedding_meta": embedding_meta, "config": config, **extra,
+    }
+
+
+def read_meta(index_dir: str | Path) -> dict[str, Any]:
+    """``index.json`` of an index directory, with a clear error when it is not one."""
+    p = Path(index_dir)
+    f = p / META_FILE
+    if not f.is_file():
+        old = sorted(p.parent.glob(f".{p.name}.old-*")) if p.parent.is_dir() else []
+        hint = f" (a swap was interrupted: rename {old[0]} to {p})" if old and not p.exists() else ""
+        raise UserError(f"{p} is not an embedpipe index (no {META_FILE}){hint}; build it with `embedpipe index`")
+    return json.loads(f.read_text())
+
+
+def load_faiss(index_dir: Path, meta: dict[str, Any], mmap: bool = False) -> Any:
+    """Read the FAISS index of an index directory (on-disk inverted lists are found next to it)."""
+    import faiss
+
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR if meta.get("on_disk") else 0
+    if mmap:
+        flags |= faiss.IO_FLAG_MMAP
+    return faiss.read_index(str(index_dir / INDEX_FILE), flags)
+
+
+class IdsWriter:
+    """Streams the id → (key, shard, index, file, row) table to Parquet."""
+
+    def __init__(self, path: Path):
+        self.writer = pq.ParquetWriter(path, IDS_SCHEMA, compression="zstd")
+
+    def copy_from(self, path: Path) -> None:
+        pf = pq.ParquetFile(path)
+        for i in range(pf.num_row_groups):
+            self.writer.write_table(pf.read_row_group(i).cast(IDS_SCHEMA))
+
+    def write(self, ids: np.ndarray, batch: store.Batch, rows: np.ndarray) -> None:
+        self.writer.write_table(pa.table({
+            "id": pa.array(ids, pa.int64()), "key": pa.array(batch.keys, pa.string()),
+            "shard": pa.array(batch.shards, pa.string()), "index": pa.array(batch.indices, pa.int32()),
+            "file": pa.array([batch.source.name] * len(ids), pa.string()), "row": pa.array(rows, pa.int64()),
+        }, schema=IDS_SCHEMA))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def result(out: Path, meta: dict[str, Any], added: int | None = None) -> dict[str, Any]:
+    """What the CLI prints: the summary line and the key facts."""
+    t = meta["tuning"]
+    params = ", ".join(f"{k}={v}" for k, v in meta["search_params"].items()) or "no search parameters"
+    verb = f"added {added} vectors to" if added is not None else "built"
+    summary = (f"{verb} {out}: {meta['factory']} ({meta['metric']}), {meta['count']} vectors of dim {meta['dim']} "
+               f"from {len(meta['shards'])} shards; {params}; recall@1 {t['recall@1']:.3f}, recall@10 "
+               f"{t['recall@10']:.3f} (target {t['target_recall']}), {t['latency_ms_p50']:.2f} ms/query")
+    log.info(summary)
+    return {"path": str(out), "summary": summary, "meta": meta}
+
+
+def check_dense(ids_path: Path, ntotal: int) -> None:
+    """ids.parquet must hold ids 0..ntotal-1 in order (row i is id i): search relies on it."""
+    ids = pq.read_table(ids_path, columns=["id"]).column("id").to_numpy()
+    if len(ids) != ntotal or (len(ids) and not np.array_equal(ids, np.arange(ntotal))):
+        raise RuntimeError(f"{ids_path}: ids are not 0..{ntotal - 1} in order ({len(ids)} rows)")
+
+
+@dataclass(frozen=True, repr=False)
+class IndexReport:
+    """What ``build_index`` did: the index directory, its ``index.json`` record and the summary line."""
+
+    path: Path
+    meta: dict[str, Any]
+    summary: str
+
+    @property
+    def factory(self) -> str:
+        return self.meta["factory"]
+
+    @property
+    def count(self) -> int:
+        return int(self.meta["count"])
+
+    @property
+    def recall_at_10(self) -> float:
+        return float(self.meta["tuning"]["recall@10"])
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v}" for k, v in self.meta.get("search_params", {}).items())
+        return (f"IndexReport({str(self.path)!r}: {self.factory}{' ' + params if params else ''}, {self.count} vectors, "
+                f"recall@10 {self.recall_at_10:.3f})")

@@ -1,0 +1,57 @@
+"""The options of ``embedpipe index`` (one frozen record that build, parts and update all read), checked up front."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import UserError
+from .choose import KINDS, METRICS, parse_memory
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Options of ``embedpipe index`` (checked by :meth:`validate` before any data is read)."""
+
+    emb_dir: str
+    out: str
+    kind: str = "auto"
+    factory: str | None = None
+    metric: str = "ip"
+    memory: str = "8GB"
+    target_recall: float = 0.95
+    update: bool = False
+    overwrite: bool = False
+    parts: int | None = None
+    part: int | None = None
+    train_only: bool = False
+    queries: int = 1000
+    batch_size: int = 65536
+    seed: int = 0
+
+    def validate(self) -> int:
+        """Check every option; returns the memory budget in bytes."""
+        if self.kind not in KINDS:
+            raise UserError(f"--kind {self.kind!r} is unknown; use one of {', '.join(KINDS)}")
+        if self.factory and self.kind != "auto":
+            raise UserError("give either --kind or --factory, not both")
+        if self.metric not in METRICS:
+            raise UserError(f"--metric {self.metric!r} is unknown; use ip (normalised embeddings) or l2")
+        check_target_recall(self.target_recall)
+        if self.queries < 1 or self.batch_size < 1:
+            raise UserError("--queries and --batch-size must be positive")
+        if (self.parts is None) != (self.part is None) and not self.train_only:
+            raise UserError("--parts N and --part I go together (I in 0..N-1); --train-only needs neither")
+        if self.parts is not None and self.part is not None and not 0 <= self.part < self.parts:
+            raise UserError(f"--part {self.part} is out of range for --parts {self.parts}; use 0..{self.parts - 1}")
+        if self.update and (self.parts is not None or self.train_only or self.overwrite):
+            raise UserError("--update adds new shards to an existing index; it cannot be combined with "
+                            "--parts/--train-only/--overwrite")
+        return parse_memory(self.memory)
+
+    def n_queries(self, n: int) -> int:
+        """Held-out tuning queries: ``--queries``, but at most a fifth of the set."""
+        return min(self.queries, max(1, n // 5))
+
+
+def check_target_recall(target: float) -> None:
+    if not 0 < target <= 1:
+        raise UserError(f"--target-recall {target} must be in (0, 1], e.g. 0.95")

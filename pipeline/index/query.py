@@ -1,0 +1,159 @@
+"""``embedpipe search``: what a QUERY is (key, image, vectors file, embedding folder), and the output formats."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .. import store
+from ..errors import UserError
+from .search import SearchResult, open_index
+
+FORMATS = ("table", "json", "jsonl")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def vectors_file(path: str | Path) -> tuple[np.ndarray, list[str | None], dict[str, Any]]:
+    """Query vectors from a Parquet file with an ``embedding`` column (and optionally ``key``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--vectors {p} does not exist")
+    try:
+        t = pq.read_table(p)
+    except pa.ArrowInvalid as e:
+        raise UserError(f"--vectors {p} is not a Parquet file: {e}") from None
+    if "embedding" not in t.column_names:
+        raise UserError(f"--vectors {p} has no 'embedding' column (columns: {t.column_names}); write the query "
+                        "vectors as a fixed_size_list<float>[D] column named 'embedding'")
+    col = t.column("embedding").combine_chunks()
+    if pa.types.is_fixed_size_list(col.type):
+        x = store.embedding_matrix(col)
+    else:
+        lens = set(pc.list_value_length(col).to_pylist())
+        if len(lens) != 1:
+            raise UserError(f"--vectors {p}: rows have different lengths {sorted(lens)[:5]}; every query needs D values")
+        x = np.asarray(pc.list_flatten(col).to_numpy(zero_copy_only=False), np.float32).reshape(len(col), -1)
+    keys = t.column("key").to_pylist() if "key" in t.column_names else [f"{p.name}#{i}" for i in range(len(x))]
+    return x, keys, store.read_metadata(p)
+
+
+def embeddings_batches(path: str | Path, batch_size: int = 4096) -> Iterator[store.Batch]:
+    """Batches of a whole embedding folder, as queries (dims/dtypes/models checked like for indexing)."""
+    src = store.scan(path)
+    if src.rows == 0:
+        raise UserError(f"embedding shards under {path} hold no rows")
+    yield from store.iter_batches(path, batch_size=batch_size, files=src.files)
+
+
+def format_result(res: SearchResult, fmt: str) -> str:
+    """``table`` (rank, key, score, shard; a query column when there are several), ``json`` or ``jsonl``."""
+    recs = res.records()
+    if fmt == "json":
+        return json.dumps(recs, indent=2)
+    if fmt == "jsonl":
+        return "\n".join(json.dumps(r) for r in recs)
+    if fmt != "table":
+        raise UserError(f"--format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
+    many = len(recs) > 1
+    head = (["query"] if many else []) + ["rank", "key", "score", "shard"]
+    rows = [([str(r["query"])] if many else []) + [str(h["rank"]), h["key"] + (" (self)" if h.get("self") else ""),
+                                                   f"{h['score']:.4f}", h["shard"]]
+            for r in recs for h in r["results"]]
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(head)] + [line(r) for r in rows])
+
+
+def classify(query: str) -> str:
+    """What a positional QUERY is: an existing Parquet file (vectors), folder (embeddings), image, else a key."""
+    p = Path(query)
+    if p.is_dir():
+        return "embeddings"
+    if p.is_file() and p.suffix == ".parquet":
+        return "vectors"
+    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+        return "image"
+    return "key"
+
+
+def run_search(index_dir: str | Path, query: str | None = None, keys: Sequence[str] = (), images: Sequence[str] = (),
+               vectors: str | None = None, embeddings: str | None = None, k: int = 10, fmt: str = "table",
+               include_self: bool = False, params: dict[str, int] | None = None,
+               embeddings_source: str | None = None, html: str | None = None) -> Iterator[str]:
+    """Entry point of ``embedpipe search``: yields output chunks (one per query batch), then a summary line.
+
+    With ``html``, also writes a page with each query image and its neighbours' thumbnails (read from the shards).
+
+    The last item yielded is the summary (the CLI prints it on stderr so stdout stays machine-readable).
+    """
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
+    keys, images = list(keys), list(images)
+    if query is not None:
+        kind = classify(query)
+        if kind == "key":
+            keys.append(query)
+        elif kind == "image":
+            images.append(query)
+        elif kind == "vectors":
+            vectors = vectors or query
+        else:
+            embeddings = embeddings or query
+    given = sum(map(bool, (keys, images, vectors, embeddings)))
+    if given != 1:
+        raise UserError("give exactly one kind of query: a KEY (or --key), --image FILE, --vectors FILE.parquet or "
+                        "--embeddings EMB_DIR")
+    if html and not (keys or images):
+        raise UserError("--html shows query images: use it with --key or --image queries")
+    idx = open_index(index_dir, embeddings_source)
+    if params:
+        idx.set_params(params)
+    n = 0
+    if keys:
+        res = idx.search_keys(keys, k, include_self)
+        n = len(keys)
+        if html:
+            from .html_page import render
+
+            shard_col = idx.ids.column("shard").to_pylist()
+            id_col = idx.ids.column("id").to_numpy()
+            row_of = {int(i): r for r, i in enumerate(id_col)}
+            render(res.records(), html, query_shards={q: shard_col[row_of[int(i)]] for q, i in zip(keys, idx.lookup(keys))})
+        yield format_result(res, fmt)
+    elif vectors:
+        x, qkeys, qmeta = vectors_file(vectors)
+        store.check_same_model(idx.model, store.model_identity(qmeta), f"--vectors {vectors}",
+                               "query with the index's model")
+        res = idx.search(x, k, queries=qkeys, where=f"--vectors {vectors}")
+        n = len(x)
+        yield format_result(res, fmt)
+    elif images:
+        res = idx.search_images(images, k)
+        n = len(images)
+        if html:
+            from .html_page import render
+
+            render(res.records(), html, query_images={p: p for p in images})
+        yield format_result(res, fmt)
+    else:
+        src = store.scan(embeddings)
+        store.check_same_model(idx.model, store.model_identity(src.meta), str(src.files[0]),
+                               "query with the index's model")
+        records: list[dict[str, Any]] = []  # --format json is one document; table and jsonl stream per batch
+        for batch in embeddings_batches(embeddings):
+            res = idx.search(batch.embeddings, k, queries=batch.keys, exclude_ids=idx.known_ids(batch.keys),
+                             include_self=include_self, where=str(batch.source))
+            n += len(batch.keys)
+            if fmt == "json":
+                records.extend(res.records())
+            else:
+                yield format_result(res, fmt)
+        if fmt == "json":
+            yield json.dumps(records, indent=2)
+    p = ", ".join(f"{a}={b}" for a, b in (params or idx.meta.get("search_params", {})).items())
+    yield f"searched {idx.path} ({idx.meta['factory']}, {idx.count} vectors{', ' + p if p else ''}): {n} queries, k={k}"

@@ -1,0 +1,215 @@
+"""An opened index: nearest neighbours by vectors, by stored keys or by images, with keys and shards in the results.
+
+Example:
+    >>> idx = open_index("runs/a/index")  # doctest: +SKIP
+    >>> idx.search_keys(["000123"], k=5).records()[0]["results"][0]["key"]  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .. import store
+from ..errors import UserError
+from . import tune
+from .layout import IDS_FILE, load_faiss, read_meta
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchResult:
+    """k nearest neighbours of each query: ids/scores [n, k] (id -1 where fewer than k were found)."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    keys: list[list[str]]
+    shards: list[list[str]]
+    indices: list[list[int]]
+    queries: list[str | None]
+    is_self: np.ndarray  # bool [n, k]: the hit is the query item itself (only with include_self)
+
+    def __repr__(self) -> str:
+        found = int((self.ids >= 0).sum())
+        first = next((f"{q!r} -> {row[0]!r}" for q, row, i in zip(self.queries, self.keys, self.ids) if len(i) and i[0] >= 0),
+                     "no hits")
+        return f"SearchResult({len(self.ids)} queries, {found} hits; {first})"
+
+    def records(self) -> list[dict[str, Any]]:
+        """One dict per query: ``{"query": ..., "results": [{"rank", "key", "score", "shard", "index", "id"}]}``."""
+        out = []
+        for q in range(len(self.ids)):
+            hits = []
+            for r in range(self.ids.shape[1]):
+                if self.ids[q, r] < 0:
+                    continue
+                hit = {"rank": len(hits) + 1, "key": self.keys[q][r], "score": round(float(self.scores[q, r]), 6),
+                       "shard": self.shards[q][r], "index": self.indices[q][r], "id": int(self.ids[q, r])}
+                if self.is_self[q, r]:
+                    hit["self"] = True
+                hits.append(hit)
+            out.append({"query": self.queries[q], "results": hits})
+        return out
+
+
+class Index:
+    """An opened index directory: the FAISS index with its tuned parameters and the id → key table."""
+
+    def __init__(self, path: str | Path, embeddings: str | Path | None = None, mmap: bool = False):
+        self.path = Path(path)
+        self.meta = read_meta(self.path)
+        self.index = load_faiss(self.path, self.meta, mmap=mmap)
+        tune.set_params(self.index, self.meta.get("search_params", {}))
+        self.ids = pq.read_table(self.path / IDS_FILE)
+        if len(self.ids) != self.index.ntotal:
+            raise UserError(f"{self.path / IDS_FILE} has {len(self.ids)} rows but the index holds "
+                            f"{self.index.ntotal} vectors; the directory is damaged: rebuild it")
+        self.embeddings = Path(embeddings) if embeddings else Path(self.meta.get("source", ""))
+        self._key_col = self.ids.column("key").combine_chunks()
+
+    def __repr__(self) -> str:
+        model = self.meta.get("embedding_meta", {}).get("model", "?")
+        r10 = self.meta.get("tuning", {}).get("recall@10")
+        return (f"Index({str(self.path)!r}: {self.meta.get('factory')}, {self.count} vectors of dim {self.dim}, "
+                f"model {model}" + (f", recall@10 {r10}" if r10 is not None else "") + ")")
+
+    @property
+    def model(self) -> dict[str, Any]:
+        """The identity (``store.MODEL_KEYS``) of the model whose embeddings the index holds."""
+        return store.model_identity(self.meta.get("embedding_meta", {}))
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def count(self) -> int:
+        return int(self.index.ntotal)
+
+    def set_params(self, params: dict[str, int]) -> None:
+        """Override search parameters (``nprobe``, ``efSearch``, ``k_factor_rf``) for later searches."""
+        tune.set_params(self.index, params)
+
+    def check_vectors(self, vectors: np.ndarray, where: str) -> np.ndarray:
+        v = np.asarray(vectors, dtype=np.float32)
+        if v.ndim == 1:
+            v = v[None]
+        if v.ndim != 2 or v.shape[1] != self.dim:
+            got = v.shape[1] if v.ndim == 2 else v.shape
+            raise UserError(f"{where} has dimension {got} but the index {self.path} holds dimension {self.dim}; "
+                            f"query with embeddings from the index's model ({self.meta['embedding_meta'].get('model', '?')})")
+        return np.ascontiguousarray(v)
+
+    def search(self, vectors: np.ndarray, k: int = 10, queries: Sequence[str | None] | None = None,
+               exclude_ids: np.ndarray | None = None, include_self: bool = False, where: str = "query") -> SearchResult:
+        """k-NN of each row of ``vectors`` [n, D] (float16/32); ``exclude_ids`` [n] drops (or flags) the query item."""
+        if k < 1:
+            raise UserError(f"-k {k} must be at least 1")
+        x = self.check_vectors(vectors, where)
+        extra = 1 if exclude_ids is not None else 0
+        scores, ids = self.index.search(x, min(k + extra, max(self.count, 1)))
+        if exclude_ids is None:
+            is_self = np.zeros(ids.shape, bool)
+        else:
+            is_self = (ids == np.asarray(exclude_ids, np.int64)[:, None]) & (ids >= 0)
+            if not include_self:
+                keep = np.argsort(is_self, axis=1, kind="stable")[:, :k]  # non-self hits first, order kept
+                ids, scores = np.take_along_axis(ids, keep, 1), np.take_along_axis(scores, keep, 1)
+                is_self = np.zeros(ids.shape, bool)
+            else:
+                ids, scores, is_self = ids[:, :k], scores[:, :k], is_self[:, :k]
+        return self._result(ids, scores, list(queries) if queries is not None else [None] * len(ids), is_self)
+
+    def _result(self, ids: np.ndarray, scores: np.ndarray, queries: list[str | None], is_self: np.ndarray
+                ) -> SearchResult:
+        flat = np.maximum(ids.reshape(-1), 0)
+        rows = self.ids.take(pa.array(flat))
+        keys, shards, idx = (rows.column(c).to_pylist() for c in ("key", "shard", "index"))
+        w = ids.shape[1] if ids.ndim == 2 else 0
+        split = (lambda xs: [xs[i * w:(i + 1) * w] for i in range(len(ids))])
+        return SearchResult(ids, scores, split(keys), split(shards), split(idx), queries, is_self)
+
+    def lookup(self, keys: Sequence[str]) -> np.ndarray:
+        """FAISS ids of ``keys``; unknown keys are an error that names them."""
+        pos = pc.index_in(pa.array(list(keys), pa.string()), value_set=self._key_col).to_numpy(zero_copy_only=False)
+        missing = [k for k, p in zip(keys, pos) if np.isnan(p)] if pos.dtype.kind == "f" else []
+        if missing:
+            raise UserError(f"{len(missing)} key(s) not in the index {self.path}: {missing[:5]}; check the spelling "
+                            f"(keys are listed in {self.path / IDS_FILE}) or --update the index with their shard")
+        ids = self.ids.column("id").to_numpy()
+        return ids[pos.astype(np.int64)]
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The stored embeddings of ``ids``: read from the embedding shards, else reconstructed by FAISS."""
+        ids = np.asarray(ids, np.int64)
+        rows = self.ids.take(pa.array(ids))
+        files, offs = rows.column("file").to_pylist(), rows.column("row").to_numpy()
+        out = np.zeros((len(ids), self.dim), np.float32)
+        if all((self.embeddings / f).is_file() or (self.embeddings / store.EMBEDDINGS / f).is_file() for f in set(files)):
+            base = store.embeddings_dir(self.embeddings)
+            for f in set(files):
+                sel = [i for i, g in enumerate(files) if g == f]
+                col = pq.read_table(base / f, columns=["embedding"]).column("embedding").take(pa.array(offs[sel]))
+                out[sel] = store.embedding_matrix(col)
+            return out
+        return self._reconstruct(ids)
+
+    def _reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        import faiss
+
+        ivf = faiss.try_extract_index_ivf(self.index)
+        try:
+            if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
+                ivf.make_direct_map()
+            return np.stack([self.index.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros((0, self.dim))
+        except RuntimeError:
+            raise UserError(f"the embedding folder {self.embeddings} is gone and {self.meta['factory']} cannot return "
+                            "stored vectors; pass the embedding folder (--embeddings-source DIR / open_index(path, "
+                            "embeddings=DIR))") from None
+
+    def search_keys(self, keys: Sequence[str], k: int = 10, include_self: bool = False) -> SearchResult:
+        """k-NN of items already in the index, by key; each query item is excluded (or flagged with include_self)."""
+        ids = self.lookup(keys)
+        return self.search(self.vectors(ids), k, queries=list(keys), exclude_ids=ids, include_self=include_self,
+                           where="stored vectors")
+
+    def search_images(self, paths: Sequence[str | Path], k: int = 10) -> SearchResult:
+        """k-NN of image files, embedded with the backbone and preprocessing recorded in the index."""
+        meta = self.meta.get("embedding_meta", {})
+        for p in paths:
+            if not Path(p).is_file():
+                raise UserError(f"image {p} does not exist")
+        if not meta.get("model"):
+            raise UserError("this index records no embedding model (embedding_meta.model), so images cannot be embedded "
+                            "like its vectors; embed them with `embedpipe embed` and query with their vectors")
+        from ..model.rebuild import embed_images
+
+        x, used = embed_images([str(p) for p in paths], meta)
+        store.check_same_model(self.model, used, f"image {paths[0]}",
+                               "embed the query with the model the index was built from, or rebuild the index")
+        return self.search(x, k, queries=[str(p) for p in paths], where=f"the embedding of image {paths[0]}")
+
+    def known_ids(self, keys: Sequence[str]) -> np.ndarray:
+        """ids of ``keys`` where indexed, -1 elsewhere (for excluding self-matches of external batches)."""
+        pos = pc.index_in(pa.array(list(keys), pa.string()), value_set=self._key_col)
+        filled = pc.fill_null(pos, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        ids = self.ids.column("id").to_numpy()
+        return np.where(filled >= 0, ids[np.maximum(filled, 0)], -1)
+
+
+def open_index(path: str | Path, embeddings: str | Path | None = None, mmap: bool = False) -> Index:
+    """Open an index directory written by ``embedpipe index`` (tuned search parameters applied).
+
+    Args:
+        path: the index directory (holding index.json, index.faiss, ids.parquet).
+        embeddings: the embedding folder, when it moved since indexing (used to fetch vectors for search_keys).
+        mmap: memory-map the index file instead of loading it (for IVF indexes larger than RAM).
+    """
+    return Index(path, embeddings, mmap)

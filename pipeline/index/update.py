@@ -1,0 +1,105 @@
+"""``embedpipe index --update``: add the shards an index has not seen yet, without retraining, atomically."""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .. import atomic, store
+from ..errors import UserError
+from .add import add_shards, shard_table
+from .layout import IDS_FILE, INDEX_FILE, IVFDATA, META_FILE, TRAINED, IdsWriter, load_faiss, now, read_meta, result
+from .merge import merge_into
+from .options import IndexConfig
+
+log = logging.getLogger(__name__)
+
+
+def new_shards(meta: dict[str, Any], emb_dir: str | Path) -> list[Path]:
+    """Shards under ``emb_dir`` that ``index.json`` does not list (already-indexed ones can never be re-added)."""
+    files = store.list_shards(emb_dir)
+    fresh = []
+    for f in files:
+        seen = meta["shards"].get(f.name)
+        if seen is None:
+            fresh.append(f)
+        elif store.shard_info(f).rows != seen["rows"]:
+            log.warning("%s changed since it was indexed (%d rows then, %d now); it is not re-added: rebuild the "
+                        "index to pick up the change", f, seen["rows"], store.shard_info(f).rows)
+    return fresh
+
+
+def check_new_keys(index_dir: Path, files: list[Path]) -> None:
+    """No key may be indexed twice: a shard re-embedded under a new name must not duplicate its items."""
+    existing = pq.read_table(index_dir / IDS_FILE, columns=["key"]).column("key").combine_chunks()
+    seen_new: set[str] = set()
+    for f in files:
+        keys = pq.read_table(f, columns=["key"]).column("key").combine_chunks()
+        dup = keys.filter(pc.is_in(keys, value_set=existing)) if len(existing) else pa.array([], pa.string())
+        if len(dup):
+            raise UserError(f"{f}: {len(dup)} keys are already in the index {index_dir} (e.g. {dup[:3].to_pylist()}); "
+                            "this shard looks like a re-embedded copy of an indexed one: remove it, or rebuild the "
+                            "index with --overwrite")
+        again = seen_new.intersection(keys.to_pylist())
+        if again:
+            raise UserError(f"{f}: keys {sorted(again)[:3]} also occur in another new shard; keys must be unique")
+        seen_new.update(keys.to_pylist())
+
+
+def update(cfg: IndexConfig) -> dict[str, Any]:
+    """Add new shards to the index at ``cfg.out`` (same quantizer, same search parameters); all or nothing."""
+    import faiss
+
+    out = Path(cfg.out)
+    with atomic.locked_dir(out):
+        meta = read_meta(out)
+        files = new_shards(meta, cfg.emb_dir)
+        if not files:
+            res = result(out, meta, added=0)
+            res["summary"] = f"nothing to add: all {len(meta['shards'])} shards under {cfg.emb_dir} are in {out}"
+            return res
+        src = store.scan(cfg.emb_dir, files)
+        if src.dim != meta["dim"]:
+            raise UserError(f"{src.files[0]} has dim {src.dim} but the index {out} holds dim {meta['dim']}; "
+                            "embed with the index's model, or build a separate index")
+        if src.dtype != meta["embedding_dtype"]:
+            raise UserError(f"mixed embedding dtypes: {src.files[0]} is {src.dtype}, the index {out} was built from "
+                            f"{meta['embedding_dtype']} shards; re-embed with --out-dtype {meta['embedding_dtype']}")
+        store.check_same_model(store.model_identity(meta["embedding_meta"]), store.model_identity(src.meta),
+                               str(src.files[0]), "embed new shards with the index's model, or build a separate index")
+        check_new_keys(out, files)
+        t0 = time.perf_counter()
+        shards, starts = shard_table(src, meta["next_id"])
+        with atomic.staged_dir(out) as tmp:  # a crash anywhere in here leaves the old index untouched
+            ids_out = IdsWriter(tmp / IDS_FILE)
+            ids_out.copy_from(out / IDS_FILE)
+            if meta.get("on_disk"):
+                delta = faiss.read_index(str(out / TRAINED))
+                added = add_shards(delta, src.files, starts, ids_out, None, cfg.batch_size)
+                old = load_faiss(out, meta)  # on-disk lists stay on disk (mmapped by FAISS itself)
+                index = merge_into(faiss.read_index(str(out / TRAINED)), [old, delta], tmp / IVFDATA)
+                shutil.copyfile(out / TRAINED, tmp / TRAINED)
+            else:
+                index = load_faiss(out, meta)
+                added = add_shards(index, src.files, starts, ids_out, None, cfg.batch_size)
+            ids_out.close()
+            faiss.write_index(index, str(tmp / INDEX_FILE))
+            meta = dict(meta)
+            meta["shards"] = {**meta["shards"], **shards}
+            meta["count"] = int(index.ntotal)
+            meta["next_id"] = meta["next_id"] + added
+            meta["updated"] = now()
+            meta.setdefault("updates", []).append({"at": now(), "added": added, "shards": sorted(shards),
+                                                   "seconds": round(time.perf_counter() - t0, 2)})
+            if meta["count"] != meta["next_id"]:
+                raise RuntimeError(f"index holds {meta['count']} vectors but ids run to {meta['next_id']}")
+            atomic.write_json(tmp / META_FILE, meta)
+    res = result(out, meta, added=added)
+    res["summary"] += f" (search parameters tuned at {meta['tuned_at_count']} vectors kept)"
+    return res

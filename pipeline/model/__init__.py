@@ -1,0 +1,1 @@
+"""The model stage: specs, weights, preprocessing, precision and compilation of frozen feature extractors."""

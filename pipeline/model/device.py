@@ -1,0 +1,63 @@
+"""Where and how the model runs: device, precision and compile-mode names, and their resolution on this machine."""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+DEVICE_AUTO = "auto"
+PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISION_CHOICES = ("auto", *PRECISIONS)  # auto: fp16 on CUDA, fp32 on CPU
+CPU_PRECISIONS = ("fp32", "bf16")  # fp16 on a CPU is refused: slow, often unsupported kernels
+COMPILE_MODES = ("torchscript", "inductor", "eager")
+DEFAULT_COMPILE = "torchscript"
+
+
+def torch_dtype(precision: str) -> "torch.dtype":
+    """The torch dtype of a precision name (``fp32``, ``fp16``, ``bf16``)."""
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def resolve_device(device: str) -> "torch.device":
+    """``auto`` = first CUDA device if any, else CPU; a CUDA device that is not there is a clear error."""
+    import torch
+
+    if device == DEVICE_AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device} requested but CUDA is not available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {device} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+    return dev
+
+
+def resolve_precision(precision: str, device: "torch.device") -> str:
+    """``auto`` = fp16 on CUDA, fp32 on CPU. fp16 on a CPU is refused (slow, often unsupported kernels)."""
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; use {', '.join(PRECISION_CHOICES)}")
+    if device.type == "cpu" and precision not in CPU_PRECISIONS:
+        raise UserError("--precision fp16 is not supported on CPU; use --precision bf16 (or fp32)")
+    return precision
+
+
+def check_compile_mode(compile: str) -> None:
+    if compile not in COMPILE_MODES:
+        raise UserError(f"unknown compile mode {compile!r}; use one of {', '.join(COMPILE_MODES)}")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (the scheduler's CPU set, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

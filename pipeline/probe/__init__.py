@@ -1,0 +1,1 @@
+"""The probe stage: linear probes and k-NN on frozen features, fine-tuning, and exported classifiers."""

@@ -1,0 +1,304 @@
+"""Fine-tune the head and the last N blocks of a backbone on tar shards; checkpoint each epoch, resume, export."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.transforms.v2 import functional as TF
+
+from .. import atomic
+from ..errors import UserError
+from ..model.backbones import Backbone, load_backbone, with_input_size
+from ..model.preprocess import UInt8Normalize
+from .export import attach_head, build_classifier, save_scripted
+from .labels import ClassMap, LabelSource
+from .linear import Standardizer, fit_lbfgs
+from .options import FinetuneOptions
+
+log = logging.getLogger(__name__)
+CONTAINERS = (nn.Sequential, nn.ModuleList)
+CHECKPOINT, METRICS, CLASSIFIER = "checkpoint.pt", "metrics.json", "classifier.pt"
+
+
+def blocks(model: nn.Module, head: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The backbone as an ordered list of blocks: containers (``layer4``, ``blocks``) are opened into their
+    children; runs of plain layers between them (stem conv+bn, head conv+bn) count as one block each."""
+    out: list[tuple[str, list[nn.Module]]] = []
+    plain: list[tuple[str, nn.Module]] = []
+
+    def flush() -> None:
+        if plain:
+            out.append(("+".join(n for n, _ in plain), [m for _, m in plain]))
+            plain.clear()
+
+    def walk(prefix: str, mod: nn.Module, depth: int) -> None:
+        for name, child in mod.named_children():
+            full = f"{prefix}{name}"
+            if child is head or not any(True for _ in child.parameters()):
+                continue
+            if isinstance(child, CONTAINERS) and depth < 2:
+                flush()
+                walk(full + ".", child, depth + 1)
+            elif isinstance(child, (nn.Conv2d, nn.BatchNorm2d, nn.Linear, nn.LayerNorm)) and depth == 0:
+                plain.append((full, child))
+            else:
+                flush()
+                out.append((full, [child]))
+    walk("", model, 0)
+    flush()
+    return [(n, ms[0] if len(ms) == 1 else nn.ModuleList(ms)) for n, ms in out]
+
+
+def scan_tar_labels(urls: Sequence[str], source: LabelSource) -> list[Any]:
+    """Labels of every sample (from ``.cls``, or a ``.json`` field), reading no pixels."""
+    from ..embedding.tar import iter_tar_samples
+
+    raw = []
+    for url in urls:
+        for s in iter_tar_samples(url):
+            if source.field:
+                raw.append(source.value({"json": [s.get("json", b"").decode("utf-8", "replace") or None]}, 0))
+            else:
+                cls = s.get("cls")
+                raw.append(int(cls.decode().strip()) if cls and cls.strip().isdigit() else None)
+    return raw
+
+
+def batches(urls: Sequence[str], bb: Backbone, opts: FinetuneOptions, cmap: ClassMap, train: bool, epoch: int
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 crops and class ids from the shards (the embed stage's reader), shuffled and augmented in training."""
+    from torch.utils.data import DataLoader
+
+    from ..embedding.reader import ShardSamples
+
+    rng = np.random.default_rng([opts.seed, epoch])
+    order = [urls[i] for i in rng.permutation(len(urls))] if train else list(urls)
+    ds = ShardSamples(order, bb.preprocess, opts.batch_size, keep=("json",) if opts.label_field else ())
+    source = LabelSource.make(field=opts.label_field)
+    gen = torch.Generator().manual_seed(opts.seed * 1000 + epoch)
+    for piece in DataLoader(ds, batch_size=None, num_workers=opts.workers):
+        if not len(piece.keys):
+            continue
+        raw = source.values(piece.extra, len(piece.keys)) if opts.label_field else piece.labels
+        y = torch.from_numpy(cmap.encode(raw))
+        keep = y >= 0
+        x, y = piece.images[keep], y[keep]
+        if train and len(y):
+            perm = torch.randperm(len(y), generator=gen)
+            x, y = augment(x[perm], gen, opts.hflip), y[perm]
+        if len(y):
+            yield x, y
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, hflip: bool) -> torch.Tensor:
+    """Light augmentation on uint8 crops: a random crop of 80-100% of the side resized back, optional flip."""
+    s = x.shape[-1]
+    out = []
+    for img in x:
+        side = int(s * (0.8 + 0.2 * float(torch.rand(1, generator=gen))))
+        i, j = (int(torch.randint(0, s - side + 1, (1,), generator=gen)) for _ in range(2))
+        img = TF.resized_crop(img, i, j, side, side, [s, s], antialias=True)
+        if hflip and float(torch.rand(1, generator=gen)) < 0.5:
+            img = img.flip(-1)
+        out.append(img)
+    return torch.stack(out)
+
+
+class Net(nn.Module):
+    """uint8 crops -> the one normaliser -> the network with its new head."""
+
+    def __init__(self, model: nn.Module, bb: Backbone):
+        super().__init__()
+        self.normalize = UInt8Normalize(bb.preprocess.mean, bb.preprocess.std)
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.normalize(x))
+
+
+def evaluate(net: Net, urls, bb, opts, cmap, dev) -> float:
+    net.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in batches(urls, bb, opts, cmap, False, 0):
+            correct += int((net(x.to(dev)).argmax(1).cpu() == y).sum())
+            total += len(y)
+    return correct / max(total, 1)
+
+
+def probe_baseline(bb: Backbone, urls, val_urls, opts, cmap, dev) -> float:
+    """The linear probe on the same split: frozen features (L2-normalised, as `embed` stores them) + L-BFGS."""
+    feats = Net(bb.model, bb).to(dev).eval()
+
+    def collect(u):
+        xs, ys = [], []
+        with torch.no_grad():
+            for x, y in batches(u, bb, opts, cmap, False, 0):
+                xs.append(F.normalize(feats(x.to(dev)).float(), dim=1).cpu())
+                ys.append(y)
+        return torch.cat(xs), torch.cat(ys)
+    xt, yt = collect(urls)
+    xv, yv = collect(val_urls)
+    std = Standardizer.from_sums(xt.double().sum(0).numpy(), xt.double().pow(2).sum(0).numpy(), len(yt))
+    grid = fit_lbfgs(std(xt), yt, len(cmap), (1e-5, 1e-4, 1e-3, 1e-2))
+    return max(float(((std(xv) @ grid.weight[g].T + grid.bias[g]).argmax(1) == yv).float().mean())
+               for g in range(len(grid.params)))
+
+
+@dataclass
+class _Setup:
+    """The network being trained: backbone + new head, its blocks, and which of them train."""
+
+    bb: Backbone
+    head: nn.Linear
+    model: nn.Module
+    units: list[tuple[str, nn.Module]]
+    trained_names: list[str]
+    train_units: list[nn.Module]
+    net: Net
+
+    def backbone_params(self) -> list[nn.Parameter]:
+        return [p for m in self.train_units for p in m.parameters()]
+
+    def trainable_keys(self) -> set[str]:
+        """State-dict keys that training changes (and checkpoints hold): trainable parameters, their blocks' buffers."""
+        buffers = {id(b) for m in self.train_units for b in m.buffers()}
+        return {k for k, p in self.net.named_parameters() if p.requires_grad} | {
+            f"model.{n}" for n, b in self.model.named_buffers() if id(b) in buffers}
+
+
+def _setup(bb: Backbone, cmap: ClassMap, opts: FinetuneOptions, dev: torch.device) -> _Setup:
+    torch.manual_seed(opts.seed)
+    head = nn.Linear(bb.num_features, len(cmap))
+    model = attach_head(bb, head)
+    units = blocks(bb.model, head)
+    trained = units[len(units) - opts.unfreeze:] if opts.unfreeze else []
+    for _, m in trained:
+        m.requires_grad_(True)
+    s = _Setup(bb, head, model, units, [n for n, _ in trained], [m for _, m in trained], Net(model, bb).to(dev))
+    log.info("finetune: %d blocks; training %s + head", len(units), s.trained_names)
+    return s
+
+
+def _optimizer(s: _Setup, opts: FinetuneOptions, n_train: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW: the head at ``lr``, unfrozen blocks at ``lr * backbone_lr_factor``; linear warm-up, cosine decay."""
+    params = [{"params": list(s.head.parameters()), "lr": opts.lr, "weight_decay": 1e-4}]
+    if s.backbone_params():
+        params.append({"params": s.backbone_params(), "lr": opts.lr * opts.backbone_lr_factor,
+                       "weight_decay": opts.weight_decay})
+    opt = torch.optim.AdamW(params)
+    total = opts.epochs * math.ceil(n_train / opts.batch_size)
+    warm = min(50, max(1, total // 20))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: (step + 1) / warm if step < warm else
+        0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm)))))
+    return opt, sched
+
+
+def _train_epoch(s: _Setup, urls: Sequence[str], opts: FinetuneOptions, cmap: ClassMap, epoch: int,
+                 dev: torch.device, opt: torch.optim.Optimizer, sched: Any) -> float | None:
+    """One pass over the training shards; the mean training loss."""
+    s.net.eval()  # frozen blocks keep their BatchNorm statistics
+    s.head.train()
+    for m in s.train_units:
+        m.train()
+    losses = []
+    for x, y in batches(urls, s.bb, opts, cmap, True, epoch):
+        loss = F.cross_entropy(s.net(x.to(dev)), y.to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    return float(np.mean(losses)) if losses else None
+
+
+def _resume(ck: Path, spec: dict[str, Any], s: _Setup, opt: torch.optim.Optimizer, sched: Any
+            ) -> list[dict[str, Any]]:
+    """The history of the epochs a checkpoint holds (their weights and optimizer state loaded), or []."""
+    if not ck.exists():
+        return []
+    state = torch.load(ck, map_location="cpu", weights_only=True)
+    if state["spec"] != spec:
+        raise UserError(f"{ck} was made with other settings ({state['spec']}); use a new --out or delete it")
+    s.net.load_state_dict(state["weights"], strict=False)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    log.info("resuming %s after epoch %d", ck.parent, len(state["history"]) - 1)
+    return state["history"]
+
+
+def run_finetune(shards: Sequence[str], val_shards: Sequence[str], out: str | Path,
+                 opts: FinetuneOptions | None = None) -> dict[str, Any]:
+    """Train head + last ``unfreeze`` blocks; ``out/checkpoint.pt`` after every epoch (resumed when present),
+    ``out/metrics.json`` and ``out/classifier.pt`` (TorchScript raw-image classifier) at the end.
+
+    Example:
+        >>> run_finetune(["data/train-000000.tar"], ["data/val-000000.tar"], "runs/ft",
+        ...              FinetuneOptions(unfreeze=2))  # doctest: +SKIP
+    """
+    from ..embedding.shards import expand
+    from ..model.device import resolve_device
+
+    opts = opts or FinetuneOptions()
+    opts.check()
+    urls, val_urls = expand(list(shards)), expand(list(val_shards))
+    if not urls or not val_urls:
+        raise UserError("finetune needs training SHARDS and --val SHARDS")
+    out = Path(out)
+    dev = resolve_device(opts.device)
+    labels = scan_tar_labels(urls, LabelSource.make(field=opts.label_field))
+    cmap = ClassMap.from_labels(labels)
+    if len(cmap) < 2:
+        raise UserError(f"finetune needs at least two classes in the training shards; found {cmap.names}")
+    bb = load_backbone(opts.model, opts.weights)
+    if opts.input_size:
+        bb = with_input_size(bb, opts.input_size)
+    s = _setup(bb, cmap, opts, dev)
+    opt, sched = _optimizer(s, opts, int((cmap.encode(labels) >= 0).sum()))
+    ck = out / CHECKPOINT
+    spec = {"model": bb.spec, "weights_sha256": bb.weights_sha256, "unfreeze": opts.unfreeze, "classes": cmap.classes,
+            "input_size": bb.preprocess.input_size}
+    history = _resume(ck, spec, s, opt, sched)
+    probe_top1 = None
+    if opts.compare_probe:
+        probe_top1 = history[0].get("probe_top1") if history else probe_baseline(bb, urls, val_urls, opts, cmap, dev)
+    for p in bb.model.parameters():
+        p.requires_grad_(False)
+    for p in list(s.head.parameters()) + s.backbone_params():
+        p.requires_grad_(True)
+    keep = s.trainable_keys()
+    first = len(history)
+    for epoch in range(first, opts.epochs):
+        if opts.stop_after is not None and epoch - first >= opts.stop_after:
+            break
+        t0 = time.perf_counter()
+        loss = _train_epoch(s, urls, opts, cmap, epoch, dev, opt, sched)
+        acc = evaluate(s.net, val_urls, bb, opts, cmap, dev)
+        history.append({"epoch": epoch, "train_loss": loss, "val_top1": acc, "seconds": round(time.perf_counter() - t0, 2),
+                        "probe_top1": probe_top1})
+        log.info("epoch %d: val top-1 %.4f (linear probe %s)", epoch, acc, probe_top1)
+        buf = io.BytesIO()
+        torch.save({"spec": spec, "weights": {k: v for k, v in s.net.state_dict().items() if k in keep},
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history}, buf)
+        atomic.write_bytes(ck, buf.getvalue())  # the epoch is done: a killed run resumes after it
+    result = {"history": history, "probe_top1": probe_top1, "classes": cmap.names, "options": asdict(opts),
+              "done": len(history) == opts.epochs, "blocks": [n for n, _ in s.units], "trained_blocks": s.trained_names}
+    if result["done"]:
+        s.net.eval()
+        module = build_classifier(s.model.cpu(), bb.preprocess, cmap.names)
+        save_scripted(module, out / CLASSIFIER, {"kind": "finetune", "classes": cmap.names,
+                                                 "preprocess": bb.preprocess.to_dict(), "model": bb.spec})
+        result["classifier"] = str(out / CLASSIFIER)
+    atomic.write_json(out / METRICS, json.loads(json.dumps(result, default=str)))
+    return result
