@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from .probe.linear import ProbeReport
     from .store import Batch
 
-__version__ = "0.1.0"
+from .version import __version__
+
 __all__ = ["__version__", "embed", "build_index", "open_index", "train_probe", "load_probe", "load_embeddings"]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from pipeline.bench import format_report, make_bench_shards, run_bench
@@ -20,6 +21,7 @@ def test_bench_shards_are_realistic_jpegs(tmp_path: Path):
             assert im.format == "JPEG" and im.size[0] * im.size[1] >= 400 * 300
 
 
+@pytest.mark.slow
 def test_bench_measures_every_rate_and_the_bound(tmp_path: Path):
     r = run_bench("torchvision:resnet18", "none", quick=True, workdir=str(tmp_path), images=48, batch_size=16,
                   modes=[("eager", "fp32"), ("torchscript", "fp32")])

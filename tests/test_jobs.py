@@ -60,6 +60,7 @@ def test_shell_scripts_parse_and_are_strict(path):
     assert os.stat(path).st_mode & stat.S_IXUSR, f"{path} is not executable"
 
 
+@pytest.mark.slow
 def test_shellcheck_is_clean():
     exe = shutil.which("shellcheck", path=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     if exe is None:
@@ -244,6 +245,7 @@ def test_cron_requires_shards_and_out(tmp_path):
     assert res.returncode != 0 and "set SHARDS to the shard spec" in res.stderr
 
 
+@pytest.mark.slow
 def test_cron_with_the_real_embedpipe_embeds_and_indexes_only_new_shards(tmp_path):
     exe = VENV_BIN / "embedpipe"
     if not exe.exists():
@@ -326,6 +328,7 @@ def test_dockerignore_keeps_the_build_context_small():
                 assert not set(line.split()[1:-1]) & ignored, line
 
 
+@pytest.mark.slow
 def test_hadolint_is_clean():
     exe = shutil.which("hadolint", path=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     if exe is None:

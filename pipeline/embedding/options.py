@@ -105,6 +105,9 @@ class EmbedSummary:
             self.embedded += embedded
             self.skipped += skipped
 
+    def __repr__(self) -> str:
+        return f"EmbedSummary({self.line()})"
+
     def line(self) -> str:
         return (f"embedded {self.embedded} samples ({self.skipped} skipped) from "
                 f"{self.shards_done + self.shards_skipped}/{self.shards_total} shards "

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from .. import __version__
+from ..version import __version__
 from ..errors import UserError
 from ..model.device import resolve_device, resolve_precision
 from .options import EmbedConfig, EmbedSummary

@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .. import __version__, store
+from .. import store
+from ..version import __version__
 from ..model.backbones import Backbone, load_backbone, with_input_size
 from ..model.compile import Extractor, build_extractor
 from ..model.device import usable_cores

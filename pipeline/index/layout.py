@@ -21,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .. import __version__, store
+from .. import store
+from ..version import __version__
 from ..errors import UserError
 
 log = logging.getLogger(__name__)

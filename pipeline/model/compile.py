@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__, atomic, store
+from .. import atomic, store
+from ..version import __version__
 from . import micro_batch as micro_batches
 from .backbones import Backbone
 from .device import DEFAULT_COMPILE, check_compile_mode, resolve_device, resolve_precision

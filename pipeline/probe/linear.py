@@ -312,5 +312,6 @@ class ProbeReport:
     def __repr__(self) -> str:
         m, hp = self.metrics, self.metrics.get("hyperparameters", {})
         top5 = f", top-5 {m['top5'] * 100:.2f}%" if "top5" in m else ""
+        wd = hp.get("weight_decay")
         return (f"ProbeReport({str(self.path)!r}: top-1 {self.top1 * 100:.2f}%{top5} on {m['n_val']} val rows, "
-                f"{m['num_classes']} classes, {hp.get('method')} wd={hp.get('weight_decay')})")
+                f"{m['num_classes']} classes, {hp.get('method')} wd={wd:g})")

@@ -10,8 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from pipeline import store
 from pipeline.embedding.runner import embed
+
+pytestmark = pytest.mark.slow  # real processes racing for one folder, one of them killed
 
 KILLER = str(Path(__file__).with_name("killer.py"))
 EMBED = ["--model", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "--compile", "eager",

@@ -23,6 +23,8 @@ from pipeline import atomic, store
 from pipeline.verify import run_verify
 from shards import jpeg_bytes, sample_image, write_tar
 
+pytestmark = pytest.mark.slow  # a crash campaign: real processes killed and rerun
+
 KILLER = str(Path(__file__).with_name("killer.py"))
 EMBED = ["--model", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "--compile", "eager",
          "--out-dtype", "float32", "--batch-size", "8", "--workers", "0", "-q"]

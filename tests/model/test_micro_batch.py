@@ -61,6 +61,7 @@ def test_unwritable_cache_costs_a_measurement_not_a_failure(tmp_path: Path):
     assert value in micro_batch.CANDIDATES
 
 
+@pytest.mark.slow
 def test_inductor_micro_batches_pad_the_short_chunk_and_match_eager(small_bb, tmp_path: Path):
     x = torch.randint(0, 256, (11, 3, 64, 64), dtype=torch.uint8)
     eager = build_extractor(small_bb, "cpu", "fp32", "eager", micro_batch=0)(x)

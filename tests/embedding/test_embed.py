@@ -93,6 +93,7 @@ def test_bf16_close_to_fp32_on_real_photos(photo_shards, tmp_path):
     assert cos.min() >= 0.99
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crash_at", [40, 150, 290])  # in shard 1, in shard 2, just before the end
 def test_crash_mid_shard_then_resume_equals_clean_run(digits_shards, digits_run, tmp_path, crash_at):
     clean, _ = digits_run

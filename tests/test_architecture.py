@@ -1,0 +1,165 @@
+"""The shape of the house (docs/architecture.md): no import cycles, arrows point down, each contract in one module."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
+
+# Lower layers never import higher ones; one layer's packages never import each other (index and probe).
+LAYERS = [
+    ("pipeline.errors", "pipeline.version"),
+    ("pipeline.config", "pipeline.atomic"),
+    ("pipeline.store", "pipeline.sample_data"),
+    ("pipeline.model",),
+    ("pipeline.embedding",),
+    ("pipeline.index", "pipeline.probe"),
+    ("pipeline.bench", "pipeline.demo", "pipeline.verify"),
+    ("pipeline",),  # the Python API (pipeline/__init__.py)
+    ("pipeline.cli",),
+    ("pipeline.__main__",),
+]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports(path: Path, known: set[str]) -> set[str]:
+    """Modules of the package that ``path`` imports anywhere (module level or inside functions)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name in known}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package
+                for _ in range(node.level - 1):
+                    base = base.rpartition(".")[0]
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            for alias in node.names:  # `from . import store` names a module, `from .store import x` a name in one
+                sub = f"{target}.{alias.name}"
+                if sub in known:
+                    found.add(sub)
+                elif target in known:
+                    found.add(target)
+    found.discard(name)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {m: imports(p, set(mods)) for m, p in mods.items()}
+
+
+def layer(module: str) -> tuple[int, str]:
+    """(layer index, the layer entry the module belongs to): the longest matching prefix."""
+    best = (-1, "")
+    for i, names in enumerate(LAYERS):
+        for n in names:
+            if (module == n or module.startswith(n + ".")) and len(n) > len(best[1]):
+                best = (i, n)
+    assert best[0] >= 0, f"{module} is in no layer of LAYERS; add it (and to docs/architecture.md)"
+    return best
+
+
+def test_no_import_cycles():
+    g = graph()
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in g[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in sorted(g):
+        if v not in index:
+            visit(v)
+    assert len(g) > 50 and sum(map(len, g.values())) > 100  # the graph was really read
+    assert cycles == []
+
+
+def test_imports_point_down():
+    wrong = []
+    for module, targets in graph().items():
+        (i, entry) = layer(module)
+        for t in targets:
+            (j, other) = layer(t)
+            if j > i or (j == i and other != entry):
+                wrong.append(f"{module} -> {t}")
+    assert wrong == []
+
+
+def test_engines_import_the_worker_never_the_runner():
+    g = graph()
+    for engine in ("pipeline.embedding.devices", "pipeline.embedding.ray_engine"):
+        assert "pipeline.embedding.worker" in g[engine]
+        assert "pipeline.embedding.runner" not in g[engine]
+    assert not any("pipeline.embedding.runner" in g[m] for m in g if m.startswith("pipeline.embedding."))
+
+
+def test_a_module_has_one_job_and_stays_small():
+    big = {m: n for m, p in modules().items() if (n := len(p.read_text().splitlines())) > 400}
+    assert big == {}
+
+
+def string_constants(path: Path) -> set:
+    return {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)
+            and isinstance(n.value, (str, bytes))}
+
+
+@pytest.mark.parametrize("literal, owner", [
+    ("run.json", "pipeline.embedding.run_folder"), ("_state", "pipeline.embedding.run_folder"),
+    ("_SUCCESS", "pipeline.embedding.run_folder"), ("_lock", "pipeline.embedding.run_folder"),
+    (".failed.json", "pipeline.embedding.run_folder"),
+    ("index.json", "pipeline.index.layout"), ("ids.parquet", "pipeline.index.layout"),
+    ("index.faiss", "pipeline.index.layout"), ("trained.faiss", "pipeline.index.layout"),
+    ("embedpipe-index/1", "pipeline.index.layout"),
+    ("timm:efficientnet_lite0", "pipeline.model.specs"), (b"embedpipe", "pipeline.store"),
+    ("weights_sha256", None),  # model-identity keys: listed in store.MODEL_KEYS, read through it
+    (".commit.json", "pipeline.atomic"), ("head.pt", "pipeline.probe.head"),
+])
+def test_each_contract_is_written_in_one_module(literal, owner):
+    holders = {m for m, p in modules().items() if literal in string_constants(p)}
+    if owner is None:  # a key name may be read where needed; the list of identity keys lives in store only
+        holders = {m for m, p in modules().items() if '"model", "weights_sha256", "layer", "preprocess"' in p.read_text()}
+        owner = "pipeline.store"
+    assert holders == {owner}
+
+
+def test_help_imports_neither_torch_nor_faiss():
+    code = ("import sys\nfrom pipeline.cli.main import cli\nfrom click.testing import CliRunner\n"
+            "assert CliRunner().invoke(cli, ['--help']).exit_code == 0\n"
+            "assert CliRunner().invoke(cli, ['embed', '--help']).exit_code == 0\n"
+            "print(sorted(m for m in ('torch', 'faiss', 'timm', 'torchvision', 'webdataset') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
