@@ -156,6 +156,13 @@ def test_each_contract_is_written_in_one_module(literal, owner):
     assert holders == {owner}
 
 
+def test_commands_are_listed_in_pipeline_order():
+    from pipeline.cli import cli
+
+    assert list(cli.commands) == ["sample-data", "models", "embed", "status", "index", "index-merge", "search", "probe",
+                                  "predict", "knn", "finetune", "verify", "bench", "demo"]
+
+
 def test_help_imports_neither_torch_nor_faiss():
     code = ("import sys\nfrom pipeline.cli.main import cli\nfrom click.testing import CliRunner\n"
             "assert CliRunner().invoke(cli, ['--help']).exit_code == 0\n"

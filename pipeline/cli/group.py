@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from ..version import __version__
 from ..config import group_defaults, load_toml
+from ..version import __version__
 
 
 class Group(click.Group):

@@ -6,9 +6,12 @@ import sys
 import click
 
 from ..errors import UserError
-# Each stage's commands register on `cli` when imported; `embedpipe --help` lists them in this order.
-from . import sample_data, models, embed, index, probe, verify, bench, demo  # noqa: F401,I001
 from .group import cli
+
+# Each stage's commands register on `cli` when imported; `embedpipe --help` lists them in this order.
+# isort: off
+from . import sample_data, models, embed, index, probe, verify, bench, demo  # noqa: F401,E402
+# isort: on
 
 
 def main(args: list[str] | None = None) -> None:

@@ -7,7 +7,14 @@ import click
 
 from ..config import config_option
 from ..model.specs import DEFAULT_MODEL
-from ..probe.options import KNN_KS, KNN_TEMPERATURE, METHODS, PREDICT_BATCH, FinetuneOptions, ProbeOptions
+from ..probe.options import (
+    KNN_KS,
+    KNN_TEMPERATURE,
+    METHODS,
+    PREDICT_BATCH,
+    FinetuneOptions,
+    ProbeOptions,
+)
 from .group import cli
 
 D, F = ProbeOptions, FinetuneOptions  # the defaults shown here are the probe stage's own

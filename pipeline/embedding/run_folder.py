@@ -92,7 +92,7 @@ class RunState:
         """One writer per folder: a lock file with pid, host and scheduler task; a dead owner's lock is taken over.
 
         Dead means: on this host and its pid is gone, or an earlier attempt of this very scheduler task
-        (:func:`pipeline.cluster.task_identity`), e.g. a Slurm array task requeued onto another node.
+        (:func:`pipeline.embedding.cluster.task_identity`), e.g. a Slurm array task requeued onto another node.
         """
         self.out.mkdir(parents=True, exist_ok=True)
         from .cluster import task_identity

@@ -11,9 +11,9 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from ..version import __version__
 from ..errors import UserError
 from ..model.device import resolve_device, resolve_precision
+from ..version import __version__
 from .options import EmbedConfig, EmbedSummary
 from .run_folder import RunState
 from .shards import expand, output_names, partition

@@ -15,10 +15,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import store
-from ..version import __version__
 from ..model.backbones import Backbone, load_backbone, with_input_size
 from ..model.compile import Extractor, build_extractor
 from ..model.device import usable_cores
+from ..version import __version__
 from .options import EmbedConfig
 from .reader import Piece, ShardSamples
 from .run_folder import RunState, ShardRecord

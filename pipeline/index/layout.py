@@ -1,4 +1,4 @@
-"""An index directory on disk: its file names, the ``index.json`` record, the id table, staged and locked directories.
+"""An index directory on disk: its file names, the ``index.json`` record, the id table and the parts layout.
 
     INDEX/index.faiss       the FAISS index (with merged.ivfdata and trained.faiss when merged from parts)
     INDEX/ids.parquet       FAISS id -> key, shard, index, file, row (row i holds id i)
@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import store
-from ..version import __version__
 from ..errors import UserError
+from ..version import __version__
 
 log = logging.getLogger(__name__)
 

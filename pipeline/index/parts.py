@@ -23,8 +23,23 @@ from ..errors import UserError
 from . import tune
 from .add import add_shards, new_index, shard_table, train
 from .choose import choose
-from .layout import (GT, IDS_FILE, INDEX_FILE, IVFDATA, META_FILE, PART_JSON, QUERIES, TRAIN_JSON, TRAINED, IdsWriter,
-                     check_dense, index_record, part_name, parts_dir, result)
+from .layout import (
+    GT,
+    IDS_FILE,
+    INDEX_FILE,
+    IVFDATA,
+    META_FILE,
+    PART_JSON,
+    QUERIES,
+    TRAIN_JSON,
+    TRAINED,
+    IdsWriter,
+    check_dense,
+    index_record,
+    part_name,
+    parts_dir,
+    result,
+)
 from .merge import merge_into
 from .options import IndexConfig
 

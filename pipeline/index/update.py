@@ -14,7 +14,18 @@ import pyarrow.parquet as pq
 from .. import atomic, store
 from ..errors import UserError
 from .add import add_shards, shard_table
-from .layout import IDS_FILE, INDEX_FILE, IVFDATA, META_FILE, TRAINED, IdsWriter, load_faiss, now, read_meta, result
+from .layout import (
+    IDS_FILE,
+    INDEX_FILE,
+    IVFDATA,
+    META_FILE,
+    TRAINED,
+    IdsWriter,
+    load_faiss,
+    now,
+    read_meta,
+    result,
+)
 from .merge import merge_into
 from .options import IndexConfig
 

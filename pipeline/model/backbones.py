@@ -16,7 +16,13 @@ from torch import nn
 from ..errors import UserError
 from .preprocess import Preprocess
 from .specs import DEFAULT_MODEL, EMBEDDED_WEIGHTS, resolve_spec
-from .weights import check_online, embedded_weights_path, fit_state_dict, read_weights_file, state_dict_sha256
+from .weights import (
+    check_online,
+    embedded_weights_path,
+    fit_state_dict,
+    read_weights_file,
+    state_dict_sha256,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +141,10 @@ class PooledNode(nn.Module):
 
 
 def take_layer(model: nn.Module, layer: str, spec: str) -> nn.Module:
-    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    from torchvision.models.feature_extraction import (
+        create_feature_extractor,
+        get_graph_node_names,
+    )
 
     _, nodes = get_graph_node_names(model)
     # A module name ("layer3") stands for its last node, as in torchvision's own feature extraction.

@@ -16,7 +16,12 @@ from .. import atomic, store
 from ..version import __version__
 from . import micro_batch as micro_batches
 from .backbones import Backbone
-from .device import DEFAULT_COMPILE, check_compile_mode, resolve_device, resolve_precision
+from .device import (
+    DEFAULT_COMPILE,
+    check_compile_mode,
+    resolve_device,
+    resolve_precision,
+)
 from .precision import in_precision
 from .preprocess import UInt8Normalize
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .. import store
 from .evaluate import evaluate
 from .head import Head, save_probe
-from .labels import LabelSource, Labeled, StreamSet, load_split, plan_stream
+from .labels import Labeled, LabelSource, StreamSet, load_split, plan_stream
 from .options import ProbeOptions
 
 log = logging.getLogger(__name__)
