@@ -52,9 +52,27 @@ def verify_embeddings(out: Path) -> tuple[list[str], dict[str, Any]]:
         if bad:
             problems.append(f"{f}: {bad} embedding(s) with NaN or Inf")
     pending = sorted(set(files) - set(records))
-    failed = sorted(p.name for p in failed_records.values())
+    failed = {}
+    for p in failed_records.values():
+        try:
+            rec = json.loads(p.read_text())
+            failed[rec.get("url", p.name)] = rec.get("reason", "?")
+        except (OSError, json.JSONDecodeError):
+            failed[p.name] = "unreadable failure record"
+    expected = int(run.get("config", {}).get("shards", 0) or 0)
     return problems, {"shards_verified": len(records), "rows": rows, "pending_without_record": pending,
-                      "failed_records": failed}
+                      "failed_records": sorted(p.name for p in failed_records.values()), "failed": failed,
+                      "shards_expected": expected, "shards_not_done": max(0, expected - len(records))}
+
+
+def incomplete(info: dict[str, Any]) -> str | None:
+    """Why a sound embed folder is not complete (failed or pending shards), or None: ``verify`` says so, exit 1."""
+    missing = info.get("shards_not_done", 0)
+    if not missing and not info.get("failed"):
+        return None
+    failed = len(info.get("failed", {}))
+    return (f"incomplete: {missing} of {info['shards_expected']} shard(s) not done ({failed} failed, "
+            f"{max(0, missing - failed)} pending); rerun `embedpipe embed` with the same shards to finish")
 
 
 def verify_index(index_dir: Path) -> tuple[list[str], dict[str, Any]]:

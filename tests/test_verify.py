@@ -81,8 +81,9 @@ def test_corruptions_are_reported(sound, tmp_path, corruption, expected):
 def test_parquet_without_record_is_pending_not_corrupt(sound, tmp_path):
     emb, f = copy(sound, tmp_path)
     (emb / "_state" / f"{f.stem}.json").unlink()
-    code, report = run(emb)
-    assert code == 0 and report[str(emb)]["pending_without_record"] == [f.stem]
+    code, report = run(emb)  # not corrupt (no problem), but not done either: not OK
+    assert code == 1 and report[str(emb)]["problems"] == [] and report[str(emb)]["pending_without_record"] == [f.stem]
+    assert "(0 failed, 1 pending)" in report[str(emb)]["incomplete"]
 
 
 def test_index_count_and_ids_mismatch(sound, tmp_path):
@@ -104,3 +105,20 @@ def test_index_count_and_ids_mismatch(sound, tmp_path):
 def test_not_a_folder_of_ours(tmp_path):
     r = CliRunner().invoke(cli, ["verify", str(tmp_path)])
     assert r.exit_code != 0 and "neither an embed output folder" in str(r.exception)
+
+
+def test_failed_or_pending_shards_are_not_ok(sound, digits_shards, tmp_path):
+    emb, _ = copy(sound, tmp_path)
+    run_json = emb / "run.json"
+    meta = json.loads(run_json.read_text())
+    meta["config"]["shards"] = 3  # a third shard of the run never finished
+    run_json.write_text(json.dumps(meta))
+    r = CliRunner().invoke(cli, ["verify", str(emb)])
+    assert r.exit_code == 1 and f"{emb}: sound but incomplete" in r.output
+    assert "1 of 3 shard(s) not done (0 failed, 1 pending)" in r.output
+    (emb / "_state" / "x.failed.json").write_text(json.dumps({"url": "data/x.tar", "reason": "OSError: gone"}))
+    code, report = run(emb)
+    assert code == 1 and report[str(emb)]["problems"] == [] and report[str(emb)]["failed"] == {"data/x.tar": "OSError: gone"}
+    assert "(1 failed, 0 pending)" in report[str(emb)]["incomplete"]
+    r = CliRunner().invoke(cli, ["verify", str(emb)])
+    assert "  failed data/x.tar: OSError: gone" in r.output

@@ -13,19 +13,22 @@ from .group import cli
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def verify(paths: tuple[str, ...], as_json: bool) -> None:
     """Check embed folders (rows, keys, dim, dtype, NaN vs done records) and index folders (counts, ids)."""
-    from ..verify import run_verify
+    from ..verify import incomplete, run_verify
 
-    report, problems = {}, 0
+    report, bad = {}, 0
     for path in paths:
         found, info = run_verify(path)
-        report[path] = {"problems": found, **info}
-        problems += len(found)
+        report[path] = {"problems": found, **info, "incomplete": incomplete(info)}
+        bad += bool(found or report[path]["incomplete"])
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         for path, r in report.items():
-            click.echo(f"{path}: {'OK' if not r['problems'] else str(len(r['problems'])) + ' problem(s)'}")
-            for line in r["problems"]:
+            verdict = f"{len(r['problems'])} problem(s)" if r["problems"] else "sound but incomplete" if r["incomplete"] else "OK"
+            click.echo(f"{path}: {verdict}")
+            for line in r["problems"] + ([r["incomplete"]] if r["incomplete"] else []):
                 click.echo(f"  {line}")
-    if problems:
+            for url, reason in r.get("failed", {}).items():
+                click.echo(f"  failed {url}: {reason}")
+    if bad:
         click.get_current_context().exit(1)
