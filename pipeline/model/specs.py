@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+from typing import Iterable
 
 from ..errors import UserError
 
@@ -37,18 +38,37 @@ def resolve_spec(spec: str) -> tuple[str, str]:
     if sep and kind in SOURCES:
         if not name:
             raise UserError(f"model spec {spec!r} has no name after '{kind}:'")
+        if kind == "timm" and not name.split(".", 1)[0] in _timm_names():
+            raise UserError(f"timm has no model {name!r}.{_did_you_mean(name, _timm_names(), 'timm:')} "
+                            "`timm.list_models()` lists them all")
+        if kind == "torchvision" and name not in _torchvision_names():
+            raise UserError(f"torchvision has no classification model {name!r}."
+                            f"{_did_you_mean(name, _torchvision_names(), 'torchvision:')} "
+                            "`torchvision.models.list_models()` lists them all")
         return kind, name
-    import timm
-    import torchvision
-
-    if spec in timm.list_models():
+    if spec in _timm_names():
         return "timm", spec
-    tv = torchvision.models.list_models(module=torchvision.models)
-    if spec in tv:
+    if spec in _torchvision_names():
         return "torchvision", spec
-    near = difflib.get_close_matches(spec, sorted(set(ALIASES) | set(timm.list_models()) | set(tv)), n=5)
-    hint = f" Did you mean: {', '.join(near)}?" if near else ""
+    hint = _did_you_mean(spec, [*ALIASES, *_timm_names(), *_torchvision_names()], "")
     raise UserError(
         f"unknown model {spec!r}: not a timm or torchvision model.{hint} "
         "Specs look like timm:<name>, torchvision:<name> or torchscript:<path>."
     )
+
+
+def _timm_names() -> set[str]:
+    import timm
+
+    return set(timm.list_models())
+
+
+def _torchvision_names() -> set[str]:
+    import torchvision
+
+    return set(torchvision.models.list_models(module=torchvision.models))
+
+
+def _did_you_mean(name: str, names: Iterable[str], prefix: str) -> str:
+    near = difflib.get_close_matches(name, sorted(set(names)), n=3)
+    return f" Did you mean {', '.join(prefix + n for n in near)}?" if near else ""

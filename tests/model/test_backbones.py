@@ -139,3 +139,14 @@ def test_safetensors_weights_and_missing_file(tmp_path: Path):
     assert load_backbone("torchvision:resnet18", str(tmp_path / "w.safetensors")).num_features == 512
     with pytest.raises(UserError, match="does not exist"):
         load_backbone("torchvision:resnet18", str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.parametrize("spec, suggestion", [
+    ("timm:efficientnet_lit0", "Did you mean timm:efficientnet_lite0"),
+    ("torchvision:resnet_50", "Did you mean torchvision:resnet50"),
+    ("efficientnet_lit0", "Did you mean efficientnet_lite0"),
+])
+def test_misspelled_models_get_a_suggestion_before_any_download(spec, suggestion, monkeypatch):
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")  # a download attempt would fail differently
+    with pytest.raises(UserError, match=suggestion):
+        load_backbone(spec, weights="default")
