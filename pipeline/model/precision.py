@@ -56,6 +56,9 @@ def in_precision(model: nn.Module, precision: str, input_size: int) -> tuple[nn.
     if precision == "fp32":
         return model, torch.float32
     model = copy.deepcopy(model)  # hooks and casts must not leak into the caller's backbone
+    if precision == "bf16" and isinstance(model, torch.jit.ScriptModule):
+        log.info("bf16: a TorchScript file takes no per-layer hooks; the whole module runs in bf16")
+        return model.to(torch.bfloat16), torch.bfloat16
     if precision == "bf16":
         kept = to_bf16_keep_stem(model, input_size)
         log.info("bf16: %d leading high-resolution layers kept in fp32", len(kept))

@@ -283,3 +283,18 @@ def test_hostile_keys_and_shard_names_never_become_paths(tmp_path):
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() and "in" not in p.parts)
     assert written == ["out/_SUCCESS", "out/_state/evil.json", "out/embeddings/evil.parquet", "out/run.json"]
     assert sorted(store.read_all(out).keys) == ["../../outside", "/abs/key"]
+
+
+def test_torchscript_file_runs_in_bf16(digits_shards, tmp_path):
+    bb = load_backbone("torchvision:resnet18", "none")
+    path = tmp_path / "feat.pt"
+    torch.jit.save(torch.jit.trace(bb.model, torch.zeros(1, 3, 64, 64)), str(path))
+    outs = {}
+    for precision in ("fp32", "bf16"):
+        r = CliRunner().invoke(cli, ["embed", str(digits_shards[0]), "--out", str(tmp_path / precision), "--model",
+                                     f"torchscript:{path}", "--input-size", "64", "--precision", precision,
+                                     "--workers", "0", "-q"])
+        assert r.exit_code == 0, r.output
+        outs[precision] = store.read_all(tmp_path / precision).embeddings
+    cos = (outs["fp32"] * outs["bf16"]).sum(1)  # both L2-normalised
+    assert cos.min() > 0.99
