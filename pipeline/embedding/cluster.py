@@ -9,8 +9,11 @@ from ..errors import UserError
 
 # Conventions, tried in this order when --rank is not given:
 #   Slurm job arrays      SLURM_ARRAY_TASK_ID (minus SLURM_ARRAY_TASK_MIN, over SLURM_ARRAY_TASK_STEP)
-#                         of SLURM_ARRAY_TASK_COUNT
-#   torchrun / torch.distributed   RANK of WORLD_SIZE
+#                         of SLURM_ARRAY_TASK_COUNT; when each array task runs an `srun -n K` step, its K tasks
+#                         split the array task's part: array rank * K + SLURM_PROCID of count * K
+#   torchrun / torch.distributed   RANK of WORLD_SIZE (before srun's variables: torchrun under srun starts
+#                                  several processes per srun task, and RANK is the finer one)
+#   srun multi-task step           SLURM_PROCID of SLURM_NTASKS
 #   Kubernetes Indexed Job         JOB_COMPLETION_INDEX of --world-size or EMBEDPIPE_WORLD_SIZE (= completions)
 WORLD_ENV = "EMBEDPIPE_WORLD_SIZE"
 
@@ -38,7 +41,30 @@ def _int(env: Mapping[str, str], name: str, fix: str) -> int | None:
 Found = tuple[int, str, "int | None", str]  # rank, how it was found, world (None: not given), how
 
 
-def _slurm(env: Mapping[str, str]) -> Found | None:
+def _srun(env: Mapping[str, str]) -> tuple[int, int, str, str] | None:
+    """This process's place in a multi-task srun step: ``(procid, ntasks, shown procid, shown ntasks)``.
+
+    None outside Slurm and in one-task steps (they add nothing to an array's rank).
+    """
+    fix = "srun sets SLURM_PROCID and SLURM_NTASKS in each task; or pass --rank and --world-size"
+    procid = _int(env, "SLURM_PROCID", fix)
+    ntasks_name = "SLURM_NTASKS" if env.get("SLURM_NTASKS", "").strip() else "SLURM_STEP_NUM_TASKS"
+    ntasks = _int(env, ntasks_name, fix)
+    if procid is None or ntasks is None or ntasks == 1:
+        return None
+    if procid == 0 and not env.get("SLURM_STEP_NUM_TASKS", "").strip():
+        # srun sets SLURM_STEP_NUM_TASKS in every task it starts; the batch script of an --ntasks=N job has
+        # SLURM_PROCID=0 and SLURM_NTASKS=N but is one process, which would embed 1/N of the shards alone.
+        raise UserError(f"SLURM_NTASKS={ntasks} but this process was not started by srun (SLURM_PROCID=0, no "
+                        f"SLURM_STEP_NUM_TASKS): it is the job's batch script, and alone it would embed only 1/"
+                        f"{ntasks} of the shards; start the tasks with `srun embedpipe embed ...`, or pass "
+                        "--rank 0 --world-size 1 to embed every shard in this one process")
+    if not 0 <= procid < ntasks:
+        raise UserError(f"SLURM_PROCID={procid} is not in [0, {ntasks_name}={ntasks}); {fix}")
+    return procid, ntasks, f"SLURM_PROCID={procid}", f"{ntasks_name}={ntasks}"
+
+
+def _slurm_array(env: Mapping[str, str]) -> Found | None:
     fix = "run inside a Slurm job array (sbatch --array=0-N) or pass --rank and --world-size"
     task = _int(env, "SLURM_ARRAY_TASK_ID", fix)
     if task is None:
@@ -60,7 +86,20 @@ def _slurm(env: Mapping[str, str]) -> Found | None:
         shown += f" - SLURM_ARRAY_TASK_MIN={lo}"
     if step > 1:
         shown += f" / SLURM_ARRAY_TASK_STEP={step}"
-    return (task - lo) // step, shown, count, count_src
+    rank = (task - lo) // step
+    step_task = _srun(env)
+    if step_task is None:
+        return rank, shown, count, count_src
+    # Each array task's srun step: its K tasks take consecutive ranks, so every (array task, step task) pair
+    # is one rank of count * K and the parts still cover the shard list once.
+    procid, ntasks, procid_src, ntasks_src = step_task
+    return (rank * ntasks + procid, f"({shown}) * {ntasks_src} + {procid_src}",
+            None if count is None else count * ntasks, f"{count_src} * {ntasks_src}")
+
+
+def _srun_step(env: Mapping[str, str]) -> Found | None:
+    step_task = _srun(env)
+    return None if step_task is None else (step_task[0], step_task[2], step_task[1], step_task[3])
 
 
 def _torchrun(env: Mapping[str, str]) -> Found | None:
@@ -80,6 +119,11 @@ def _k8s(env: Mapping[str, str]) -> Found | None:
     return rank, f"JOB_COMPLETION_INDEX={rank}", None, ""
 
 
+def _conventions(env: Mapping[str, str]) -> Found | None:
+    """The first convention found in ``env``, in the order of the table at the top of this module."""
+    return _slurm_array(env) or _torchrun(env) or _srun_step(env) or _k8s(env)
+
+
 def resolve(rank: int | None = None, world: int | None = None, env: Mapping[str, str] | None = None) -> RankWorld:
     """Like :func:`resolve_rank_world`, and also says which convention gave the numbers (``.source``).
 
@@ -94,7 +138,7 @@ def resolve(rank: int | None = None, world: int | None = None, env: Mapping[str,
         rank_src = f"--rank {rank}"
     if world is not None:
         world_src = f"--world-size {world}"
-    found = None if rank is not None and world is not None else _slurm(env) or _torchrun(env) or _k8s(env)
+    found = None if rank is not None and world is not None else _conventions(env)
     if found is not None:
         env_rank, env_rank_src, env_world, env_world_src = found
         if rank is None:
@@ -125,7 +169,7 @@ def resolve(rank: int | None = None, world: int | None = None, env: Mapping[str,
                         "0 <= I < world size, or run as a Slurm array / torchrun / Kubernetes Indexed Job task")
     if not 0 <= rank < world:
         hint = "ranks count from 0 to world size - 1"
-        if rank_src.startswith("SLURM"):
+        if "SLURM_ARRAY_TASK_ID" in rank_src:
             hint = "the array needs as many tasks as the world size (e.g. --array=0-N-1 or --array=1-N)"
         elif rank_src.startswith("JOB_COMPLETION_INDEX"):
             hint = f"--world-size / {WORLD_ENV} must equal the Job's `completions`"
@@ -138,14 +182,18 @@ def resolve_rank_world(rank: int | None, world: int | None,
     """This task's ``(rank, world)``: explicit values win, else the first cluster convention found in ``env``.
 
     Slurm job arrays (``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``, so
-    ``--array=1-8`` gives ranks 0..7), torchrun (``RANK`` of ``WORLD_SIZE``), Kubernetes Indexed Jobs
-    (``JOB_COMPLETION_INDEX`` of ``--world-size`` or ``EMBEDPIPE_WORLD_SIZE``). With none of them: ``(0, 1)``.
+    ``--array=1-8`` gives ranks 0..7; with an ``srun -n K`` step in each array task, array rank * K +
+    ``SLURM_PROCID`` of count * K), torchrun (``RANK`` of ``WORLD_SIZE``), srun multi-task steps
+    (``SLURM_PROCID`` of ``SLURM_NTASKS``), Kubernetes Indexed Jobs (``JOB_COMPLETION_INDEX`` of
+    ``--world-size`` or ``EMBEDPIPE_WORLD_SIZE``). With none of them: ``(0, 1)``.
     ``env`` defaults to ``os.environ``.
     Inconsistent or non-integer values are a :class:`~pipeline.errors.UserError` naming the variable.
 
     Example:
         >>> resolve_rank_world(None, None, {"JOB_COMPLETION_INDEX": "5", "EMBEDPIPE_WORLD_SIZE": "8"})
         (5, 8)
+        >>> resolve_rank_world(None, None, {"SLURM_PROCID": "1", "SLURM_NTASKS": "4"})  # srun -n 4
+        (1, 4)
         >>> resolve_rank_world(None, None, {})
         (0, 1)
     """

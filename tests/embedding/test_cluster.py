@@ -20,6 +20,18 @@ def slurm(task: int, count: int, lo: int = 0, step: int | None = None) -> dict[s
     return env
 
 
+def srun(procid: int, ntasks: int, array: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables srun sets in task ``procid`` of ``srun -n ntasks`` (inside an array task when ``array``)."""
+    step = {"SLURM_STEP_ID": "0", "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(procid % 2),
+            "SLURM_NTASKS": str(ntasks), "SLURM_STEP_NUM_TASKS": str(ntasks)}
+    return {"SLURM_JOB_ID": "4300", **(array or {}), **step}
+
+
+def batch_script(ntasks: int, array: dict[str, str] | None = None) -> dict[str, str]:
+    """The batch script of ``sbatch --ntasks=ntasks``: rank 0 of the allocation, but not an srun task."""
+    return {**(array or {}), "SLURM_JOB_ID": "4301", "SLURM_PROCID": "0", "SLURM_NTASKS": str(ntasks)}
+
+
 def torchrun(rank: int, world: int) -> dict[str, str]:
     return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank % 2), "MASTER_ADDR": "n0"}
 
@@ -48,6 +60,20 @@ def k8s(index: int, world: int | None) -> dict[str, str]:
     (k8s(2, 3), (2, 3)),
     ({"EMBEDPIPE_WORLD_SIZE": "1"}, (0, 1)),
     ({"RANK": "", "WORLD_SIZE": ""}, (0, 1)),  # empty variables count as unset
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "4"}, (1, 4)),  # srun -n 4: the second task
+    (srun(0, 4), (0, 4)),
+    (srun(3, 4), (3, 4)),
+    ({"SLURM_PROCID": "2", "SLURM_STEP_NUM_TASKS": "3"}, (2, 3)),  # SLURM_NTASKS unset: the step's own count
+    (srun(0, 1), (0, 1)),                 # a one-task step
+    (batch_script(1), (0, 1)),            # the batch script of a one-task job
+    (batch_script(1, slurm(5, 8)), (5, 8)),  # ... of an array task: the array's rank
+    (srun(0, 4, slurm(0, 3)), (0, 12)),   # --array=0-2, each task running srun -n 4: 3 * 4 ranks
+    (srun(1, 4, slurm(0, 3)), (1, 12)),
+    (srun(0, 4, slurm(1, 3)), (4, 12)),
+    (srun(3, 4, slurm(2, 3)), (11, 12)),
+    (srun(2, 4, slurm(3, 8, lo=1)), (10, 32)),  # --array=1-8: array rank 2
+    (srun(1, 2, slurm(8, 4, step=4)), (5, 8)),  # --array=0-12:4: array rank 2
+    ({**srun(1, 2), **torchrun(5, 8)}, (5, 8)),  # torchrun under srun: RANK is the finer split
 ])
 def test_from_environment(env, expected):
     assert resolve_rank_world(None, None, env) == expected
@@ -62,6 +88,8 @@ def test_from_environment(env, expected):
     (None, 5, k8s(4, 9), (4, 5)),           # --world-size wins over EMBEDPIPE_WORLD_SIZE
     (2, None, slurm(0, 3), (2, 3)),         # --rank with the array's count
     (None, 1, {}, (0, 1)),
+    (0, 1, batch_script(4), (0, 1)),        # the batch script, told to embed everything itself
+    (2, None, srun(1, 4, slurm(0, 3)), (2, 12)),  # --rank with the array-of-steps' world
 ])
 def test_explicit_values_win(rank, world, env, expected):
     assert resolve_rank_world(rank, world, env) == expected
@@ -76,6 +104,11 @@ def test_explicit_values_win(rank, world, env, expected):
     (None, None, torchrun(1, 2), "RANK=1 of WORLD_SIZE=2"),
     (None, None, k8s(1, 4), "JOB_COMPLETION_INDEX=1 of EMBEDPIPE_WORLD_SIZE=4"),
     (None, 4, k8s(1, None), "JOB_COMPLETION_INDEX=1 of --world-size 4"),
+    (None, None, srun(2, 4), "SLURM_PROCID=2 of SLURM_NTASKS=4"),
+    (None, None, srun(2, 4, slurm(1, 3)),
+     "(SLURM_ARRAY_TASK_ID=1) * SLURM_NTASKS=4 + SLURM_PROCID=2 of SLURM_ARRAY_TASK_COUNT=3 * SLURM_NTASKS=4"),
+    (None, None, srun(0, 2, slurm(3, 8, lo=1)), "(SLURM_ARRAY_TASK_ID=3 - SLURM_ARRAY_TASK_MIN=1) * SLURM_NTASKS=2 + "
+     "SLURM_PROCID=0 of SLURM_ARRAY_TASK_COUNT=8 * SLURM_NTASKS=2"),
 ])
 def test_describe_source(rank, world, env, source):
     assert describe_source(rank, world, env) == source
@@ -126,6 +159,23 @@ def test_slurm_wins_over_torchrun_wins_over_k8s():
     (0, 0, {}, "world size 0 (from --rank 0 of --world-size 0) must be at least 1; pass --world-size N with N >= 1"),
     (2, None, {},
      "--rank 2 gives this task's rank but not the number of tasks; pass --world-size N (or set EMBEDPIPE_WORLD_SIZE)"),
+    (None, None, batch_script(4),
+     "SLURM_NTASKS=4 but this process was not started by srun (SLURM_PROCID=0, no SLURM_STEP_NUM_TASKS): it is the "
+     "job's batch script, and alone it would embed only 1/4 of the shards; start the tasks with `srun embedpipe "
+     "embed ...`, or pass --rank 0 --world-size 1 to embed every shard in this one process"),
+    (None, 1, batch_script(4, slurm(2, 3)),
+     "SLURM_NTASKS=4 but this process was not started by srun (SLURM_PROCID=0, no SLURM_STEP_NUM_TASKS): it is the "
+     "job's batch script, and alone it would embed only 1/4 of the shards; start the tasks with `srun embedpipe "
+     "embed ...`, or pass --rank 0 --world-size 1 to embed every shard in this one process"),
+    (None, None, {**srun(0, 4), "SLURM_PROCID": "4"},
+     "SLURM_PROCID=4 is not in [0, SLURM_NTASKS=4); srun sets SLURM_PROCID and SLURM_NTASKS in each task; or pass "
+     "--rank and --world-size"),
+    (None, None, {**srun(0, 4), "SLURM_NTASKS": "four"},
+     "SLURM_NTASKS='four' is not an integer; srun sets SLURM_PROCID and SLURM_NTASKS in each task; or pass --rank "
+     "and --world-size"),
+    (None, None, srun(1, 2, {"SLURM_ARRAY_TASK_ID": "3"}),
+     "(SLURM_ARRAY_TASK_ID=3) * SLURM_NTASKS=2 + SLURM_PROCID=1 gives this task's rank but not the number of tasks; "
+     "pass --world-size N (or set EMBEDPIPE_WORLD_SIZE)"),
 ])
 def test_errors_name_the_variable_and_the_fix(rank, world, env, message):
     with pytest.raises(UserError) as e:
@@ -140,6 +190,10 @@ def test_errors_name_the_variable_and_the_fix(rank, world, env, message):
     [torchrun(r, 3) for r in range(3)],
     [k8s(i, 23) for i in range(23)],                             # one shard per index
     [k8s(i, 40) for i in range(40)],                             # more indexes than shards: some get none
+    [srun(p, 4) for p in range(4)],                              # srun -n 4
+    [srun(p, 4, slurm(t, 3)) for t in range(3) for p in range(4)],          # --array=0-2, srun -n 4 in each
+    [srun(p, 2, slurm(t, 4, lo=2, step=5)) for t in (2, 7, 12, 17) for p in range(2)],  # --array=2-17:5, srun -n 2
+    [srun(p, 3, slurm(t, 8, lo=1)) for t in range(1, 9) for p in range(3)],  # 24 ranks, 23 shards: one gets none
     [{}],
 ])
 def test_partition_over_all_ranks_covers_every_shard_once(envs):
@@ -152,6 +206,15 @@ def test_partition_over_all_ranks_covers_every_shard_once(envs):
     assert sorted(flat) == sorted(SHARDS) and len(flat) == len(SHARDS)
     sizes = [len(p) for p in parts]
     assert max(sizes) - min(sizes) <= 1  # balanced to within one shard
+
+
+def test_srun_tasks_each_take_their_own_lock_and_identity():
+    from pipeline.embedding.cluster import task_identity
+    from pipeline.embedding.run_folder import lock_name
+
+    envs = [srun(p, 4, slurm(t, 2)) for t in range(2) for p in range(4)]
+    assert [lock_name(*resolve_rank_world(None, None, env)) for env in envs] == [f"_lock.{r}-of-8" for r in range(8)]
+    assert [task_identity(env) for env in envs] == [f"slurm:4242_{t}.0/{p}" for t in range(2) for p in range(4)]
 
 
 def test_partition_of_slurm_array_from_one_is_the_same_as_from_zero():
