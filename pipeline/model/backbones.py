@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .deprecations import torchscript_calls
 from .preprocess import Preprocess
 from .specs import DEFAULT_MODEL, EMBEDDED_WEIGHTS, resolve_spec
 from .weights import (
@@ -245,7 +246,8 @@ def _load_torchscript(path: str, layer: str | None) -> Backbone:
         raise UserError(f"TorchScript file {p} does not exist")
     extra = {"preprocess.json": ""}
     try:
-        model = torch.jit.load(str(p), map_location="cpu", _extra_files=extra)
+        with torchscript_calls():
+            model = torch.jit.load(str(p), map_location="cpu", _extra_files=extra)
     except Exception as e:
         raise UserError(f"cannot load TorchScript file {p}: {e}") from None
     pre = Preprocess.from_dict(json.loads(extra["preprocess.json"])) if extra["preprocess.json"] else Preprocess()

@@ -16,6 +16,7 @@ from .. import atomic, store
 from ..version import __version__
 from . import micro_batch as micro_batches
 from .backbones import Backbone
+from .deprecations import torchscript_calls
 from .device import (
     DEFAULT_COMPILE,
     check_compile_mode,
@@ -107,21 +108,25 @@ def cache_key(bb: Backbone, precision: str, device: torch.device, channels_last:
 def _trace(wrapper: nn.Module, size: int, device: torch.device) -> torch.jit.ScriptModule:
     """Trace and freeze (weights become constants). Saved in this form: the optimised form does not reload."""
     example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, device=device)
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), torchscript_calls():
         traced = torch.jit.trace(wrapper, example, check_trace=False)
         return torch.jit.freeze(traced.eval())
 
 
 def _optimize(module: torch.jit.ScriptModule, device: torch.device) -> torch.jit.ScriptModule:
     # Fuses conv+bn and picks oneDNN kernels on CPU; done after every load, it is cheap.
-    return torch.jit.optimize_for_inference(module) if device.type == "cpu" else module
+    if device.type != "cpu":
+        return module
+    with torchscript_calls():
+        return torch.jit.optimize_for_inference(module)
 
 
 def _load_cached(path: Path, device: torch.device) -> torch.jit.ScriptModule | None:
     if not path.is_file():
         return None
     try:
-        return torch.jit.load(str(path), map_location=device)
+        with torchscript_calls():
+            return torch.jit.load(str(path), map_location=device)
     except Exception as e:  # a corrupt or foreign file: rebuild rather than crash
         log.warning("compile cache entry %s is unreadable (%s); rebuilding it", path, e)
         path.unlink(missing_ok=True)
@@ -130,7 +135,7 @@ def _load_cached(path: Path, device: torch.device) -> torch.jit.ScriptModule | N
 
 def _save_cached(module: torch.jit.ScriptModule, path: Path) -> None:
     # Other workers loading at the same time see the old file or the whole new one.
-    with atomic.replacing(path) as tmp:
+    with atomic.replacing(path) as tmp, torchscript_calls():
         torch.jit.save(module, tmp)
 
 

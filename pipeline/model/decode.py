@@ -7,9 +7,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .deprecations import ignore_torchvision_decode_deprecation
+
 if TYPE_CHECKING:  # torch is imported on first decode: option defaults here must not pull it into the CLI
     import torch
 
+ignore_torchvision_decode_deprecation()
 DEFAULT_MAX_PIXELS = 100_000_000  # ~10k x 10k; above this a header is treated as a decompression bomb
 
 

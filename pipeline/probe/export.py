@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import warnings
 from pathlib import Path
 from typing import Any, List, Tuple
 
@@ -17,6 +16,7 @@ from torchvision.transforms.v2 import functional as TF
 from .. import atomic, store
 from ..errors import UserError
 from ..model.backbones import Backbone
+from ..model.deprecations import torchscript_calls
 from ..model.preprocess import Preprocess, UInt8Normalize
 from ..model.rebuild import missing_keys, rebuild_backbone
 
@@ -123,8 +123,7 @@ def build_classifier(model: nn.Module, pre: Preprocess, classes: List[str]) -> t
     for p in net.parameters():
         p.requires_grad_(False)
     example = torch.randint(0, 256, (2, 3, pre.input_size, pre.input_size), dtype=torch.uint8)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, message=".*deprecated")  # TorchScript is the contract
+    with torch.no_grad(), torchscript_calls():  # TorchScript is the exported contract
         traced = torch.jit.trace(net, example, check_trace=False)
         return torch.jit.script(RawImageClassifier(traced, pre, classes).eval())
 
@@ -132,8 +131,7 @@ def build_classifier(model: nn.Module, pre: Preprocess, classes: List[str]) -> t
 def save_scripted(module: torch.jit.ScriptModule, path: str | Path, info: dict[str, Any]) -> None:
     """Atomic save; ``info`` (classes, preprocessing, provenance) travels as the extra file ``embedpipe.json``."""
     buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, message=".*deprecated")
+    with torchscript_calls():
         torch.jit.save(module, buf, _extra_files={"embedpipe.json": json.dumps(info, sort_keys=True, default=str)})
     atomic.write_bytes(Path(path), buf.getvalue())
 
