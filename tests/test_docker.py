@@ -47,6 +47,8 @@ def test_images_install_the_torch_the_tests_run(path):
                             "(or test what the image ships)")
     pip_lines = [line for line in _instructions(path) if "pip install" in line]
     assert "torch==" in pip_lines[0], "torch must come first, so that the package's requirements keep it"
+    readme = (ROOT / "README.md").read_text()
+    assert f"torch {pins['torch']} and torchvision {pins['torchvision']}" in readme  # the Docker section says so
 
 
 def test_the_gpu_image_installs_the_ray_and_plots_extras():

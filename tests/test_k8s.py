@@ -53,8 +53,11 @@ def test_the_validator_refuses_a_misplaced_field():
         kubernetes_validate.validate(job, OLDEST, strict=True)
 
 
-def test_the_manifests_exist():
-    assert {p.name for p in MANIFESTS} >= {"embed-indexed-job.yaml", "index-job.yaml", "probe-job.yaml", "pvc.yaml"}
+def test_the_manifests_exist_and_the_readme_names_them():
+    ours = {"embed-indexed-job.yaml", "index-job.yaml", "probe-job.yaml", "pvc.yaml", "submit.sh"}
+    assert {p.name for p in [*MANIFESTS, *K8S.glob("*.sh")]} >= ours
+    scaling = (JOBS.parent / "README.md").read_text().split("## Scaling", 1)[1]
+    assert all(name in scaling for name in ours)
 
 
 def test_kubernetes_indexed_job_is_consistent():
