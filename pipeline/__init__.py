@@ -7,6 +7,7 @@ The Python API (each a thin entry to one stage; importing ``pipeline`` loads nei
     report = pipeline.build_index("run", "run/index")
     hits = pipeline.open_index("run/index").search_keys(["digits_000360"], k=5)
     probe = pipeline.train_probe("run", "run/probe", val_fraction=0.2)
+    pipeline.serve(["run/index"], port=8000)  # HTTP lookups and a web page (needs embedpipe[serve])
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
 
 from .version import __version__
 
-__all__ = ["__version__", "embed", "build_index", "open_index", "train_probe", "load_probe", "load_embeddings"]
+__all__ = ["__version__", "embed", "build_index", "open_index", "serve", "train_probe", "load_probe",
+           "load_embeddings"]
 
 
 def embed(shards: Sequence[str] | str, out: str | Path, **options: Any) -> EmbedSummary:
@@ -78,6 +80,23 @@ def open_index(path: str | Path, embeddings: str | Path | None = None, mmap: boo
     from .index.search import open_index as run
 
     return run(path, embeddings, mmap)
+
+
+def serve(indexes: Sequence[str | Path], **options: Any) -> None:
+    """Serve nearest-neighbour lookups in index directories over HTTP, with a web page, until interrupted.
+
+    ``options`` are the ``embedpipe serve`` options (``host``, ``port``, ``token``, ``max_body_mb``,
+    ``batch_wait_ms``, ``reload_every``, ...); see ``pipeline.service.options.ServeOptions``. An index
+    swapped by ``build_index(..., update=True)`` is picked up while serving. To mount the service inside
+    another ASGI app instead, use ``pipeline.service.create_app(indexes, **options)``. Needs ``embedpipe[serve]``.
+
+    Example:
+        >>> pipeline.serve(["run/index"], port=8000, token="a-long-secret")  # doctest: +SKIP
+        >>> # curl -H 'Authorization: Bearer a-long-secret' localhost:8000/search -F image=@cat.jpg
+    """
+    from .service.run import serve as run
+
+    run(indexes, **options)
 
 
 def train_probe(emb_dir: str | Path, out: str | Path, **options: Any) -> ProbeReport:

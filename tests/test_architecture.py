@@ -19,6 +19,7 @@ LAYERS = [
     ("pipeline.embedding",),
     ("pipeline.index", "pipeline.probe"),
     ("pipeline.bench", "pipeline.demo", "pipeline.verify"),
+    ("pipeline.service",),  # embedpipe serve: uses the index and model stages; only the API and the CLI use it
     ("pipeline",),  # the Python API (pipeline/__init__.py)
     ("pipeline.cli",),
     ("pipeline.__main__",),
@@ -159,8 +160,8 @@ def test_each_contract_is_written_in_one_module(literal, owner):
 def test_commands_are_listed_in_pipeline_order():
     from pipeline.cli import cli
 
-    assert list(cli.commands) == ["sample-data", "models", "embed", "status", "index", "index-merge", "search", "probe",
-                                  "predict", "knn", "finetune", "verify", "bench", "demo"]
+    assert list(cli.commands) == ["sample-data", "models", "embed", "status", "index", "index-merge", "search", "serve",
+                                  "probe", "predict", "knn", "finetune", "verify", "bench", "demo"]
 
 
 def test_help_imports_neither_torch_nor_faiss():

@@ -10,7 +10,7 @@ from .group import cli
 
 # Each stage's commands register on `cli` when imported; `embedpipe --help` lists them in this order.
 # isort: off
-from . import sample_data, models, embed, index, probe, verify, bench, demo  # noqa: F401,E402
+from . import sample_data, models, embed, index, serve, probe, verify, bench, demo  # noqa: F401,E402
 # isort: on
 
 

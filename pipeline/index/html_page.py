@@ -11,25 +11,35 @@ from typing import Any, Sequence
 from .. import atomic
 from ..embedding import tar
 from ..embedding.tar import IMAGE_EXTS
+from ..model.decode import DEFAULT_MAX_PIXELS
 
 THUMB = 160
 log = logging.getLogger(__name__)
 
 
-def thumbnail_uri(data: bytes | None) -> str | None:
-    """A small JPEG data URI of an encoded image; None when it cannot be decoded."""
+def thumbnail_jpeg(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes | None:
+    """A small JPEG of an encoded image (at most THUMB px a side); None when it cannot be decoded or is too large."""
     if not data:
         return None
     from PIL import Image, ImageOps
 
     try:
-        im = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+        im = Image.open(io.BytesIO(data))
+        if im.size[0] * im.size[1] > max_pixels:  # checked on the header, before any pixel is decoded
+            return None
+        im = ImageOps.exif_transpose(im)
         im.thumbnail((THUMB, THUMB))
         buf = io.BytesIO()
         im.convert("RGB").save(buf, "JPEG", quality=85)
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
+
+
+def thumbnail_uri(data: bytes | None) -> str | None:
+    """A small JPEG data URI of an encoded image; None when it cannot be decoded."""
+    jpeg = thumbnail_jpeg(data)
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode() if jpeg else None
 
 
 def images_by_key(wanted: dict[str, set[str]]) -> dict[tuple[str, str], bytes]:

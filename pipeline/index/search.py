@@ -7,9 +7,11 @@ Example:
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -72,7 +74,16 @@ class Index:
             raise UserError(f"{self.path / IDS_FILE} has {len(self.ids)} rows but the index holds "
                             f"{self.index.ntotal} vectors; the directory is damaged: rebuild it")
         self.embeddings = Path(embeddings) if embeddings else Path(self.meta.get("source", ""))
+        # Columns combined once: a take on the chunked table cost milliseconds per search. Shards and files repeat,
+        # so they are held as codes into small lists of names.
         self._key_col = self.ids.column("key").combine_chunks()
+        self._id_col = self.ids.column("id").to_numpy()
+        self._index_col = self.ids.column("index").to_numpy()
+        self._row_col = self.ids.column("row").to_numpy()
+        self._shard_codes, self._shard_names = _codes(self.ids.column("shard"))
+        self._file_codes, self._file_names = _codes(self.ids.column("file"))
+        self._key_ids: dict[str, int] | None = None
+        self._vector_cache: _FileCache | None = None
 
     def __repr__(self) -> str:
         model = self.meta.get("embedding_meta", {}).get("model", "?")
@@ -130,36 +141,78 @@ class Index:
     def _result(self, ids: np.ndarray, scores: np.ndarray, queries: list[str | None], is_self: np.ndarray
                 ) -> SearchResult:
         flat = np.maximum(ids.reshape(-1), 0)
-        rows = self.ids.take(pa.array(flat))
-        keys, shards, idx = (rows.column(c).to_pylist() for c in ("key", "shard", "index"))
+        keys = self._key_col.take(pa.array(flat)).to_pylist()
+        shards = self._shard_names[self._shard_codes[flat]].tolist()
+        idx = self._index_col[flat].tolist()
         w = ids.shape[1] if ids.ndim == 2 else 0
         split = (lambda xs: [xs[i * w:(i + 1) * w] for i in range(len(ids))])
         return SearchResult(ids, scores, split(keys), split(shards), split(idx), queries, is_self)
 
     def lookup(self, keys: Sequence[str]) -> np.ndarray:
         """FAISS ids of ``keys``; unknown keys are an error that names them."""
-        pos = pc.index_in(pa.array(list(keys), pa.string()), value_set=self._key_col).to_numpy(zero_copy_only=False)
-        missing = [k for k, p in zip(keys, pos) if np.isnan(p)] if pos.dtype.kind == "f" else []
+        ids = self.known_ids(keys)
+        missing = [k for k, i in zip(keys, ids) if i < 0]
         if missing:
             raise UserError(f"{len(missing)} key(s) not in the index {self.path}: {missing[:5]}; check the spelling "
                             f"(keys are listed in {self.path / IDS_FILE}) or --update the index with their shard")
-        ids = self.ids.column("id").to_numpy()
-        return ids[pos.astype(np.int64)]
+        return ids
+
+    def cache_lookups(self, vector_bytes: int = 0) -> None:
+        """Hold a key → id table (and up to ``vector_bytes`` of stored columns) in memory for many later lookups.
+
+        A one-off lookup hashes the key column anew (fine for one CLI query); a service answering key queries
+        builds the table once (about 100 bytes a key) and keeps the columns of recently used embedding files
+        (embeddings, captions) decoded.
+
+        Example:
+            >>> idx = open_index("runs/a/index"); idx.cache_lookups(vector_bytes=1 << 30)  # doctest: +SKIP
+        """
+        self._key_ids = dict(zip(self._key_col.to_pylist(), self._id_col.tolist()))
+        self._vector_cache = _FileCache(vector_bytes) if vector_bytes > 0 else None
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """The stored embeddings of ``ids``: read from the embedding shards, else reconstructed by FAISS."""
         ids = np.asarray(ids, np.int64)
-        rows = self.ids.take(pa.array(ids))
-        files, offs = rows.column("file").to_pylist(), rows.column("row").to_numpy()
         out = np.zeros((len(ids), self.dim), np.float32)
-        if all((self.embeddings / f).is_file() or (self.embeddings / store.EMBEDDINGS / f).is_file() for f in set(files)):
+        groups = self._by_file(ids)
+        cache = self._vector_cache
+        if all((cache is not None and (f, "embedding") in cache) or (self.embeddings / f).is_file()
+               or (self.embeddings / store.EMBEDDINGS / f).is_file() for f, _, _ in groups):
             base = store.embeddings_dir(self.embeddings)
-            for f in set(files):
-                sel = [i for i, g in enumerate(files) if g == f]
-                col = pq.read_table(base / f, columns=["embedding"]).column("embedding").take(pa.array(offs[sel]))
-                out[sel] = store.embedding_matrix(col)
+            for f, sel, rows in groups:
+                if cache is not None:
+                    out[sel] = cache.get((f, "embedding"), lambda: _read_vectors(base / f))[rows]
+                else:
+                    out[sel] = _read_vectors(base / f, rows)
             return out
         return self._reconstruct(ids)
+
+    def stored(self, ids: np.ndarray, column: str) -> list[Any]:
+        """Values of a column the embedding files keep (``txt``, ``json``, ``label``) for ``ids``; None where a
+        file lacks the column or is gone."""
+        ids = np.asarray(ids, np.int64)
+        out: list[Any] = [None] * len(ids)
+        if not self.embeddings.exists():
+            return out
+        base = store.embeddings_dir(self.embeddings)
+        for f, sel, rows in self._by_file(ids):
+            if self._vector_cache is not None:
+                col = self._vector_cache.get((f, column), lambda: _read_column(base / f, column))
+            else:
+                col = _read_column(base / f, column)
+            if col is not None:
+                for i, v in zip(sel.tolist(), col.take(pa.array(rows)).to_pylist()):
+                    out[i] = v
+        return out
+
+    def _by_file(self, ids: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """(embedding file name, positions in ``ids``, rows in that file) for each file that ``ids`` come from."""
+        codes = self._file_codes[ids]
+        groups = []
+        for c in np.unique(codes):
+            sel = np.flatnonzero(codes == c)
+            groups.append((str(self._file_names[c]), sel, self._row_col[ids[sel]]))
+        return groups
 
     def _reconstruct(self, ids: np.ndarray) -> np.ndarray:
         import faiss
@@ -198,10 +251,59 @@ class Index:
 
     def known_ids(self, keys: Sequence[str]) -> np.ndarray:
         """ids of ``keys`` where indexed, -1 elsewhere (for excluding self-matches of external batches)."""
+        if self._key_ids is not None:
+            return np.array([self._key_ids.get(k, -1) for k in keys], np.int64)
         pos = pc.index_in(pa.array(list(keys), pa.string()), value_set=self._key_col)
         filled = pc.fill_null(pos, -1).to_numpy(zero_copy_only=False).astype(np.int64)
-        ids = self.ids.column("id").to_numpy()
-        return np.where(filled >= 0, ids[np.maximum(filled, 0)], -1)
+        return np.where(filled >= 0, self._id_col[np.maximum(filled, 0)], -1)
+
+
+def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A string column as (int32 codes per row, numpy object array of the distinct values)."""
+    enc = pc.dictionary_encode(column.combine_chunks())
+    return enc.indices.to_numpy(zero_copy_only=False), np.array(enc.dictionary.to_pylist(), dtype=object)
+
+
+def _read_vectors(path: Path, rows: np.ndarray | None = None) -> np.ndarray:
+    """The stored embeddings of one embedding file (only ``rows`` when given), as float32."""
+    col = pq.read_table(path, columns=["embedding"]).column("embedding")
+    return store.embedding_matrix(col if rows is None else col.take(pa.array(rows)))
+
+
+def _read_column(path: Path, column: str) -> pa.Array | None:
+    """One stored column of an embedding file; None when the file lacks it or is gone."""
+    try:
+        if column not in pq.read_schema(path).names:
+            return None
+        return pq.read_table(path, columns=[column]).column(column).combine_chunks()
+    except (OSError, pa.ArrowInvalid):
+        return None
+
+
+class _FileCache:
+    """Columns of embedding files by (file, column), least recently used dropped first beyond ``max_bytes``."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.items: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def __contains__(self, name: tuple[str, str]) -> bool:
+        return name in self.items
+
+    def get(self, name: tuple[str, str], load: Callable[[], Any]) -> Any:
+        with self.lock:
+            if name in self.items:
+                self.items.move_to_end(name)
+                return self.items[name]
+        value = load()  # outside the lock: two threads may read the same file once each, none waits on another
+        with self.lock:
+            if name not in self.items:
+                self.items[name] = value
+                self.bytes += getattr(value, "nbytes", 0)
+            while len(self.items) > 1 and self.bytes > self.max_bytes:
+                self.bytes -= getattr(self.items.popitem(last=False)[1], "nbytes", 0)
+        return value
 
 
 def open_index(path: str | Path, embeddings: str | Path | None = None, mmap: bool = False) -> Index:

@@ -11,7 +11,7 @@ from .. import store
 from ..errors import UserError
 from .backbones import Backbone, load_backbone, with_input_size
 from .compile import build_extractor
-from .decode import SkipSample, decode_rgb
+from .decode import DEFAULT_MAX_PIXELS, SkipSample, decode_rgb
 from .device import resolve_device
 from .preprocess import Preprocess, resize_crop
 
@@ -50,23 +50,48 @@ def rebuild_backbone(meta: dict[str, Any]) -> Backbone:
     return bb
 
 
+class ImageEmbedder:
+    """The backbone recorded in ``meta``, built once, embedding encoded images exactly as the embed stage did.
+
+    For callers that embed many queries (a service): decoding (:meth:`prepare`, with the decompression-bomb
+    check of ``max_pixels``) is separate from the model call (:meth:`embed`), so bad images fail alone and
+    good ones from several requests go through the model as one batch.
+
+    Example:
+        >>> emb = ImageEmbedder(open_index("idx").meta["embedding_meta"])  # doctest: +SKIP
+        >>> emb.embed([emb.prepare(open("cat.jpg", "rb").read(), "cat.jpg")]).shape  # doctest: +SKIP
+        (1, 1280)
+    """
+
+    def __init__(self, meta: dict[str, Any], device: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS):
+        bb = rebuild_backbone(meta)
+        self.preprocess = Preprocess.from_dict(meta["preprocess"]) if meta.get("preprocess") else bb.preprocess
+        precision = meta.get("precision", "auto")
+        if precision == "fp16" and resolve_device(device).type == "cpu":
+            precision = "fp32"  # GPU-made fp16 embeddings, queried from a CPU: fp32 is the closest CPU can do
+        self.extractor = build_extractor(bb, device, precision, "eager")
+        self.normalize = bool(meta.get("normalize", True))
+        self.max_pixels = max_pixels
+        # What the vectors made here are comparable with (store.MODEL_KEYS).
+        self.identity = store.model_identity({**bb.record(), "preprocess": self.preprocess.to_dict()})
+
+    def prepare(self, data: bytes, name: str) -> torch.Tensor:
+        """Encoded image bytes -> the uint8 ``[3, S, S]`` model input; a bad or oversized image is a UserError."""
+        try:
+            return resize_crop(decode_rgb(data, self.preprocess.resize_size, self.max_pixels), self.preprocess)
+        except SkipSample as e:
+            raise UserError(f"cannot use image {name}: {e}") from None
+
+    def embed(self, images: Sequence[torch.Tensor]) -> np.ndarray:
+        """Float32 ``[N, D]`` embeddings of prepared images, in one model call."""
+        return self.extractor.embed(torch.stack(list(images)), self.normalize, "float32")
+
+
 def embed_images(paths: Sequence[str], meta: dict[str, Any], device: str = "auto") -> tuple[np.ndarray, dict[str, Any]]:
     """Embed image files exactly as the embed stage did for ``meta`` (an embedding shard's metadata).
 
     Returns the float32 ``[N, D]`` embeddings and the model identity used (:data:`store.MODEL_KEYS`), so
     callers can refuse to compare embeddings of different models.
     """
-    bb = rebuild_backbone(meta)
-    want = Preprocess.from_dict(meta["preprocess"]) if meta.get("preprocess") else bb.preprocess
-    images = []
-    for p in paths:
-        try:
-            images.append(resize_crop(decode_rgb(Path(p).read_bytes(), want.resize_size), want))
-        except SkipSample as e:
-            raise UserError(f"cannot use image {p}: {e}") from None
-    precision = meta.get("precision", "auto")
-    if precision == "fp16" and resolve_device(device).type == "cpu":
-        precision = "fp32"  # GPU-made fp16 embeddings, queried from a CPU: fp32 is the closest CPU can do
-    ex = build_extractor(bb, device, precision, "eager")
-    vectors = ex.embed(torch.stack(images), bool(meta.get("normalize", True)), "float32")
-    return vectors, store.model_identity({**bb.record(), "preprocess": want.to_dict()})
+    emb = ImageEmbedder(meta, device)
+    return emb.embed([emb.prepare(Path(p).read_bytes(), p) for p in paths]), emb.identity

@@ -1,0 +1,54 @@
+"""`embedpipe serve`: nearest-neighbour lookup over HTTP (and a web page) for one or more indexes."""
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ..config import config_option
+from ..service.options import TOKEN_ENV, ServeOptions
+from .group import cli
+
+D = ServeOptions  # the defaults shown here are the service's own
+
+
+@cli.command()
+@click.argument("index_dirs", nargs=-1, required=True)
+@click.option("--host", default=D.host, show_default=True, help="Address to listen on; 0.0.0.0 exposes the service (set --token).")
+@click.option("--port", type=int, default=D.port, show_default=True, help="TCP port (0: any free one, printed at start).")
+@click.option("--token", envvar=TOKEN_ENV, default=None, show_envvar=True, help="Bearer token every route requires (the page: open /?token=TOKEN once).")
+@click.option("--max-body-mb", type=float, default=D.max_body_mb, show_default=True, help="Largest request body (uploaded images included).")
+@click.option("--max-pixels", type=int, default=D.max_pixels, show_default=True, help="Refuse uploaded images whose header claims more pixels (decompression bombs).")
+@click.option("--max-k", type=int, default=D.max_k, show_default=True, help="Largest k a request may ask for.")
+@click.option("--max-queries", type=int, default=D.max_queries, show_default=True, help="Most keys, vectors or images in one request.")
+@click.option("--batch-wait-ms", type=float, default=D.batch_wait_ms, show_default=True, help="How long an image query waits for others to share its model call.")
+@click.option("--max-batch", type=int, default=D.max_batch, show_default=True, help="Most images in one model call.")
+@click.option("--threads", type=int, default=D.threads, show_default=True, help="Search/decode threads (0: one per core).")
+@click.option("--reload-every", type=float, default=D.reload_every, show_default=True, help="Seconds between checks for an index swapped by `index --update` (0: never).")
+@click.option("--device", default=D.device, show_default=True, help="Device of the image model (auto: CUDA if available).")
+@click.option("--cache-mb", type=int, default=D.cache_mb, show_default=True, help="Memory for decoded embedding files (key queries, captions).")
+@config_option
+def serve(index_dirs: tuple[str, ...], **options: Any) -> None:
+    """Serve nearest-neighbour lookups in INDEX_DIR (or NAME=INDEX_DIR; several allowed) over HTTP, with a page at /.
+
+    Routes: GET / (the page), GET /healthz, GET /indexes, POST /search (JSON: keys, vectors or base64 images;
+    or multipart image files), GET /thumb/INDEX/KEY. Needs `pip install 'embedpipe[serve]'`.
+
+    \b
+    Examples:
+      embedpipe serve runs/a/index                           # http://127.0.0.1:8000/
+      EMBEDPIPE_SERVE_TOKEN=$(openssl rand -hex 16) embedpipe serve a=runs/a/index b=runs/b/index --host 0.0.0.0
+      curl -s localhost:8000/search -H 'content-type: application/json' -d '{"keys": ["000123"], "k": 5}'
+      curl -s localhost:8000/search -F image=@cat.jpg -F k=5
+    """
+    try:
+        import python_multipart  # noqa: F401
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise click.ClickException(f"`embedpipe serve` needs the serve extra ({e.name} is missing): "
+                                   "pip install 'embedpipe[serve]'") from None
+    from ..service.run import serve as run
+
+    run(list(index_dirs), ready=lambda url: click.echo(f"serving {len(index_dirs)} index(es) at {url}", err=True),
+        **options)

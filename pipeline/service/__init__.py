@@ -1,0 +1,31 @@
+"""``embedpipe serve``: nearest-neighbour lookup over HTTP, with a web page, for indexes built by ``embedpipe index``.
+
+    options.py   ServeOptions (defaults, limits), index names
+    catalog.py   the loaded indexes and their hot reload when ``index --update`` swaps a directory
+    queries.py   POST /search bodies -> a checked Query
+    answer.py    a Query answered from one loaded index (captions, urls, thumbnail links)
+    batcher.py   image queries batched into one model call
+    thumbs.py    thumbnails read back from the shards the index records
+    guard.py     bearer token and request size limit (ASGI middleware)
+    page.py      the page at /
+    app.py       the Starlette app (``create_app``, mountable in another ASGI app)
+    run.py       ``serve``: the app on uvicorn
+
+Starlette and uvicorn come with the ``embedpipe[serve]`` extra; only ``app.py`` and ``run.py`` import them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .options import ServeOptions
+from .run import serve
+
+__all__ = ["ServeOptions", "create_app", "serve"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "create_app":  # imported on use: it needs the optional Starlette
+        from .app import create_app
+
+        return create_app
+    raise AttributeError(name)

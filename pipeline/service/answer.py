@@ -1,0 +1,97 @@
+"""One search, answered from one loaded version of an index (runs on the search pool, off the event loop).
+
+Each hit carries what the index records of it (key, score, shard, index in the shard, id), the caption
+(``txt``) and url (``json``'s ``url``) when the embedding files kept them, and the url of its thumbnail.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import PurePosixPath
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+
+from ..errors import UserError
+from .catalog import NotFound, Served
+from .queries import Query
+
+FILTER_FETCH = 4096  # with a shard filter, candidates are fetched up to this many per query before filtering
+
+
+def answer(served: Served, q: Query, x: np.ndarray | None, root: str = "") -> dict[str, Any]:
+    """The JSON answer to ``q``; ``x`` are the embeddings of its images (when it has images)."""
+    idx = served.index
+    exclude = None
+    if q.keys:
+        ids = idx.known_ids(q.keys)
+        missing = [k for k, i in zip(q.keys, ids) if i < 0]
+        if missing:
+            raise NotFound(f"{len(missing)} key(s) not in the index {served.name}: {missing[:5]}")
+        x, names, exclude, where = idx.vectors(ids), list(q.keys), ids, "stored vectors"
+    elif q.vectors is not None:
+        names, where = [f"vectors[{i}]" for i in range(len(q.vectors))], "vectors"
+        x = q.vectors
+    else:
+        names, where = [name for name, _ in q.images], f"the embedding of image {q.images[0][0]}"
+    records = _search(served, q, x, names, exclude, where)
+    thumb = f"{root}/thumb/{quote(served.name)}/"
+    _describe(served, [h for r in records for h in r["results"]], thumb)
+    if q.keys:
+        for r in records:
+            r["thumb"] = thumb + quote(r["query"])
+    return {"index": served.name, "generation": served.generation, "count": idx.count, "kind": q.kind, "k": q.k,
+            "results": records}
+
+
+def _search(served: Served, q: Query, x: np.ndarray, names: list[str], exclude: np.ndarray | None,
+            where: str) -> list[dict[str, Any]]:
+    """``SearchResult.records()``; with a shard filter, fetched deeper until k hits pass it (or FILTER_FETCH)."""
+    idx = served.index
+    fetch = q.k
+    while True:
+        try:
+            res = idx.search(x, fetch, queries=names, exclude_ids=exclude, include_self=q.include_self, where=where)
+        except UserError as e:  # the index names its directory; a client needs the index's name
+            raise UserError(str(e).replace(str(idx.path), served.name)) from None
+        records = res.records()
+        if q.shards is None:
+            return records
+        for r in records:
+            r["results"] = [h for h in r["results"] if h["shard"] in q.shards
+                            or PurePosixPath(h["shard"]).name in q.shards]
+        if all(len(r["results"]) >= q.k for r in records) or fetch >= min(idx.count, FILTER_FETCH):
+            break
+        fetch = min(fetch * 8, idx.count, FILTER_FETCH)
+    for r in records:
+        r["results"] = r["results"][:q.k]
+        for rank, h in enumerate(r["results"], 1):
+            h["rank"] = rank
+    return records
+
+
+def _describe(served: Served, hits: list[dict[str, Any]], thumb: str) -> None:
+    """Add ``caption``/``url`` (when the embedding files kept ``txt``/``json``) and ``thumb`` to each hit."""
+    if not hits:
+        return
+    ids = np.array([h["id"] for h in hits], np.int64)
+    captions = served.index.stored(ids, "txt")
+    extras = served.index.stored(ids, "json")
+    for h, cap, extra in zip(hits, captions, extras):
+        if cap:
+            h["caption"] = cap
+        url = _url(extra)
+        if url:
+            h["url"] = url
+        h["thumb"] = thumb + quote(h["key"])
+
+
+def _url(extra: str | None) -> str | None:
+    """The ``url`` of a sample's ``.json`` (as img2dataset writes it), if it has one."""
+    if not extra or '"url"' not in extra:
+        return None
+    try:
+        url = json.loads(extra).get("url")
+    except (ValueError, AttributeError):
+        return None
+    return url if isinstance(url, str) else None

@@ -1,0 +1,204 @@
+"""The ASGI app of ``embedpipe serve``: routes, the thread pools, and errors as 4xx JSON (never a traceback).
+
+Routes: ``GET /`` (the page), ``GET /healthz``, ``GET /indexes``, ``POST /search``, ``GET /thumb/{index}/{key}``.
+Nothing here writes a file, and no route opens a path taken from a request.
+
+The event loop only parses and answers: FAISS searches, key lookups, stored-column reads, image decoding and
+thumbnails run in a pool of ``threads`` (FAISS releases the GIL), and the model runs on its own thread, fed by
+one :class:`~pipeline.service.batcher.Batcher` per model.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Sequence
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from .. import store
+from ..errors import UserError
+from ..model.rebuild import REBUILD_KEYS
+from . import queries
+from .answer import answer
+from .batcher import Batcher
+from .catalog import Catalog, NotFound, Served
+from .guard import LimitBody, RequireToken
+from .options import ServeOptions, index_names
+from .page import PAGE
+from .thumbs import ShardImages
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    """What the routes share: the indexes, the pools, the image embedders (one per model) and their batchers."""
+
+    def __init__(self, dirs: dict[str, Path], options: ServeOptions):
+        self.options = options
+        self.catalog = Catalog(dirs, options)
+        self.pool = ThreadPoolExecutor(options.pool_size, thread_name_prefix="embedpipe-search")
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="embedpipe-model")
+        self.embedders: dict[str, Any] = {}  # model record (json) -> ImageEmbedder, built on first image query
+        self.batchers: dict[tuple[str, int], Batcher] = {}  # (model record, event loop) -> Batcher
+        self.thumbs = ShardImages(options.max_pixels)
+        self.started = time.time()
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the search pool, awaited without blocking the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def close(self) -> None:
+        self.catalog.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.model_thread.shutdown(wait=False, cancel_futures=True)
+
+    def _embedder(self, model: str, meta: dict[str, Any]) -> Any:
+        """On the model thread (so one build at a time): the embedder of this model, built on first use."""
+        if model not in self.embedders:
+            from ..model.rebuild import ImageEmbedder
+
+            log.warning("building the image model %s for queries (first image query)", meta.get("model"))
+            self.embedders[model] = ImageEmbedder(meta, self.options.device, self.options.max_pixels)
+        return self.embedders[model]
+
+    async def embed(self, served: Served, images: Sequence[tuple[str, bytes]]) -> np.ndarray:
+        """Embeddings of uploaded images with the index's model, batched with other requests' images."""
+        meta = served.index.meta.get("embedding_meta", {})
+        if not meta.get("model"):
+            raise UserError(f"the index {served.name} records no embedding model, so images cannot be embedded "
+                            "like its vectors; query it with vectors or keys")
+        model = json.dumps({k: meta.get(k) for k in (*REBUILD_KEYS, "layer", "precision", "normalize")},
+                           sort_keys=True, default=str)
+        loop = asyncio.get_running_loop()
+        emb = await loop.run_in_executor(self.model_thread, self._embedder, model, meta)
+        store.check_same_model(served.index.model, emb.identity, f"the model rebuilt for {served.name}",
+                               "rebuild the index with the model installed here")
+        prepared = await self.run(lambda: [emb.prepare(data, name) for name, data in images])
+        key = (model, id(loop))
+        if key not in self.batchers:
+            self.batchers[key] = Batcher(emb.embed, self.model_thread, self.options.batch_wait_ms / 1000,
+                                         self.options.max_batch)
+        return await self.batchers[key].embed(prepared)
+
+    def image_stats(self) -> dict[str, Any]:
+        batches = sum(b.batches for b in self.batchers.values())
+        images = sum(b.images for b in self.batchers.values())
+        return {"batches": batches, "images": images, "mean_batch": round(images / batches, 2) if batches else None}
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+async def get_page(request: Request) -> Response:
+    return HTMLResponse(PAGE, headers={"cache-control": "no-store", "x-content-type-options": "nosniff",
+                                       "content-security-policy": "default-src 'self'; img-src 'self' blob:; "
+                                                                  "style-src 'unsafe-inline'; "
+                                                                  "script-src 'unsafe-inline'"})
+
+
+async def get_healthz(request: Request) -> Response:
+    svc = _service(request)
+    cat = svc.catalog
+    return JSONResponse({"status": "ok", "uptime_s": round(time.time() - svc.started, 1),
+                         "indexes": {n: {"generation": s.generation, "count": s.index.count}
+                                     for n, s in cat.current.items()},
+                         "reloads": cat.reloads, "reload_errors": cat.reload_errors, "image_queries": svc.image_stats()})
+
+
+async def get_indexes(request: Request) -> Response:
+    return JSONResponse({"indexes": [s.info() for s in _service(request).catalog.current.values()]})
+
+
+async def post_search(request: Request) -> Response:
+    svc = _service(request)
+    t0 = time.perf_counter()
+    q = await queries.parse(request, svc.options)
+    served = svc.catalog.get(q.index)  # this version answers the whole request, even if a reload swaps it
+    x = await svc.embed(served, q.images) if q.images else None
+    out = await svc.run(answer, served, q, x, request.scope.get("root_path", ""))
+    out["took_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+    return JSONResponse(out)
+
+
+async def get_thumb(request: Request) -> Response:
+    svc = _service(request)
+    served = svc.catalog.get(request.path_params["index"])
+    key = request.path_params["key"]
+    ids = served.index.known_ids([key])  # the key is looked up in the id table, never used as a path
+    if ids[0] < 0:
+        raise NotFound(f"no key {key!r} in the index {served.name}")
+    shard = served.index.ids.column("shard")[int(ids[0])].as_py()
+    jpeg = await svc.run(svc.thumbs.thumbnail, shard, key)
+    if jpeg is None:
+        raise NotFound(f"the image of {key!r} could not be read back from its shard {Path(shard).name}")
+    return Response(jpeg, media_type="image/jpeg", headers={"cache-control": "private, max-age=3600"})
+
+
+def _error(status: int, message: str) -> Response:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def on_http(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return _error(exc.status_code, str(exc.detail))
+
+
+async def on_user(request: Request, exc: Exception) -> Response:
+    return _error(400, str(exc))
+
+
+async def on_not_found(request: Request, exc: Exception) -> Response:
+    return _error(404, str(exc))
+
+
+async def on_crash(request: Request, exc: Exception) -> Response:
+    # The traceback goes to the service's log (the server logs the exception re-raised after this answer),
+    # never to the client.
+    return _error(500, f"internal error ({type(exc).__name__}); the service log has the details")
+
+
+def create_app(indexes: Sequence[str | Path] | dict[str, str | Path], options: ServeOptions | None = None,
+               **overrides: Any) -> Starlette:
+    """The service as an ASGI app (mountable in another Starlette/FastAPI app); loads every index now.
+
+    ``indexes``: directories (named after themselves), ``NAME=DIR`` strings, or ``{name: dir}``.
+    ``overrides`` are :class:`ServeOptions` fields (``token``, ``max_body_mb``, ...).
+
+    Example:
+        >>> app = create_app(["runs/a/index"], token="s3cret-token")  # doctest: +SKIP
+        >>> parent.mount("/similar", app)  # doctest: +SKIP
+    """
+    opts = ServeOptions(**{**(options.__dict__ if options else {}), **overrides})
+    opts.validate()
+    dirs = ({n: Path(p) for n, p in indexes.items()} if isinstance(indexes, dict)
+            else index_names(list(indexes)))
+    svc = Service(dirs, opts)
+    svc.catalog.start()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        svc.close()
+
+    middleware = [Middleware(LimitBody, limit=opts.max_body)]
+    if opts.token:
+        middleware.insert(0, Middleware(RequireToken, token=opts.token))
+    app = Starlette(
+        routes=[Route("/", get_page), Route("/healthz", get_healthz), Route("/indexes", get_indexes),
+                Route("/search", post_search, methods=["POST"]), Route("/thumb/{index}/{key:path}", get_thumb)],
+        middleware=middleware, lifespan=lifespan,
+        exception_handlers={HTTPException: on_http, UserError: on_user, NotFound: on_not_found, Exception: on_crash})
+    app.state.service = svc
+    return app

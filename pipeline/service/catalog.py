@@ -1,0 +1,132 @@
+"""The indexes a service answers from, each loaded once and swapped for its new version when its directory changes.
+
+``embedpipe index --update`` builds the new version beside the old and exchanges the two directories in one
+step (``atomic.staged_dir``). A watcher thread notices the directory's new identity, loads the new version off
+the request path and swaps the reference; requests that already hold the old version finish with it (its files
+stay readable while open or mapped, even once removed), so no request fails because of an update.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..index.layout import META_FILE
+from ..index.search import Index, open_index
+from .options import ServeOptions
+
+log = logging.getLogger(__name__)
+
+
+class NotFound(Exception):
+    """No such index or key: a 404, with a message that says what exists."""
+
+
+def stamp(path: Path) -> tuple[int, ...] | None:
+    """What changes when the directory is swapped or rewritten; None while it is missing (mid-swap fallback)."""
+    try:
+        d, m = os.stat(path), os.stat(path / META_FILE)
+    except OSError:
+        return None
+    return (d.st_dev, d.st_ino, m.st_ino, m.st_mtime_ns, m.st_size)
+
+
+@dataclass
+class Served:
+    """One version of one index, as loaded: never changed after loading (a reload makes a new one)."""
+
+    name: str
+    path: Path
+    index: Index
+    stamp: tuple[int, ...] | None
+    generation: int
+    loaded_at: float = field(default_factory=time.time)
+
+    def info(self) -> dict[str, Any]:
+        """What ``GET /indexes`` says about it: from ``index.json``, never a filesystem path."""
+        meta, tuning = self.index.meta, self.index.meta.get("tuning", {})
+        emb = meta.get("embedding_meta", {})
+        return {"name": self.name, "count": self.index.count, "dim": self.index.dim, "kind": meta.get("kind"),
+                "factory": meta.get("factory"), "metric": meta.get("metric"), "model": emb.get("model"),
+                "weights": emb.get("weights"), "input_size": (emb.get("preprocess") or {}).get("input_size"),
+                "recall@1": tuning.get("recall@1"), "recall@10": tuning.get("recall@10"),
+                "search_params": meta.get("search_params", {}), "updated": meta.get("updated"),
+                "images": bool(emb.get("model")), "generation": self.generation,
+                "loaded_at": round(self.loaded_at, 3)}
+
+
+class Catalog:
+    """Every served index by name, the current version of each, and the watcher that reloads them."""
+
+    def __init__(self, dirs: dict[str, Path], options: ServeOptions):
+        self.options = options
+        self.dirs = dirs
+        self.current: dict[str, Served] = {}
+        self.reloads = 0
+        self.reload_errors: dict[str, str] = {}
+        self._failed: dict[str, tuple[int, ...]] = {}  # a version that would not load is not retried every tick
+        for name, path in dirs.items():  # all at start: a bad directory stops the service before it listens
+            self.current[name] = self._load(name, path, generation=1, st=stamp(path))
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def _load(self, name: str, path: Path, generation: int, st: tuple[int, ...] | None) -> Served:
+        idx = open_index(path)
+        idx.cache_lookups(vector_bytes=self.options.cache_mb << 20)
+        log.info("loaded index %s (generation %d): %r", name, generation, idx)
+        return Served(name, path, idx, st, generation)
+
+    def get(self, name: str | None) -> Served:
+        """The current version of ``name`` (the only index when None); UserError naming the choices otherwise."""
+        if name is None:
+            if len(self.current) == 1:
+                return next(iter(self.current.values()))
+            raise UserError(f"this service holds {len(self.current)} indexes; say which: \"index\": one of "
+                            f"{sorted(self.current)}")
+        try:
+            return self.current[name]
+        except KeyError:
+            raise NotFound(f"no index named {name!r}; GET /indexes lists them: {sorted(self.current)}") from None
+
+    def start(self) -> None:
+        """Start the watcher thread (once; a no-op with ``reload_every`` 0)."""
+        if self.options.reload_every > 0 and self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="embedpipe-reload", daemon=True)
+            self._watcher.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=10)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.options.reload_every):
+            self.check()
+
+    def check(self) -> list[str]:
+        """Reload every index whose directory changed; returns the names reloaded."""
+        done = []
+        for name, old in list(self.current.items()):
+            st = stamp(old.path)
+            if st is None or st == old.stamp or st == self._failed.get(name):
+                continue
+            try:
+                new = self._load(name, old.path, old.generation + 1, st)
+            except (UserError, OSError, RuntimeError, ValueError) as e:
+                # A directory mid-swap, or one replaced by something broken: keep serving the old version.
+                log.warning("index %s changed but cannot be loaded (still serving generation %d): %s",
+                            name, old.generation, e)
+                self.reload_errors[name], self._failed[name] = str(e), st
+                continue
+            self.current[name] = new  # one reference swap; requests holding `old` finish with it
+            self.reload_errors.pop(name, None)
+            self.reloads += 1
+            done.append(name)
+            log.warning("reloaded index %s: generation %d, %d vectors (was %d)", name, new.generation,
+                        new.index.count, old.index.count)
+        return done

@@ -1,0 +1,103 @@
+"""What stands before every route: the bearer token (when one is set) and the request size limit.
+
+Both are plain ASGI middleware, so they hold for every route, the 404s included, and for the app mounted
+inside another one. Browsers cannot put a header on an ``<img>`` request, so the page trades the token once
+(``/?token=...``) for an HttpOnly, SameSite=Strict cookie; API clients send ``Authorization: Bearer TOKEN``.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+from http.cookies import SimpleCookie
+from typing import Any, Awaitable, Callable
+from urllib.parse import parse_qsl, urlencode
+
+from starlette.exceptions import HTTPException
+
+Scope = dict[str, Any]
+ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
+COOKIE = "embedpipe_token"
+
+
+async def send_json(send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for k, v in scope.get("headers", ()):
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+class RequireToken:
+    """401 for any request without the token (``Authorization: Bearer``, or the page's cookie)."""
+
+    def __init__(self, app: ASGIApp, token: str):
+        self.app, self.token = app, token.encode()
+
+    def _ok(self, given: str | None) -> bool:
+        return given is not None and hmac.compare_digest(given.encode(), self.token)  # constant time
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        auth = _header(scope, b"authorization") or ""
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and self._ok(value.strip()):
+            return await self.app(scope, receive, send)
+        cookie = SimpleCookie(_header(scope, b"cookie") or "")
+        if COOKIE in cookie and self._ok(cookie[COOKIE].value):
+            return await self.app(scope, receive, send)
+        query = parse_qsl(scope.get("query_string", b"").decode("latin-1"))
+        token = next((v for k, v in query if k == "token"), None)
+        if scope["path"] == "/" and scope["method"] == "GET" and self._ok(token):
+            # The page's login: the token becomes a cookie and leaves the address bar (and the history).
+            rest = urlencode([(k, v) for k, v in query if k != "token"])
+            root = scope.get("root_path", "")
+            here = root + "/" + (f"?{rest}" if rest else "")
+            await send({"type": "http.response.start", "status": 303, "headers": [
+                (b"location", here.encode()), (b"content-length", b"0"),
+                (b"set-cookie", f"{COOKIE}={token}; HttpOnly; SameSite=Strict; Path={root or '/'}".encode())]})
+            return await send({"type": "http.response.body", "body": b""})
+        await send_json(send, 401, {"error": "this service needs its token: send 'Authorization: Bearer TOKEN' "
+                                             "(or open the page as /?token=TOKEN)"},
+                        [(b"www-authenticate", b'Bearer realm="embedpipe"')])
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than {limit} bytes (--max-body-mb); send fewer or "
+                              "smaller images")
+
+
+class LimitBody:
+    """413 for a body above ``limit`` bytes: refused on its Content-Length, or counted as it streams in."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = _header(scope, b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await send_json(send, 413 if length.isdigit() else 400,
+                                   {"error": BodyTooLarge(self.limit).detail if length.isdigit()
+                                    else "invalid Content-Length header"})
+        seen = 0
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:  # a chunked body without a length: stop reading it here
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, counted, send)

@@ -1,0 +1,79 @@
+"""The options of ``embedpipe serve`` (one frozen record the app, the CLI and ``pipeline.serve`` read), checked up front.
+
+Safe defaults: loopback only, bounded request bodies, bounded queries, images checked against ``max_pixels``
+before any pixel is allocated.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from ..model.decode import DEFAULT_MAX_PIXELS
+
+TOKEN_ENV = "EMBEDPIPE_SERVE_TOKEN"  # where --token is read from when not given (keeps it out of `ps`)
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # index names appear in urls: /thumb/{name}/{key}
+TOKEN = re.compile(r"^[A-Za-z0-9._~+/=-]{8,}$")  # sent in a header and kept in a cookie: no separators
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Options of ``embedpipe serve`` (checked by :meth:`validate` before any index is read)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+    max_body_mb: float = 16.0  # whole request, multipart images included
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_k: int = 1000
+    max_queries: int = 64  # keys, vectors or images in one request
+    batch_wait_ms: float = 5.0  # how long the first image query waits for others to share its model call
+    max_batch: int = 64  # images in one model call
+    threads: int = 0  # FAISS / decode / shard-reading threads; 0: one per core
+    reload_every: float = 1.0  # seconds between checks for a swapped index directory (0: never reload)
+    device: str = "auto"
+    cache_mb: int = 1024  # decoded embedding files kept for key queries
+    max_connections: int = 256  # beyond this uvicorn answers 503 instead of queueing without bound
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"--port {self.port} must be in 0..65535 (0: any free port)")
+        if self.token is not None and not TOKEN.match(self.token):
+            raise UserError("--token must be at least 8 characters of letters, digits and ._~+/=- (clients send it "
+                            "as 'Authorization: Bearer TOKEN'); e.g. `python -c 'import secrets; "
+                            "print(secrets.token_urlsafe())'`")
+        for name, value in (("--max-body-mb", self.max_body_mb), ("--max-pixels", self.max_pixels),
+                            ("--max-k", self.max_k), ("--max-queries", self.max_queries),
+                            ("--max-batch", self.max_batch), ("--max-connections", self.max_connections)):
+            if value <= 0:
+                raise UserError(f"{name} {value} must be positive")
+        if self.batch_wait_ms < 0 or self.reload_every < 0 or self.threads < 0 or self.cache_mb < 0:
+            raise UserError("--batch-wait-ms, --reload-every, --threads and --cache-mb cannot be negative")
+
+    @property
+    def max_body(self) -> int:
+        return int(self.max_body_mb * (1 << 20))
+
+    @property
+    def pool_size(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+
+def index_names(dirs: list[str | Path]) -> dict[str, Path]:
+    """``DIR`` or ``NAME=DIR`` arguments -> {name: directory}; a name defaults to the directory's own name."""
+    if not dirs:
+        raise UserError("give at least one INDEX_DIR (built by `embedpipe index`)")
+    out: dict[str, Path] = {}
+    for arg in map(str, dirs):
+        name, sep, path = arg.partition("=")
+        if not sep or not NAME.match(name) or Path(arg).exists():
+            name, path = Path(arg).resolve().name, arg
+        if not NAME.match(name):
+            raise UserError(f"index name {name!r} (of {arg}) is not usable in urls; pass NAME=DIR with a name of "
+                            "letters, digits, '.', '_' or '-'")
+        if name in out:
+            raise UserError(f"two indexes are named {name!r} ({out[name]} and {path}); pass NAME=DIR to tell them apart")
+        out[name] = Path(path)
+    return out

@@ -1,0 +1,137 @@
+"""The page at ``/``: drop an image or type a key, see the neighbours as thumbnails with captions and scores.
+
+One self-contained document (no external scripts, fonts or styles: the service may run where nothing else
+is reachable). It calls the same routes as any client, by relative urls, so it works under a mount prefix.
+Text from the index (keys, captions) is put in with ``textContent``, never as HTML. ``/?index=NAME&key=KEY&k=N``
+runs that search on load (links to a result, and the browser test).
+"""
+from __future__ import annotations
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>embedpipe search</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body { font-family: system-ui, sans-serif; margin: 1.5rem; background: #fafafa; color: #222; }
+form { display: flex; gap: .5rem; flex-wrap: wrap; align-items: center; margin-bottom: 1rem; }
+input[type=text] { width: 18rem; } input[type=number] { width: 4rem; }
+#drop { border: 2px dashed #999; padding: 1rem; margin-bottom: 1rem; text-align: center; color: #666; cursor: pointer; }
+#drop.over { border-color: #2a6; color: #2a6; }
+#error { color: #b00; margin-bottom: 1rem; white-space: pre-wrap; }
+#results { display: flex; gap: .75rem; flex-wrap: wrap; align-items: flex-start; }
+figure { margin: 0; width: 160px; text-align: center; }
+figure img { max-width: 160px; max-height: 160px; border: 1px solid #ccc; background: #fff; }
+figure.query img { border: 3px solid #2a6; }
+figcaption { font-size: .75rem; word-break: break-all; }
+.caption { color: #555; font-style: italic; }
+</style></head>
+<body data-state="idle">
+<h1>embedpipe search</h1>
+<form id="form">
+  <label>index <select id="index"></select></label>
+  <label>key <input id="key" type="text" placeholder="an indexed key, e.g. 000123"></label>
+  <label>k <input id="k" type="number" min="1" value="10"></label>
+  <button type="submit">search</button>
+</form>
+<div id="drop">drop an image here, or click to choose one
+  <input id="file" type="file" accept="image/*" hidden></div>
+<div id="error"></div>
+<div id="results"></div>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+
+async function api(path, init) {
+  const r = await fetch(path, init);
+  let body;
+  try { body = await r.json(); } catch (e) { body = {error: r.status + " " + r.statusText}; }
+  if (!r.ok) throw new Error(body.error || (r.status + " " + r.statusText));
+  return body;
+}
+
+function figure(src, lines, cls) {
+  const f = document.createElement("figure");
+  if (cls) f.className = cls;
+  const img = document.createElement("img");
+  img.alt = lines[0];
+  if (src) img.src = src;
+  f.appendChild(img);
+  const cap = document.createElement("figcaption");
+  lines.forEach((text, i) => {
+    const line = document.createElement("div");
+    if (i > 1) line.className = "caption";
+    line.textContent = text;
+    cap.appendChild(line);
+  });
+  f.appendChild(cap);
+  return f;
+}
+
+function show(answer, querySrc, queryName) {
+  const out = $("results");
+  out.replaceChildren(figure(querySrc, ["query: " + queryName], "query"));
+  const hits = answer.results.length ? answer.results[0].results : [];
+  for (const h of hits) {
+    const lines = ["#" + h.rank + " " + h.key, "score " + h.score.toFixed(3)];
+    if (h.caption) lines.push(h.caption);
+    out.appendChild(figure(h.thumb, lines));
+  }
+  document.body.dataset.hits = String(hits.length);
+  const imgs = Array.from(out.querySelectorAll("img"));
+  Promise.all(imgs.map((im) => im.complete ? null : new Promise((ok) => { im.onload = im.onerror = ok; })))
+    .then(() => { document.body.dataset.state = "done"; });
+}
+
+async function run(search) {
+  $("error").textContent = "";
+  document.body.dataset.state = "searching";
+  try { await search(); } catch (e) { $("error").textContent = e.message; document.body.dataset.state = "error"; }
+}
+
+function byKey(key) {
+  return run(async () => {
+    const body = {index: $("index").value, k: Number($("k").value), keys: [key]};
+    const answer = await api("search", {method: "POST", headers: {"content-type": "application/json"},
+                                        body: JSON.stringify(body)});
+    show(answer, answer.results[0].thumb, key);
+  });
+}
+
+function byImage(file) {
+  return run(async () => {
+    const form = new FormData();
+    form.append("index", $("index").value);
+    form.append("k", $("k").value);
+    form.append("image", file, file.name);
+    const answer = await api("search", {method: "POST", body: form});
+    show(answer, URL.createObjectURL(file), file.name);
+  });
+}
+
+$("form").addEventListener("submit", (e) => { e.preventDefault(); if ($("key").value) byKey($("key").value.trim()); });
+const drop = $("drop");
+drop.addEventListener("click", () => $("file").click());
+$("file").addEventListener("change", () => { if ($("file").files.length) byImage($("file").files[0]); });
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault(); drop.classList.remove("over");
+  if (e.dataTransfer.files.length) byImage(e.dataTransfer.files[0]);
+});
+
+run(async () => {
+  const listed = await api("indexes");
+  for (const ix of listed.indexes) {
+    const o = document.createElement("option");
+    o.value = ix.name;
+    o.textContent = ix.name + " (" + ix.count + " vectors, " + (ix.model || "no model") + ")";
+    $("index").appendChild(o);
+  }
+  if (params.get("index")) $("index").value = params.get("index");
+  if (params.get("k")) $("k").value = params.get("k");
+  document.body.dataset.state = "ready";
+  if (params.get("key")) { $("key").value = params.get("key"); await byKey(params.get("key")); }
+});
+</script>
+</body></html>
+"""

@@ -1,0 +1,187 @@
+"""``POST /search`` bodies -> one checked :class:`Query`; anything malformed is a 4xx with a message that says why.
+
+A body is JSON (``keys``, ``vectors`` or base64 ``images``) or multipart (``key`` fields or ``image`` files).
+Nothing in a request names a file: keys are looked up in the index's id table, images arrive as bytes.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+
+from .options import ServeOptions
+
+JSON_FIELDS = ("index", "k", "keys", "vectors", "images", "include_self", "filter")
+FORM_FIELDS = ("index", "k", "key", "image", "include_self", "shard")
+DEFAULT_K = 10
+
+
+@dataclass
+class Query:
+    """One search request: exactly one of keys, vectors or images, and how many neighbours of each."""
+
+    index: str | None
+    k: int
+    keys: list[str]
+    vectors: np.ndarray | None
+    images: list[tuple[str, bytes]]  # (name for messages, encoded bytes)
+    include_self: bool = False
+    shards: frozenset[str] | None = None  # keep only hits from these shards (url or file name)
+
+    @property
+    def kind(self) -> str:
+        return "keys" if self.keys else "vectors" if self.vectors is not None else "images"
+
+
+def bad(message: str, status: int = 400) -> HTTPException:
+    return HTTPException(status, message)
+
+
+class _InMemoryParser(MultiPartParser):
+    # Uploads stay in memory (bounded by the request size limit) instead of spilling to temporary files:
+    # no route of the service writes to disk.
+    spool_max_size = 1 << 62
+
+
+async def parse(request: Request, opts: ServeOptions) -> Query:
+    """The query of a ``POST /search`` request (JSON or multipart), checked against the service's limits."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise bad(f"the body is not valid JSON: {e}") from None
+        query = from_json(body, opts)
+    elif ctype == "multipart/form-data":
+        query = await from_form(request, opts)
+    else:
+        raise bad(f"POST /search takes application/json or multipart/form-data, not {ctype or 'no content-type'!r}",
+                  415)
+    n = len(query.keys) or len(query.images) or (len(query.vectors) if query.vectors is not None else 0)
+    if n > opts.max_queries:
+        raise bad(f"{n} queries in one request; at most {opts.max_queries} (--max-queries)", 413)
+    return query
+
+
+def _k(value: Any, opts: ServeOptions) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= opts.max_k:
+        raise bad(f"k must be an integer in 1..{opts.max_k}, got {value!r}")
+    return value
+
+
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    raise bad(f"{name} must be true or false, got {value!r}")
+
+
+def _strings(value: Any, name: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise bad(f"{name} must be a non-empty string or a list of them")
+    return value
+
+
+def _vectors(value: Any) -> np.ndarray:
+    try:
+        x = np.asarray(value, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise bad("vectors must be a list of equally long lists of numbers") from None
+    if x.ndim == 1:
+        x = x[None]
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise bad(f"vectors must be a list of equally long lists of numbers, got shape {list(x.shape)}")
+    if not np.isfinite(x).all():
+        raise bad("vectors hold NaN or infinite values")
+    return x
+
+
+def _image(value: Any, i: int) -> tuple[str, bytes]:
+    name, data = f"images[{i}]", value
+    if isinstance(value, dict):
+        name, data = str(value.get("name") or name), value.get("data")
+    if not isinstance(data, str):
+        raise bad(f"{name} must be a base64 string (or {{\"name\": ..., \"data\": base64}})")
+    if data.startswith("data:"):  # a data URI, as a browser's FileReader gives it
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad(f"{name} is not valid base64") from None
+    if not raw:
+        raise bad(f"{name} is empty")
+    return name, raw
+
+
+def _one_kind(keys: list[str], vectors: np.ndarray | None, images: list[tuple[str, bytes]]) -> None:
+    given = sum(map(bool, (keys, vectors is not None, images)))
+    if given != 1:
+        raise bad("give exactly one kind of query: \"keys\" (indexed items), \"vectors\" (embeddings of the index's "
+                  "model) or \"images\" (base64, or multipart image files)")
+
+
+def from_json(body: Any, opts: ServeOptions) -> Query:
+    """A query from a decoded JSON body; unknown fields are refused so that a typo is not silently ignored."""
+    if not isinstance(body, dict):
+        raise bad("the body must be a JSON object, e.g. {\"keys\": [\"000123\"], \"k\": 10}")
+    unknown = sorted(set(body) - set(JSON_FIELDS))
+    if unknown:
+        raise bad(f"unknown field(s) {unknown}; a search takes {', '.join(JSON_FIELDS)}")
+    keys = _strings(body["keys"], "keys") if body.get("keys") is not None else []
+    vectors = _vectors(body["vectors"]) if body.get("vectors") is not None else None
+    images_in = body.get("images") or []
+    if not isinstance(images_in, list):
+        images_in = [images_in]
+    images = [_image(v, i) for i, v in enumerate(images_in)]
+    _one_kind(keys, vectors, images)
+    index = body.get("index")
+    if index is not None and not isinstance(index, str):
+        raise bad("index must be the name of an index (GET /indexes lists them)")
+    filt = body.get("filter") or {}
+    if not isinstance(filt, dict) or set(filt) - {"shard"}:
+        raise bad("filter takes {\"shard\": [shard url or file name, ...]}")
+    shards = frozenset(_strings(filt["shard"], "filter.shard")) if "shard" in filt else None
+    return Query(index, _k(body.get("k", DEFAULT_K), opts), keys, vectors, images,
+                 _flag(body.get("include_self", False), "include_self"), shards)
+
+
+async def from_form(request: Request, opts: ServeOptions) -> Query:
+    """A query from a multipart form: ``key`` fields or ``image`` files, with ``index``, ``k``, ``shard``."""
+    parser = _InMemoryParser(request.headers, request.stream(), max_files=opts.max_queries,
+                             max_fields=4 * opts.max_queries + 8, max_part_size=1 << 20)
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise bad(f"malformed multipart body: {e.message}") from None
+    try:
+        unknown = sorted({name for name, _ in form.multi_items()} - set(FORM_FIELDS))
+        if unknown:
+            raise bad(f"unknown form field(s) {unknown}; a search takes {', '.join(FORM_FIELDS)}")
+        images = []
+        for i, f in enumerate(form.getlist("image")):
+            if not isinstance(f, UploadFile):
+                raise bad("image must be an uploaded file (multipart file field)")
+            data = await f.read()
+            if not data:
+                raise bad(f"image {f.filename or i} is empty")
+            images.append((f.filename or f"image[{i}]", data))
+        keys = [str(v) for v in form.getlist("key") if str(v)]
+        _one_kind(keys, None, images)
+        shards = frozenset(map(str, form.getlist("shard"))) or None
+        return Query(form.get("index") or None, _k(form.get("k", DEFAULT_K), opts), keys, None, images,
+                     _flag(form.get("include_self", "false"), "include_self"), shards)
+    finally:
+        await form.close()

@@ -1,0 +1,103 @@
+"""Thumbnails of indexed items, read back from the shards the index records (never from a path in a request).
+
+The search page reads a whole shard to pick out a few images; a service asked for one thumbnail at a time
+cannot. For a local uncompressed tar it reads the member headers once (seeking past the data), then one seek
+and read per image; other shards (compressed, remote) go through the page's own reader. ``pipe:`` urls are
+never run: they come from the index's data, and running them would let whoever wrote the data run commands.
+"""
+from __future__ import annotations
+
+import logging
+import tarfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from ..embedding.tar import IMAGE_EXTS
+from ..index.html_page import images_by_key, thumbnail_jpeg
+
+log = logging.getLogger(__name__)
+
+
+def _local_path(url: str) -> Path | None:
+    """The file a shard url names on this machine (plain path or file://); None for any other scheme."""
+    if url.startswith("file://"):
+        return Path(url[len("file://"):])
+    if ":" in url.split("/", 1)[0]:  # scheme:..., e.g. pipe:, s3:, https:
+        return None
+    return Path(url)
+
+
+def _members(path: Path) -> dict[str, tuple[int, int]]:
+    """``{key: (offset, size)}`` of each sample's image in an uncompressed tar (first image extension wins)."""
+    found: dict[str, dict[str, tuple[int, int]]] = {}
+    with tarfile.open(path, mode="r:") as tf:  # random access: headers only, the data is seeked past
+        for m in tf:
+            if not m.isfile():
+                continue
+            folder, _, base = m.name.rpartition("/")
+            stem, dot, ext = base.partition(".")  # webdataset's rule (as the embed stage reads it): key ends at the first dot
+            if dot and ext.lower() in IMAGE_EXTS:
+                key = f"{folder}/{stem}" if folder else stem
+                found.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
+    return {key: next(exts[e] for e in IMAGE_EXTS if e in exts) for key, exts in found.items()}
+
+
+class ShardImages:
+    """Thumbnail JPEGs by (shard url, key), with the member tables of recently used shards and recent thumbnails
+    kept (both bounded)."""
+
+    def __init__(self, max_pixels: int, shards: int = 256, thumbs: int = 4096):
+        self.max_pixels = max_pixels
+        self.tables: OrderedDict[str, dict[str, tuple[int, int]] | None] = OrderedDict()
+        self.thumbs: OrderedDict[tuple[str, str], bytes | None] = OrderedDict()
+        self.max_tables, self.max_thumbs = shards, thumbs
+        self.lock = threading.Lock()
+
+    def thumbnail(self, url: str, key: str) -> bytes | None:
+        """The thumbnail of ``key`` in the shard ``url``; None when the shard or the image is gone or unreadable."""
+        with self.lock:
+            if (url, key) in self.thumbs:
+                self.thumbs.move_to_end((url, key))
+                return self.thumbs[(url, key)]
+        jpeg = thumbnail_jpeg(self.image(url, key), self.max_pixels)
+        with self.lock:
+            self.thumbs[(url, key)] = jpeg
+            while len(self.thumbs) > self.max_thumbs:
+                self.thumbs.popitem(last=False)
+        return jpeg
+
+    def image(self, url: str, key: str) -> bytes | None:
+        """The encoded image of ``key`` as stored in its shard."""
+        if url.startswith("pipe:"):
+            log.warning("not opening %r: pipe: shard urls recorded in an index are not run", url)
+            return None
+        path = _local_path(url)
+        table = self._table(url, path) if path is not None else None
+        if table is None:  # compressed or remote: a streamed read of the shard
+            return images_by_key({url: {key}}).get((url, key))
+        where = table.get(key)
+        if where is None:
+            return None
+        try:
+            with open(path, "rb") as f:  # type: ignore[arg-type]
+                f.seek(where[0])
+                data = f.read(where[1])
+        except OSError:
+            return None
+        return data if len(data) == where[1] else None
+
+    def _table(self, url: str, path: Path) -> dict[str, tuple[int, int]] | None:
+        with self.lock:
+            if url in self.tables:
+                self.tables.move_to_end(url)
+                return self.tables[url]
+        try:
+            table: dict[str, tuple[int, int]] | None = _members(path)
+        except (OSError, tarfile.TarError):
+            table = None  # not a plain tar here (gzip, moved): streamed instead
+        with self.lock:
+            self.tables[url] = table
+            while len(self.tables) > self.max_tables:
+                self.tables.popitem(last=False)
+        return table

@@ -1,0 +1,163 @@
+"""The service's parts on their own: the image batcher, thumbnails from shards, index names, cached lookups, captions."""
+from __future__ import annotations
+
+import asyncio
+import gzip
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from pipeline import store
+from pipeline.errors import UserError
+from pipeline.index.build import run_index
+from pipeline.index.html_page import images_by_key
+from pipeline.index.options import IndexConfig
+from pipeline.index.search import open_index
+from pipeline.service import create_app
+from pipeline.service.batcher import Batcher
+from pipeline.service.options import index_names
+from pipeline.service.thumbs import ShardImages
+
+from index_data import META, clustered, write_shards
+from serve_helpers import post_json, running
+
+
+def run_batcher(sizes, wait_s=0.05, max_batch=8, fail=False):
+    """Requests of ``sizes`` images each, all at once; returns (their answers, the model calls' sizes)."""
+    calls, model = [], ThreadPoolExecutor(1)
+
+    def embed(images):
+        assert threading.current_thread() is not threading.main_thread()  # never on the event loop's thread
+        calls.append(len(images))
+        if fail:
+            raise RuntimeError("model broke")
+        return np.array([[float(i)] for i in images])
+
+    async def main():
+        b = Batcher(embed, model, wait_s, max_batch)
+        start, reqs = 0, []
+        for n in sizes:
+            reqs.append(b.embed(list(range(start, start + n))))
+            start += n
+        return await asyncio.gather(*reqs, return_exceptions=True), b.stats()
+
+    try:
+        answers, stats = asyncio.run(main())
+    finally:
+        model.shutdown()
+    return answers, calls, stats
+
+
+def test_batcher_groups_requests_and_splits_answers():
+    answers, calls, stats = run_batcher([1, 2, 3, 1])
+    assert calls == [7] and stats == {"batches": 1, "images": 7, "mean_batch": 7.0}
+    assert [a[:, 0].tolist() for a in answers] == [[0], [1, 2], [3, 4, 5], [6]]
+
+
+def test_batcher_respects_max_batch_and_keeps_requests_whole():
+    answers, calls, _ = run_batcher([3, 3, 3, 3, 1], max_batch=8)
+    assert calls == [6, 7] and sum(len(a) for a in answers) == 13
+    answers, calls, _ = run_batcher([10], max_batch=4)  # one request larger than a batch still goes in one call
+    assert calls == [10] and answers[0].shape == (10, 1)
+
+
+def test_batcher_reports_a_model_error_to_every_request_of_the_batch():
+    answers, calls, stats = run_batcher([1, 2], fail=True)
+    assert calls == [3] and all(isinstance(a, RuntimeError) for a in answers) and stats["batches"] == 0
+
+
+def test_thumbnails_from_plain_and_gzipped_shards_match_the_streamed_reader(digits_shards, tmp_path):
+    plain = str(digits_shards[0])
+    gz = tmp_path / "digits-000000.tar.gz"
+    gz.write_bytes(gzip.compress(digits_shards[0].read_bytes()))
+    images = ShardImages(max_pixels=10 ** 8)
+    keys = ["digits_000360", "digits_000196"]
+    streamed = images_by_key({plain: set(keys)})
+    for key in keys:
+        assert images.image(plain, key) == streamed[(plain, key)]  # one seek per image
+        assert images.image(str(gz), key) == streamed[(plain, key)]  # compressed: streamed
+        assert images.image(f"file://{plain}", key) == streamed[(plain, key)]
+    assert images.tables[str(gz)] is None and len(images.tables[plain]) == 100
+    assert images.image(plain, "no_such_key") is None and images.thumbnail(plain, "no_such_key") is None
+    assert images.image(str(tmp_path / "gone.tar"), keys[0]) is None
+    assert images.thumbnail(plain, keys[0])[:2] == b"\xff\xd8"
+    assert ShardImages(max_pixels=100).thumbnail(plain, keys[0]) is None  # above the pixel limit: not decoded
+
+
+def test_pipe_urls_recorded_in_an_index_are_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+    assert ShardImages(10 ** 8).thumbnail(f"pipe:touch {marker}; cat /dev/null", "k") is None
+    assert not marker.exists()
+
+
+def test_index_names(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b=c" / "idx").mkdir(parents=True)
+    assert index_names([tmp_path / "a", f"x={tmp_path / 'a'}"]) == {"a": tmp_path / "a", "x": tmp_path / "a"}
+    assert index_names([str(tmp_path / "b=c" / "idx")]) == {"idx": tmp_path / "b=c" / "idx"}  # a path, not NAME=
+    with pytest.raises(UserError, match="two indexes are named 'a'"):
+        index_names([tmp_path / "a", tmp_path / "a"])
+    with pytest.raises(UserError, match="not usable in urls"):
+        index_names([f"{tmp_path}/a b"])
+    with pytest.raises(UserError, match="at least one INDEX_DIR"):
+        index_names([])
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory):
+    """A flat index of vectors whose embedding files keep captions (``txt``) and img2dataset-style ``json``."""
+    tmp = tmp_path_factory.mktemp("captioned")
+    x = clustered(300, 16)
+    write_shards(tmp / "emb", x[:100], shards=1)  # no captions in this file
+    keys = [f"cap_{i:03d}" for i in range(200)]
+    extra = {"txt": [f"caption {i}" if i % 2 == 0 else None for i in range(200)],
+             "json": [f'{{"url": "https://example.com/{i}.jpg"}}' if i % 3 == 0 else "{}" for i in range(200)]}
+    t = store.embedding_table(keys, "cap.tar", range(200), [None] * 200, x[100:], dtype="float32", extra=extra,
+                              metadata={**META, "dim": 16, "dtype": "float32"})
+    store.write_table(tmp / "emb" / "embeddings" / "cap-000000.parquet", t)
+    run_index(IndexConfig(str(tmp / "emb"), out=str(tmp / "idx"), kind="flat"))
+    return tmp, x
+
+
+def test_cached_lookups_answer_like_uncached_ones(captioned):
+    tmp, x = captioned
+    plain, cached = open_index(tmp / "idx"), open_index(tmp / "idx")
+    cached.cache_lookups(vector_bytes=1 << 20)
+    keys = ["cap_007", "shard-000000_00003", "cap_150"]
+    assert plain.lookup(keys).tolist() == cached.lookup(keys).tolist()
+    assert cached.known_ids(["nope", "cap_000"]).tolist() == [-1, plain.lookup(["cap_000"])[0]]
+    with pytest.raises(UserError, match="1 key\\(s\\) not in the index"):
+        cached.lookup(["nope"])
+    for _ in range(2):  # the second time from the cache
+        np.testing.assert_array_equal(plain.vectors(plain.lookup(keys)), cached.vectors(cached.lookup(keys)))
+        a, b = plain.search_keys(keys, k=5), cached.search_keys(keys, k=5)
+        assert a.keys == b.keys and a.shards == b.shards and a.indices == b.indices
+        ids = cached.lookup(keys)
+        assert cached.stored(ids, "txt") == plain.stored(ids, "txt") == [None, None, "caption 150"]
+        assert plain.stored(ids, "no_such_column") == [None] * 3
+
+
+def test_answers_carry_captions_and_urls(captioned):
+    tmp, x = captioned
+    with running(create_app([tmp / "idx"])) as base:
+        r = post_json(f"{base}/search", {"vectors": [x[100 + 150].tolist()], "k": 1})
+        assert r.status == 200, r
+        hit = r.json()["results"][0]["results"][0]
+        r = post_json(f"{base}/search", {"images": ["aGVsbG8="]})
+        assert r.status == 400 and "unknown model" in r.json()["error"].lower()
+    assert hit["key"] == "cap_150" and hit["caption"] == "caption 150" and hit["url"] == "https://example.com/150.jpg"
+
+
+def test_a_directory_that_breaks_keeps_the_old_version_served(captioned, tmp_path):
+    tmp, _ = captioned
+    shutil.copytree(tmp / "idx", tmp_path / "idx")
+    app = create_app([tmp_path / "idx"], reload_every=0)  # checked by hand below
+    cat = app.state.service.catalog
+    (tmp_path / "idx" / "index.json").write_text("{ broken")
+    assert cat.check() == [] and "idx" in cat.reload_errors and cat.current["idx"].generation == 1
+    shutil.copy(tmp / "idx" / "index.json", tmp_path / "idx" / "index.json")
+    assert cat.check() == ["idx"] and cat.current["idx"].generation == 2 and cat.reload_errors == {}
+    app.state.service.close()
