@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from job_scripts import JOBS, VENV_BIN, script_env, stub
+from job_scripts import JOBS, VENV_BIN, run_script, script_env, stub
 from pipeline.cli import cli
 from pipeline.config import group_defaults, load_toml
 
@@ -95,12 +95,13 @@ if [[ $cmd == "{fail}" ]]; then echo "$cmd failed" >&2; exit {code}; fi
 def test_cron_second_concurrent_run_exits_0_and_the_first_runs_embed_then_index(tmp_path):
     log = _stub_embedpipe(tmp_path, sleep=1.0)
     env = script_env(tmp_path / "bin", SHARDS="/s/{000..002}.tar", OUT=str(tmp_path / "emb"), CONFIG="/c/cpu.toml")
-    first = subprocess.Popen(["bash", str(CRON)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(["bash", str(CRON)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
     deadline = time.time() + 10
     while not (log.exists() and log.read_text()) and time.time() < deadline:
         time.sleep(0.05)
     assert log.read_text().startswith("start "), "the first run never called embedpipe"
-    second = subprocess.run(["bash", str(CRON)], env=env, capture_output=True, text=True, timeout=10)
+    second = run_script(CRON, env, tmp_path, timeout=10)
     assert second.returncode == 0
     assert "previous run still active" in second.stdout
     out, err = first.communicate(timeout=20)
@@ -114,7 +115,7 @@ def test_cron_second_concurrent_run_exits_0_and_the_first_runs_embed_then_index(
     ]
     assert out.splitlines()[-1].endswith(" done")
     # Once the first run is over, the lock is free again.
-    again = subprocess.run(["bash", str(CRON)], env={**env, "CONFIG": ""}, capture_output=True, text=True, timeout=20)
+    again = run_script(CRON, {**env, "CONFIG": ""}, tmp_path, timeout=20)
     assert again.returncode == 0 and "previous run still active" not in again.stdout
     assert log.read_text().splitlines()[-2] == f"start index {emb} --out {emb}/index --update"  # no --config
 
@@ -128,7 +129,7 @@ def test_cron_second_concurrent_run_exits_0_and_the_first_runs_embed_then_index(
 def test_cron_propagates_failures(tmp_path, fail, code, expected_rc, index_called):
     log = _stub_embedpipe(tmp_path, fail=fail, code=code)
     env = script_env(tmp_path / "bin", SHARDS="s.tar", OUT=str(tmp_path / "emb"), INDEX=str(tmp_path / "idx"))
-    res = subprocess.run(["bash", str(CRON)], env=env, capture_output=True, text=True, timeout=20)
+    res = run_script(CRON, env, tmp_path, timeout=20)
     assert res.returncode == expected_rc
     assert any(line.startswith("start index") for line in log.read_text().splitlines()) == index_called
     assert f"{fail} failed" in res.stderr
@@ -136,8 +137,7 @@ def test_cron_propagates_failures(tmp_path, fail, code, expected_rc, index_calle
 
 def test_cron_requires_shards_and_out(tmp_path):
     _stub_embedpipe(tmp_path)
-    res = subprocess.run(["bash", str(CRON)], env=script_env(tmp_path / "bin", OUT=str(tmp_path)), capture_output=True,
-                         text=True)
+    res = run_script(CRON, script_env(tmp_path / "bin", OUT=str(tmp_path)), tmp_path)  # no SHARDS
     assert res.returncode != 0 and "set SHARDS to the shard spec" in res.stderr
 
 
@@ -155,11 +155,11 @@ def test_cron_with_the_real_embedpipe_embeds_and_indexes_only_new_shards(tmp_pat
     (shards / "digits-000002.tar").rename(extra / "digits-000002.tar")  # arrives after the first run
     env = script_env(VENV_BIN, SHARDS=str(shards / "*.tar"), OUT=str(tmp_path / "emb"),
                CONFIG=str(JOBS / "configs" / "smoke-cpu.toml"), EMBEDPIPE=str(exe))
-    res = subprocess.run(["bash", str(CRON)], env=env, capture_output=True, text=True, timeout=60)
+    res = run_script(CRON, env, tmp_path, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "embedded 40 samples" in res.stdout and "built " in res.stdout and "40 vectors" in res.stdout
     (extra / "digits-000002.tar").rename(shards / "digits-000002.tar")
-    res = subprocess.run(["bash", str(CRON)], env=env, capture_output=True, text=True, timeout=60)
+    res = run_script(CRON, env, tmp_path, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "embedded 20 samples" in res.stdout and "(2 already done" in res.stdout
     import json

@@ -17,12 +17,19 @@ SLURM = JOBS / "slurm"
 DEFAULT_CONFIG = JOBS / "configs" / "gpu-default.toml"  # what every script uses without CONFIG
 
 
-def test_submit_chains_embed_then_index_and_probe_after_any_end(tmp_path):
+def _stub_sbatch(tmp_path: Path, line: str, reply: str) -> Path:
+    """sbatch logging ``line`` (bash words: its variables, ``$*``) and answering ``reply`` (``$n``: the nth call)."""
     calls = tmp_path / "sbatch.log"
     stub(tmp_path / "bin", "sbatch", f"""n=$(( $(wc -l < {calls} 2>/dev/null || echo 0) + 1 ))
-echo "STEP=${{STEP:-}} PROBE=${{PROBE:-}} SHARDS=$SHARDS OUT=$OUT INDEX=$INDEX CONFIG=$CONFIG | $*" >> {calls}
-echo "$((1000 + n));cluster1"
+echo "{line}" >> {calls}
+echo "{reply}"
 """)
+    return calls
+
+
+def test_submit_chains_embed_then_index_and_probe_after_any_end(tmp_path):
+    calls = _stub_sbatch(tmp_path, "STEP=${STEP:-} PROBE=${PROBE:-} SHARDS=$SHARDS OUT=$OUT INDEX=$INDEX "
+                         "CONFIG=$CONFIG | $*", "$((1000 + n));cluster1")
     env = script_env(tmp_path / "bin", SHARDS="/d/s-{000..009}.tar", OUT="/d/emb/", TASKS="4",
                      LOGS=str(tmp_path / "logs"))
     res = run_script(SLURM / "submit.sh", env, cwd=tmp_path)
@@ -42,11 +49,7 @@ echo "$((1000 + n));cluster1"
 
 
 def test_submit_with_index_parts_trains_builds_parts_then_merges(tmp_path):
-    calls = tmp_path / "sbatch.log"
-    stub(tmp_path / "bin", "sbatch", f"""n=$(( $(wc -l < {calls} 2>/dev/null || echo 0) + 1 ))
-echo "STEP=${{STEP:-}} $*" >> {calls}
-echo "$((2000 + n))"
-""")
+    calls = _stub_sbatch(tmp_path, "STEP=${STEP:-} $*", "$((2000 + n))")
     env = script_env(tmp_path / "bin", SHARDS="x.tar", OUT="/e", INDEX_PARTS="3", PROBE="none", LOGS=str(tmp_path))
     res = run_script(SLURM / "submit.sh", env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr

@@ -16,7 +16,7 @@
 #   INDEX_PARTS  0: one index job; N > 0: train, then an N-task parts array, then merge   default: 0
 #   PROBE        probe folder; PROBE=none leaves the probe out (it also skips itself,
 #                saying so, when the embeddings have no labels)                        default: $OUT/probe
-#   CONFIG       whole-job TOML config             default: gpu-default.toml beside this script's folder
+#   CONFIG       whole-job TOML config               default: this repository's jobs/configs/gpu-default.toml
 #   EMBEDPIPE    the embedpipe executable on the nodes                                 default: embedpipe
 #   LOGS         folder for the jobs' logs: NAME-JOBID.out, NAME-JOBID_TASK.out for arrays  default: $OUT/logs
 # Partition, account, QOS: sbatch's own SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_QOS variables.
