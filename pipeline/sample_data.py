@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageEnhance
-from tqdm import tqdm
 
 from . import atomic
 from .errors import UserError
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def write_sample_shards(
     else:
         samples = _photo_samples(image_size, fmt, seed, limit, variants)
     paths: list[Path] = []
-    with tqdm(total=total, desc=f"sample-data {dataset}", unit="img", disable=None) as bar:
+    with Progress(log, f"sample-data {dataset}", total=total, unit="img") as bar:
         for i, chunk in enumerate(_chunks(samples, shard_size)):
             path = out / f"{dataset}-{i:06d}.tar"
             _write_tar_atomic(path, chunk)

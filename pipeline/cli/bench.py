@@ -10,6 +10,7 @@ from ..config import config_option
 from ..model.device import COMPILE_MODES, CPU_PRECISIONS
 from ..model.specs import DEFAULT_MODEL
 from .group import cli
+from .logs import quiet_option
 
 
 @cli.command()
@@ -23,6 +24,7 @@ from .group import cli
 @click.option("--quick", is_flag=True, help="Fewer images and shorter timings (under 2 minutes on 2 cores).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Keep shards and outputs here.")
+@quiet_option()
 @config_option
 def bench(model: str, weights: str, precision: str, compile_mode: str, batch_size: int, micro_batch: int | None, workers: int | None,
           quick: bool, json_path: str | None, workdir: str | None) -> None:

@@ -10,6 +10,7 @@ from ..embedding.options import ENGINES, OUT_DTYPES, EmbedConfig
 from ..embedding.tar import KEEPABLE
 from ..model.device import COMPILE_MODES, PRECISION_CHOICES
 from .group import cli
+from .logs import quiet_option
 
 D = EmbedConfig  # the defaults shown here are the embed stage's own
 
@@ -39,7 +40,7 @@ D = EmbedConfig  # the defaults shown here are the embed stage's own
 @click.option("--max-pixels", type=int, default=D.max_pixels, show_default=True, help="Images whose header claims more pixels are skipped (decompression bombs).")
 @click.option("--cache-dir", default=None, help="Compiled-model cache (default $EMBEDPIPE_CACHE or ~/.cache/embedpipe).")
 @click.option("--overwrite", is_flag=True, help="Replace embeddings made with different settings in --out.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar (batch jobs).")
+@quiet_option(expose=True)
 @config_option
 def embed(shards: tuple[str, ...], out: str, compile_mode: str, keep: str, **opts) -> None:
     """Embed WebDataset shards into Parquet files, one per shard (resumable)."""

@@ -10,6 +10,7 @@ from ..index.choose import KINDS, METRICS
 from ..index.options import IndexConfig
 from ..index.query import FORMATS
 from .group import cli
+from .logs import quiet_option
 
 D = IndexConfig  # the defaults shown here are the index stage's own
 
@@ -46,6 +47,7 @@ def _params(ctx: click.Context, param: click.Parameter, value: Any) -> dict[str,
 @click.option("--train-only", is_flag=True, help="Only train the shared quantizer that --parts builds against.")
 @click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Rows read per batch while adding.")
 @click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed of the training/query sample.")
+@quiet_option()
 @config_option
 def index(**options: Any) -> None:
     """Build a FAISS index of the embedding shards in EMB_DIR, tuned against exact search.
@@ -68,6 +70,7 @@ def index(**options: Any) -> None:
 @click.argument("index_dir", type=click.Path(file_okay=False))
 @click.option("--target-recall", type=float, default=D.target_recall, show_default=True, help="recall@10 the tuned nprobe must reach.")
 @click.option("--overwrite", is_flag=True, help="Replace INDEX_DIR if it exists.")
+@quiet_option()
 @config_option
 def index_merge(index_dir: str, target_recall: float, overwrite: bool) -> None:
     """Merge the parts in INDEX_DIR.parts/ into INDEX_DIR (FAISS on-disk inverted lists), then tune nprobe."""
@@ -91,6 +94,7 @@ def index_merge(index_dir: str, target_recall: float, overwrite: bool) -> None:
 @click.option("--params", callback=_params, default=None, help="Override tuned search parameters, e.g. nprobe=64.")
 @click.option("--embeddings-source", type=click.Path(), default=None, help="Where the indexed embedding folder lives now, if it moved.")
 @click.option("--html", type=click.Path(dir_okay=False), default=None, help="Also write a page with the query and neighbour images (with --key/--image).")
+@quiet_option()
 @config_option
 def search(index_dir: str, query: str | None, **options: Any) -> None:
     """Nearest neighbours in INDEX_DIR of QUERY: an indexed key, an image, a vectors .parquet or an embedding folder.

@@ -16,6 +16,7 @@ from ..probe.options import (
     ProbeOptions,
 )
 from .group import cli
+from .logs import quiet_option
 
 D, F = ProbeOptions, FinetuneOptions  # the defaults shown here are the probe stage's own
 
@@ -49,7 +50,7 @@ def _floats(ctx: click.Context, param: click.Parameter, value: Any) -> tuple[flo
 @click.option("--seed", type=int, default=D.seed, show_default=True)
 @click.option("--plots", is_flag=True, help="Also write confusion.png (needs the 'plots' extra: matplotlib).")
 @click.option("--export-classifier", type=click.Path(dir_okay=False), default=None, help="Also write a TorchScript classifier for raw images (backbone + this head).")
-@click.option("-q", "--quiet", is_flag=True, help="Only the summary line.")
+@quiet_option(expose=True)
 @config_option
 def probe(emb_dir: str, out: str, weight_decays: tuple[float, ...] | None, learning_rates: tuple[float, ...] | None,
           export_classifier: str | None, quiet: bool, **opts: Any) -> None:
@@ -91,6 +92,7 @@ def probe(emb_dir: str, out: str, weight_decays: tuple[float, ...] | None, learn
 @click.argument("emb_dir", type=click.Path())
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Prediction folder [default: PROBE_DIR/predictions].")
 @click.option("--batch-size", type=int, default=PREDICT_BATCH, show_default=True)
+@quiet_option()
 @config_option
 def predict(probe_dir: str, emb_dir: str, out: str | None, batch_size: int) -> None:
     """Classify every embedding with a trained probe: key, class, class_name, probability -> Parquet.
@@ -112,6 +114,7 @@ def predict(probe_dir: str, emb_dir: str, out: str | None, batch_size: int) -> N
 @click.option("-k", "--k", "ks", type=int, multiple=True, default=KNN_KS, show_default=True, help="Neighbours (repeat for several).")
 @click.option("--temperature", type=float, default=KNN_TEMPERATURE, show_default=True, help="Vote weight exp(cosine / T).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the result as JSON here.")
+@quiet_option()
 @config_option
 def knn(emb_dir: str, ks: tuple[int, ...], **opts: Any) -> None:
     """k-NN accuracy (cosine, weighted vote) of validation rows against training rows.
@@ -145,6 +148,7 @@ def knn(emb_dir: str, ks: tuple[int, ...], **opts: Any) -> None:
 @click.option("--workers", type=int, default=F.workers, show_default=True)
 @click.option("--seed", type=int, default=F.seed, show_default=True)
 @click.option("--compare-probe/--no-compare-probe", default=F.compare_probe, show_default=True, help="Also fit a linear probe on the same split.")
+@quiet_option()
 @config_option
 def finetune(shards: tuple[str, ...], val_shards: tuple[str, ...], out: str, **opts: Any) -> None:
     """Fine-tune the head and the last N blocks on tar shards (resumes from OUT/checkpoint.pt).

@@ -8,6 +8,7 @@ import click
 from ..config import config_option
 from ..sample_data import DATASETS, FORMATS, count_samples, write_sample_shards
 from .group import cli
+from .logs import quiet_option
 
 
 @cli.command("sample-data")
@@ -21,6 +22,7 @@ from .group import cli
               help="Image encoding; mixed picks JPEG or PNG per sample.")
 @click.option("--variants", type=click.IntRange(min=1), default=20, show_default=True, help="Augmented variants per photo (photos only).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sample order and augmentation.")
+@quiet_option()
 @config_option
 def sample_data(out: Path, dataset: str, shard_size: int, image_size: int, limit: int | None, fmt: str,
                 variants: int, seed: int) -> None:

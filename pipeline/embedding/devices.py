@@ -73,13 +73,25 @@ def _worker(wid: int, device: str, cfg: EmbedConfig, out: str, tasks: Any, resul
         if task is None:
             return
         url, name = task
-        rec, reason = embed_one_shard(url, name, state, bb, ex, cfg, workers)
+        rec, reason = embed_one_shard(url, name, state, bb, ex, cfg, workers, _Progress(results, wid, url))
         results.put(("done", wid, url, outcome(rec, reason)))
 
 
+class _Progress:
+    """A worker's images embedded, sent to the parent's progress bar (one message per batch)."""
+
+    def __init__(self, results: Any, wid: int, url: str):
+        self.results, self.wid, self.url = results, wid, url
+
+    def update(self, n: int) -> None:
+        self.results.put(("progress", self.wid, self.url, n))
+
+
 def run_on_devices(pending: list[str], names: dict[str, str], out: str, cfg: EmbedConfig, devices: list[str],
-                   summary: EmbedSummary) -> None:
+                   summary: EmbedSummary, progress: Any = None) -> None:
     """Embed ``pending`` shards with one process per device; fills ``summary`` like the single-process path.
+
+    ``progress`` (an EmbedProgress) counts every worker's images and each finished shard: one bar for all.
 
     Workers ask for work as they finish, so faster devices take more shards. A worker that dies is
     replaced; the shard it held is retried once by another worker, then recorded as failed.
@@ -124,15 +136,18 @@ def run_on_devices(pending: list[str], names: dict[str, str], out: str, cfg: Emb
                 raise UserError(f"every device worker died; {len(pending) - finished} shard(s) not embedded "
                                 "(rerun to retry them)")
             continue
-        if kind == "ready":
+        if kind == "progress":
+            if progress is not None:
+                progress.update(info)
+        elif kind == "ready":
             give_work(wid)
         elif kind == "done":
             current[wid] = None
             summary.add(url, **info)
             finished = summary.finished
+            if progress is not None:
+                progress.shard_finished(summary)
             give_work(wid)
-        if not cfg.quiet and kind == "done":
-            log.warning("shards %d/%d (%s on %s)", finished, len(pending), url.rsplit("/", 1)[-1], devices[wid])
     for wid, p in procs.items():
         if p.is_alive():
             inbox[wid].put(None)

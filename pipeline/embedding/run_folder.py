@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import atomic, store
 from ..errors import UserError
+from .shards import same_url
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,15 @@ class RunState:
             self.release()
             raise
 
+    def same_options(self, config: dict[str, Any], keys: Sequence[str]) -> bool:
+        """Whether ``run.json`` records these values of ``keys`` (False when there is no readable run.json)."""
+        try:
+            recorded = json.loads(self.run_json.read_text()).get("config", {})
+        except (OSError, ValueError):
+            return False
+        norm = (lambda v: list(v) if isinstance(v, tuple) else v)  # noqa: E731  (JSON has no tuples)
+        return all(k in recorded and norm(recorded[k]) == norm(config.get(k)) for k in keys)
+
     # -- per shard ---------------------------------------------------------------------------------
     def _done_path(self, name: str) -> Path:
         return self.state_dir / f"{name}{DONE_SUFFIX}"
@@ -176,7 +186,7 @@ class RunState:
         if not p.is_file() or not (self.emb_dir / f"{name}.parquet").is_file():
             return False
         try:
-            return json.loads(p.read_text()).get("url") == url
+            return same_url(json.loads(p.read_text()).get("url"), url)
         except (OSError, json.JSONDecodeError):
             return False
 

@@ -9,12 +9,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from tqdm import tqdm
-
 from ..errors import UserError
 from ..model.device import resolve_device, resolve_precision
 from ..version import __version__
-from .options import EmbedConfig, EmbedSummary
+from .options import EMBEDDING_OPTIONS, EmbedConfig, EmbedSummary
+from .progress import EmbedProgress
 from .run_folder import RunState
 from .shards import expand, output_names, partition
 from .worker import default_workers, fingerprint, iter_embedded, outcome, prepare_model
@@ -35,6 +34,7 @@ def embed(shards: Sequence[str] | str, out: str | Path, **options: Any) -> Embed
         >>> summary.failed  # doctest: +SKIP
         {}
     """
+    t0 = time.time()
     cfg = EmbedConfig(**options)
     cfg.validate()
     all_urls = expand([shards] if isinstance(shards, str) else shards)
@@ -54,21 +54,43 @@ def embed(shards: Sequence[str] | str, out: str | Path, **options: Any) -> Embed
         devices = parse_devices(cfg.devices)
     if devices and len(devices) == 1:
         cfg, devices = replace(cfg, device=devices[0], devices=None), None
+    state = RunState(Path(out), rank, world)
+    names = output_names(all_urls)  # from the full list, so every rank names every shard alike
+    if not cfg.overwrite and state.same_options(asdict(cfg), EMBEDDING_OPTIONS) and all(
+            state.is_done(u, names[u]) for u in urls):
+        return _nothing_to_do(all_urls, urls, names, state, t0)
     elsewhere = devices or cfg.engine == "ray"  # the model runs in other processes; here only the fingerprint
     main_cfg = replace(cfg, device="cpu", compile="eager", precision="fp32") if elsewhere else cfg
+    log.info("loading %s (weights %s)%s", cfg.model, cfg.weights, "" if elsewhere else f" for device {cfg.device}")
     bb, ex = prepare_model(main_cfg)  # with several devices: only for the fingerprint, on CPU
     if elsewhere:
         ex.precision = resolve_precision(cfg.precision, resolve_device(devices[0] if devices else cfg.device))
-    state = RunState(Path(out), rank, world)
     state.claim(fingerprint(bb, ex, cfg), {**asdict(cfg), "shards": len(all_urls), "version": __version__},
                 cfg.overwrite)
     previous = _exit_on_sigterm()
     try:
-        return _run(all_urls, urls, state, bb, ex, cfg, devices)
+        summary = _run(all_urls, urls, names, state, bb, ex, cfg, devices)
+        summary.setup_seconds = summary.started - t0
+        return summary
     finally:
         state.release()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _nothing_to_do(all_urls: list[str], urls: list[str], names: dict[str, str], state: RunState,
+                   t0: float) -> EmbedSummary:
+    """Every shard of this run is done with these options: no model is loaded (cron ticks, reruns)."""
+    log.info("every shard is already done (%d); nothing to embed, no model loaded", len(urls))
+    summary = EmbedSummary(state.out, shards_total=len(urls), shards_skipped=len(urls))
+    state.acquire()  # another run writing here still gets its "in use" error
+    try:
+        if all(state.is_done(u, names[u]) for u in all_urls):
+            state.mark_success()
+    finally:
+        state.release()
+    summary.setup_seconds = time.time() - t0
+    return summary
 
 
 def _exit_on_sigterm() -> Any:
@@ -82,32 +104,29 @@ def _exit_on_sigterm() -> Any:
     return signal.signal(signal.SIGTERM, handler)
 
 
-def _run(all_urls: list[str], urls: list[str], state: RunState, bb: Any, ex: Any, cfg: EmbedConfig,
-         devices: list[str] | None) -> EmbedSummary:
-    t0 = time.time()
-    names = output_names(all_urls)  # from the full list, so every rank names every shard alike
+def _run(all_urls: list[str], urls: list[str], names: dict[str, str], state: RunState, bb: Any, ex: Any,
+         cfg: EmbedConfig, devices: list[str] | None) -> EmbedSummary:
     summary = EmbedSummary(state.out, shards_total=len(urls))
     pending = [u for u in urls if not state.is_done(u, names[u])]
     state.remove_stale_temps([names[u] for u in urls])
     summary.shards_skipped = len(urls) - len(pending)
+    summary.started = time.time()
     if pending and cfg.engine == "ray":
         from .ray_engine import run_with_ray
 
         run_with_ray(pending, names, str(state.out), cfg, summary, cfg.ray_address)
-    elif pending and devices:
-        from .devices import run_on_devices
-
-        run_on_devices(pending, names, str(state.out), cfg, devices, summary)
     elif pending:
-        workers = cfg.workers if cfg.workers is not None else default_workers(ex.device)
-        bar = tqdm(desc="embed", unit="img", disable=cfg.quiet, dynamic_ncols=True, smoothing=0.1)
-        try:
-            for i, (url, rec, reason) in enumerate(iter_embedded(pending, names, state, bb, ex, cfg, workers, bar)):
-                bar.set_postfix_str(f"shards {i + 1}/{len(pending)}")
-                summary.add(url, **outcome(rec, reason))
-        finally:
-            bar.close()
-    summary.seconds = time.time() - t0
+        with EmbedProgress(pending, quiet=cfg.quiet) as bar:
+            if devices:
+                from .devices import run_on_devices
+
+                run_on_devices(pending, names, str(state.out), cfg, devices, summary, bar)
+            else:
+                workers = cfg.workers if cfg.workers is not None else default_workers(ex.device)
+                for url, rec, reason in iter_embedded(pending, names, state, bb, ex, cfg, workers, bar):
+                    summary.add(url, **outcome(rec, reason))
+                    bar.shard_finished(summary)
+    summary.seconds = time.time() - summary.started
     # The last rank to finish sees every shard of the full list done and marks the folder complete.
     if not summary.failed and all(state.is_done(u, names[u]) for u in all_urls):
         state.mark_success()

@@ -12,7 +12,6 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from .. import store
 from ..model.backbones import Backbone, load_backbone, with_input_size
@@ -102,15 +101,18 @@ class _ShardBuffer:
 
 
 def embed_one_shard(url: str, name: str, state: RunState, bb: Backbone, ex: Extractor, cfg: EmbedConfig,
-                    workers: int) -> tuple[ShardRecord | None, str | None]:
-    """The unit of work of every engine: one shard in, one committed Parquet file (or a failure) out."""
-    for _, rec, reason in iter_embedded([url], {url: name}, state, bb, ex, cfg, workers, None):
+                    workers: int, progress: Any = None) -> tuple[ShardRecord | None, str | None]:
+    """The unit of work of every engine: one shard in, one committed Parquet file (or a failure) out.
+
+    ``progress.update(n)`` (optional) hears of every ``n`` images embedded.
+    """
+    for _, rec, reason in iter_embedded([url], {url: name}, state, bb, ex, cfg, workers, progress):
         return rec, reason
     raise AssertionError("the reader ends every shard")
 
 
 def iter_embedded(pending: list[str], names: dict[str, str], state: RunState, bb: Backbone, ex: Extractor,
-                  cfg: EmbedConfig, workers: int, bar: tqdm | None) -> Iterator[tuple[str, ShardRecord | None, str | None]]:
+                  cfg: EmbedConfig, workers: int, bar: Any = None) -> Iterator[tuple[str, ShardRecord | None, str | None]]:
     """Stream ``pending`` shards through the DataLoader and the model; yield each shard once it is committed."""
     threads = torch.get_num_threads() if workers == 0 else 1
     data = ShardSamples(pending, bb.preprocess, cfg.batch_size, cfg.keep, cfg.max_pixels, decode_threads=threads)

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from .. import store
 from ..errors import UserError
+from ..progress import Progress
 from .choose import faiss_metric
 from .layout import IdsWriter, now
 from .tune import ExactKnn
@@ -52,7 +53,6 @@ def add_shards(index: Any, files: Sequence[Path], id_starts: Sequence[int], ids_
                gt: ExactKnn | None, batch_size: int, desc: str = "adding") -> int:
     """Stream ``files`` into ``index`` with ids ``id_start + row``, recording ids and feeding the exact k-NN."""
     import faiss
-    from tqdm import tqdm
 
     # IVF indexes take explicit ids (needed for parts); the others number vectors in add order, which we check
     ivf = faiss.try_extract_index_ivf(index) is not None and not isinstance(faiss.downcast_index(index),
@@ -60,7 +60,8 @@ def add_shards(index: Any, files: Sequence[Path], id_starts: Sequence[int], ids_
     crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
     total = sum(store.shard_info(f).rows for f in files)
     added = batches = 0
-    with tqdm(total=total, desc=desc, unit="vec", unit_scale=True, disable=None, leave=False) as bar:
+    log.info("%s %d vectors from %d shard(s)", desc, total, len(files))
+    with Progress(log, desc, total=total, unit="vec") as bar:
         for f, id_start in zip(files, id_starts):
             row = 0
             for batch in store.iter_batches(None, batch_size=batch_size, files=[f]):

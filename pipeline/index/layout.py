@@ -116,7 +116,6 @@ def result(out: Path, meta: dict[str, Any], added: int | None = None) -> dict[st
     summary = (f"{verb} {out}: {meta['factory']} ({meta['metric']}), {meta['count']} vectors of dim {meta['dim']} "
                f"from {len(meta['shards'])} shards; {params}; recall@1 {t['recall@1']:.3f}, recall@10 "
                f"{t['recall@10']:.3f} (target {t['target_recall']}), {t['latency_ms_p50']:.2f} ms/query")
-    log.info(summary)
     return {"path": str(out), "summary": summary, "meta": meta}
 
 

@@ -181,6 +181,8 @@ def tune(index: Any, queries: np.ndarray, self_ids: np.ndarray, gt_ids: np.ndarr
     t = Tuning(target_recall=target, queries=len(queries))
     space = search_params(index) if len(queries) else []
     if space:
+        log.info("tuning %s to recall@%d >= %s on %d held-out queries", "/".join(n for n, _ in space), k, target,
+                 len(queries))
         set_params(index, {name: values[-1] for name, values in space[1:]})  # secondaries generous while tuning
         for name, values in space:
             v, r = _smallest(index, name, values, lambda: measure(index, queries, self_ids, truth, k), target, t)

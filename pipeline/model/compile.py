@@ -176,6 +176,8 @@ def build_extractor(
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True  # weights are constants: fold BN, prepack conv weights (inference only)
+        log.info("compiling %s for %s/%s with inductor at the first batch (cached in %s)", bb.spec, dev.type, prec,
+                 cache / "inductor")
         ex = Extractor(torch.compile(wrapper, dynamic=False), dev, prec, compile, bb.num_features, cache / "inductor",
                        micro_batch=micro)
     else:
@@ -183,7 +185,8 @@ def build_extractor(
         module = _load_cached(path, dev)
         hit = module is not None
         if module is None:
-            log.info("compiling %s (%s, %s) with TorchScript; cached at %s", bb.spec, prec, dev, path)
+            log.info("compiling %s for %s/%s with TorchScript (first run for this model here; cached in %s)",
+                     bb.spec, dev.type, prec, cache)
             module = _trace(wrapper, bb.preprocess.input_size, dev)
             try:
                 _save_cached(module, path)

@@ -60,8 +60,10 @@ def remembered(cache_file: Path, key: str, forward: Callable[[torch.Tensor], tor
         known = {}
     if isinstance(known.get(key), int):
         return known[key]
+    log.info("measuring how many images per model call run fastest here (%s; once, remembered in %s)",
+             " or ".join(map(str, CANDIDATES)), cache_file)
     value = measure(forward, input_size)
-    log.info("model calls of %d images measured fastest on this machine (of %s)", value, CANDIDATES)
+    log.info("model calls of %d images measured fastest on this machine", value)
     known[key] = value
     try:
         atomic.write_json(cache_file, known)

@@ -20,6 +20,7 @@ from .. import atomic
 from ..errors import UserError
 from ..model.backbones import Backbone, load_backbone, with_input_size
 from ..model.preprocess import UInt8Normalize
+from ..progress import Progress
 from .export import attach_head, build_classifier, save_scripted
 from .labels import ClassMap, LabelSource
 from .linear import Standardizer, fit_lbfgs
@@ -205,7 +206,7 @@ def _optimizer(s: _Setup, opts: FinetuneOptions, n_train: int) -> tuple[torch.op
     return opt, sched
 
 
-def _train_epoch(s: _Setup, urls: Sequence[str], opts: FinetuneOptions, cmap: ClassMap, epoch: int,
+def _train_epoch(s: _Setup, urls: Sequence[str], opts: FinetuneOptions, cmap: ClassMap, epoch: int, n_train: int,
                  dev: torch.device, opt: torch.optim.Optimizer, sched: Any) -> float | None:
     """One pass over the training shards; the mean training loss."""
     s.net.eval()  # frozen blocks keep their BatchNorm statistics
@@ -213,13 +214,16 @@ def _train_epoch(s: _Setup, urls: Sequence[str], opts: FinetuneOptions, cmap: Cl
     for m in s.train_units:
         m.train()
     losses = []
-    for x, y in batches(urls, s.bb, opts, cmap, True, epoch):
-        loss = F.cross_entropy(s.net(x.to(dev)), y.to(dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+    with Progress(log, f"finetune epoch {epoch + 1}/{opts.epochs}", total=n_train, unit="img") as bar:
+        for x, y in batches(urls, s.bb, opts, cmap, True, epoch):
+            loss = F.cross_entropy(s.net(x.to(dev)), y.to(dev))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            bar.update(len(y))
+            bar.status(f"loss {np.mean(losses[-20:]):.3f}")
     return float(np.mean(losses)) if losses else None
 
 
@@ -265,7 +269,8 @@ def run_finetune(shards: Sequence[str], val_shards: Sequence[str], out: str | Pa
     if opts.input_size:
         bb = with_input_size(bb, opts.input_size)
     s = _setup(bb, cmap, opts, dev)
-    opt, sched = _optimizer(s, opts, int((cmap.encode(labels) >= 0).sum()))
+    n_train = int((cmap.encode(labels) >= 0).sum())
+    opt, sched = _optimizer(s, opts, n_train)
     ck = out / CHECKPOINT
     spec = {"model": bb.spec, "weights_sha256": bb.weights_sha256, "unfreeze": opts.unfreeze, "classes": cmap.classes,
             "input_size": bb.preprocess.input_size}
@@ -283,7 +288,7 @@ def run_finetune(shards: Sequence[str], val_shards: Sequence[str], out: str | Pa
         if opts.stop_after is not None and epoch - first >= opts.stop_after:
             break
         t0 = time.perf_counter()
-        loss = _train_epoch(s, urls, opts, cmap, epoch, dev, opt, sched)
+        loss = _train_epoch(s, urls, opts, cmap, epoch, n_train, dev, opt, sched)
         acc = evaluate(s.net, val_urls, bb, opts, cmap, dev)
         history.append({"epoch": epoch, "train_loss": loss, "val_top1": acc, "seconds": round(time.perf_counter() - t0, 2),
                         "probe_top1": probe_top1})

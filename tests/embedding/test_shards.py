@@ -4,11 +4,12 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.embedding.shards import expand, output_names, partition, stem
+from pipeline.embedding.shards import expand, output_names, partition, sample_count, stem
 
 
-def test_brace_range_expands_in_order():
-    assert expand(["d/s-{000..003}.tar"]) == ["d/s-000.tar", "d/s-001.tar", "d/s-002.tar", "d/s-003.tar"]
+def test_brace_range_expands_in_order_as_absolute_paths(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert expand(["d/s-{000..003}.tar"]) == [f"{tmp_path}/d/s-00{i}.tar" for i in range(4)]
 
 
 def test_glob_list_file_urls_and_dedup(tmp_path: Path):
@@ -53,3 +54,38 @@ def test_partition_exact_and_covering():
         assert sorted(s for p in parts for s in p) == sorted(shards)
     with pytest.raises(UserError):
         partition(shards, 2, 2)
+
+
+def img2dataset_folder(root: Path) -> Path:
+    """What img2dataset writes: NNNNN.tar with NNNNN.parquet and NNNNN_stats.json beside it, plus run files."""
+    root.mkdir()
+    for i, n in enumerate((7, 5)):
+        (root / f"{i:05d}.tar").write_bytes(b"")
+        (root / f"{i:05d}.parquet").write_bytes(b"PAR1")
+        (root / f"{i:05d}_stats.json").write_text(f'{{"count": 10, "successes": {n}, "failed_to_download": 1}}')
+    (root / "urls.tsv").write_text("url\tcaption\n")
+    return root
+
+
+def test_a_folder_means_its_tar_shards(tmp_path: Path, caplog):
+    root = img2dataset_folder(tmp_path / "i2d")
+    with caplog.at_level("INFO", logger="pipeline.embedding.shards"):
+        assert expand([str(root)]) == [f"{root}/00000.tar", f"{root}/00001.tar"]
+    assert "2 tar shards; 5 other entries skipped (e.g. 00000.parquet, 00000_stats.json, 00001.parquet)" in caplog.text
+    with pytest.raises(UserError, match="no tar shards .* in the folder"):
+        expand([str(tmp_path)])  # holds only the i2d folder
+
+
+def test_glob_skips_sidecars_and_an_explicit_sidecar_is_refused(tmp_path: Path):
+    root = img2dataset_folder(tmp_path / "i2d")
+    assert expand([f"{root}/*"]) == [f"{root}/00000.tar", f"{root}/00001.tar"]
+    with pytest.raises(UserError, match="00000.parquet is not a tar shard .a .parquet file."):
+        expand([f"{root}/00000.parquet"])
+    with pytest.raises(UserError, match="no tar shards"):
+        expand([f"{root}/*.json"])
+
+
+def test_img2dataset_stats_give_sample_counts(tmp_path: Path):
+    root = img2dataset_folder(tmp_path / "i2d")
+    assert [sample_count(u) for u in expand([str(root)])] == [7, 5]
+    assert sample_count(str(tmp_path / "other.tar")) is None and sample_count("pipe:cat x.tar") is None
