@@ -173,6 +173,7 @@ def staged_dir(final: Path) -> Iterator[Path]:
     """A temporary sibling of ``final`` to build into; swapped in on success, removed on failure."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700: others (a serving pod, a colleague) must read it too
     try:
         yield tmp
         if final.exists() and exchange_dirs(tmp, final):  # one atomic step: readers see old or new

@@ -114,7 +114,14 @@ class ShardInfo:
 
 def shard_info(path: Path) -> ShardInfo:
     """Rows, dim, dtype and metadata of one embedding shard, read from its footer."""
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise UserError(f"{path} is not a readable Parquet file ({e}); rerun `embedpipe embed` to redo its shard") from None
+    if "embedding" not in pf.schema_arrow.names:
+        raise UserError(f"{path} has no 'embedding' column (columns: {', '.join(pf.schema_arrow.names)}): it is not "
+                        f"an embedpipe embedding shard; pass the --out folder of `embedpipe embed` (img2dataset's own "
+                        f".parquet files list the samples, not their embeddings)")
     field = pf.schema_arrow.field("embedding")
     if not pa.types.is_fixed_size_list(field.type):
         raise UserError(f"{path}: column 'embedding' is {field.type}, expected fixed_size_list<float>[D]")

@@ -16,7 +16,6 @@ from .options import EMBEDDING_OPTIONS, EmbedConfig, EmbedSummary
 from .progress import EmbedProgress
 from .run_folder import RunState
 from .shards import expand, output_names, partition
-from .worker import default_workers, fingerprint, iter_embedded, outcome, prepare_model
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +58,9 @@ def embed(shards: Sequence[str] | str, out: str | Path, **options: Any) -> Embed
     if not cfg.overwrite and state.same_options(asdict(cfg), EMBEDDING_OPTIONS) and all(
             state.is_done(u, names[u]) for u in urls):
         return _nothing_to_do(all_urls, urls, names, state, t0)
+    # torch and the model only once there is something to embed (a no-op rerun stays well under a second)
+    from .worker import fingerprint, prepare_model
+
     elsewhere = devices or cfg.engine == "ray"  # the model runs in other processes; here only the fingerprint
     main_cfg = replace(cfg, device="cpu", compile="eager", precision="fp32") if elsewhere else cfg
     log.info("loading %s (weights %s)%s", cfg.model, cfg.weights, "" if elsewhere else f" for device {cfg.device}")
@@ -106,6 +108,8 @@ def _exit_on_sigterm() -> Any:
 
 def _run(all_urls: list[str], urls: list[str], names: dict[str, str], state: RunState, bb: Any, ex: Any,
          cfg: EmbedConfig, devices: list[str] | None) -> EmbedSummary:
+    from .worker import default_workers, iter_embedded, outcome
+
     summary = EmbedSummary(state.out, shards_total=len(urls))
     pending = [u for u in urls if not state.is_done(u, names[u])]
     state.remove_stale_temps([names[u] for u in urls])
