@@ -88,6 +88,8 @@ def batches(urls: Sequence[str], bb: Backbone, opts: FinetuneOptions, cmap: Clas
     source = LabelSource.make(field=opts.label_field)
     gen = torch.Generator().manual_seed(opts.seed * 1000 + epoch)
     for piece in DataLoader(ds, batch_size=None, num_workers=opts.workers):
+        if piece.failed:  # training on part of the data would not be what was asked for
+            raise UserError(f"cannot read the shard {piece.url}: {piece.failed}")
         if not len(piece.keys):
             continue
         raw = source.values(piece.extra, len(piece.keys)) if opts.label_field else piece.labels
@@ -147,6 +149,8 @@ def probe_baseline(bb: Backbone, urls, val_urls, opts, cmap, dev) -> float:
             for x, y in batches(u, bb, opts, cmap, False, 0):
                 xs.append(F.normalize(feats(x.to(dev)).float(), dim=1).cpu())
                 ys.append(y)
+        if not xs:
+            raise UserError(f"no sample of {', '.join(u[:3])} has a label of the training classes {cmap.names}")
         return torch.cat(xs), torch.cat(ys)
     xt, yt = collect(urls)
     xv, yv = collect(val_urls)
@@ -251,7 +255,7 @@ def run_finetune(shards: Sequence[str], val_shards: Sequence[str], out: str | Pa
         >>> run_finetune(["data/train-000000.tar"], ["data/val-000000.tar"], "runs/ft",
         ...              FinetuneOptions(unfreeze=2))  # doctest: +SKIP
     """
-    from ..embedding.shards import expand
+    from ..embedding.shards import expand, is_url
     from ..model.device import resolve_device
 
     opts = opts or FinetuneOptions()
@@ -259,6 +263,9 @@ def run_finetune(shards: Sequence[str], val_shards: Sequence[str], out: str | Pa
     urls, val_urls = expand(list(shards)), expand(list(val_shards))
     if not urls or not val_urls:
         raise UserError("finetune needs training SHARDS and --val SHARDS")
+    missing = [u for u in urls + val_urls if not is_url(u) and not Path(u).is_file()]
+    if missing:
+        raise UserError(f"shard {missing[0]} does not exist ({len(missing)} missing); check the paths")
     out = Path(out)
     dev = resolve_device(opts.device)
     labels = scan_tar_labels(urls, LabelSource.make(field=opts.label_field))

@@ -48,3 +48,10 @@ def test_finetune_improves_and_resumes(digits_shards, tmp_path, one_thread):
     assert clf(torch.zeros(2, 3, 80, 60, dtype=torch.uint8)).shape == (2, 10)
     with pytest.raises(UserError, match="other settings"):
         run_finetune(train, val, tmp_path, FinetuneOptions(**{**opts.__dict__, "unfreeze": 2}))
+
+
+def test_missing_shards_are_a_clear_error_before_training(digits_shards, tmp_path):
+    with pytest.raises(UserError, match="nope.tar does not exist"):
+        run_finetune([str(digits_shards[0])], [str(tmp_path / "nope.tar")], tmp_path / "ft",
+                     FinetuneOptions(model="torchvision:resnet18", weights="none", input_size=48, epochs=1))
+    assert not (tmp_path / "ft").exists()
