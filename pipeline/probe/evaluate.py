@@ -63,8 +63,9 @@ def report(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_confusion(conf: np.ndarray, names: list[str]) -> bytes:
-    """Row-normalised confusion matrix as PNG bytes (needs matplotlib: ``pip install 'embedpipe[plots]'``)."""
+def plot_confusion(conf: np.ndarray, names: list[str], title: str = "") -> bytes:
+    """Row-normalised confusion matrix as PNG bytes, titled, with class names (and counts when they fit);
+    needs matplotlib (``pip install 'embedpipe[plots]'``)."""
     try:
         import matplotlib
 
@@ -74,16 +75,28 @@ def plot_confusion(conf: np.ndarray, names: list[str]) -> bytes:
         raise UserError("--plots needs matplotlib: pip install 'embedpipe[plots]'") from None
     norm = conf / np.maximum(conf.sum(1, keepdims=True), 1)
     size = min(4 + 0.35 * len(names), 30)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig, ax = plt.subplots(figsize=(size + 1, size))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     if len(names) <= 50:
         ax.set_xticks(range(len(names)), names, rotation=90)
         ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    if len(names) <= 20:  # the counts themselves, readable at this size
+        for i, j in zip(*np.nonzero(conf)):
+            ax.text(j, i, str(conf[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title or "confusion matrix (rows: true class, normalised)", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
+
+
+def confusion_title(metrics: dict[str, Any]) -> str:
+    """``linear probe: top-1 95.3% (top-5 99.7%) on 359 validation rows, 10 classes``"""
+    top5 = f" (top-5 {metrics['top5'] * 100:.1f}%)" if "top5" in metrics else ""
+    return (f"linear probe: top-1 {metrics['top1'] * 100:.1f}%{top5} on {metrics['n_val']} validation rows, "
+            f"{metrics['num_classes']} classes")

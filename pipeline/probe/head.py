@@ -13,7 +13,7 @@ import torch
 
 from .. import atomic, store
 from ..errors import UserError
-from .evaluate import plot_confusion, report
+from .evaluate import confusion_title, plot_confusion, report
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,8 @@ def save_probe(out: Path, head: Head, metrics: dict[str, Any], plots: bool = Fal
              METRICS_FILE: (json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n").encode(),
              REPORT_FILE: (report(metrics) + "\n").encode()}
     if plots:
-        files[CONFUSION_FILE] = plot_confusion(np.asarray(metrics["confusion"]), metrics["classes"])
+        files[CONFUSION_FILE] = plot_confusion(np.asarray(metrics["confusion"]), metrics["classes"],
+                                               confusion_title(metrics))
     atomic.write_files(out, files)  # all of them or none: a killed probe leaves the previous set
 
 

@@ -174,3 +174,10 @@ def test_class_map_mixes_and_missing():
     assert cm.classes == [1, 3] and cm.encode([3, None, 7, 1]).tolist() == [1, -1, -1, 0]
     assert LabelSource.make(field="a.b").value({"json": ['{"a": {"b": "x"}}']}, 0) == "x"
     assert LabelSource.make(field="a.b").value({"json": ["not json"]}, 0) is None
+
+
+def test_confusion_png_is_titled_with_the_accuracy():
+    from pipeline.probe.evaluate import confusion_title
+
+    m = {"top1": 0.9, "top5": 1.0, "n_val": 100, "num_classes": 3}
+    assert confusion_title(m) == "linear probe: top-1 90.0% (top-5 100.0%) on 100 validation rows, 3 classes"
