@@ -27,6 +27,7 @@ D = ServeOptions  # the defaults shown here are the service's own
 @click.option("--reload-every", type=float, default=D.reload_every, show_default=True, help="Seconds between checks for an index swapped by `index --update` (0: never).")
 @click.option("--device", default=D.device, show_default=True, help="Device of the image model (auto: CUDA if available).")
 @click.option("--cache-mb", type=int, default=D.cache_mb, show_default=True, help="Memory for decoded embedding files (key queries, captions).")
+@click.option("--workers", type=int, default=D.workers, show_default=True, help="Processes sharing the port, each holding its own copy of the indexes.")
 @config_option
 def serve(index_dirs: tuple[str, ...], **options: Any) -> None:
     """Serve nearest-neighbour lookups in INDEX_DIR (or NAME=INDEX_DIR; several allowed) over HTTP, with a page at /.

@@ -82,8 +82,10 @@ class Index:
         self._row_col = self.ids.column("row").to_numpy()
         self._shard_codes, self._shard_names = _codes(self.ids.column("shard"))
         self._file_codes, self._file_names = _codes(self.ids.column("file"))
+        self._key_list: list[str] | None = None  # with cache_lookups: keys as Python strings, by id
         self._key_ids: dict[str, int] | None = None
         self._vector_cache: _FileCache | None = None
+        self._base: Path | None = None
 
     def __repr__(self) -> str:
         model = self.meta.get("embedding_meta", {}).get("model", "?")
@@ -141,7 +143,10 @@ class Index:
     def _result(self, ids: np.ndarray, scores: np.ndarray, queries: list[str | None], is_self: np.ndarray
                 ) -> SearchResult:
         flat = np.maximum(ids.reshape(-1), 0)
-        keys = self._key_col.take(pa.array(flat)).to_pylist()
+        if self._key_list is not None:
+            keys = [self._key_list[i] for i in flat.tolist()]
+        else:
+            keys = self._key_col.take(pa.array(flat)).to_pylist()
         shards = self._shard_names[self._shard_codes[flat]].tolist()
         idx = self._index_col[flat].tolist()
         w = ids.shape[1] if ids.ndim == 2 else 0
@@ -167,7 +172,8 @@ class Index:
         Example:
             >>> idx = open_index("runs/a/index"); idx.cache_lookups(vector_bytes=1 << 30)  # doctest: +SKIP
         """
-        self._key_ids = dict(zip(self._key_col.to_pylist(), self._id_col.tolist()))
+        self._key_list = self._key_col.to_pylist()  # the dict below shares these strings: 8 more bytes a key
+        self._key_ids = dict(zip(self._key_list, self._id_col.tolist()))
         self._vector_cache = _FileCache(vector_bytes) if vector_bytes > 0 else None
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
@@ -178,7 +184,7 @@ class Index:
         cache = self._vector_cache
         if all((cache is not None and (f, "embedding") in cache) or (self.embeddings / f).is_file()
                or (self.embeddings / store.EMBEDDINGS / f).is_file() for f, _, _ in groups):
-            base = store.embeddings_dir(self.embeddings)
+            base = self._embeddings_dir()
             for f, sel, rows in groups:
                 if cache is not None:
                     out[sel] = cache.get((f, "embedding"), lambda: _read_vectors(base / f))[rows]
@@ -187,32 +193,39 @@ class Index:
             return out
         return self._reconstruct(ids)
 
-    def stored(self, ids: np.ndarray, column: str) -> list[Any]:
-        """Values of a column the embedding files keep (``txt``, ``json``, ``label``) for ``ids``; None where a
-        file lacks the column or is gone."""
+    def stored(self, ids: np.ndarray, columns: Sequence[str]) -> dict[str, list[Any]]:
+        """Values of columns the embedding files keep (``txt``, ``json``, ``label``) for ``ids``, by column; None
+        where a file lacks the column or is gone."""
         ids = np.asarray(ids, np.int64)
-        out: list[Any] = [None] * len(ids)
+        out: dict[str, list[Any]] = {c: [None] * len(ids) for c in columns}
         if not self.embeddings.exists():
             return out
-        base = store.embeddings_dir(self.embeddings)
+        base = self._embeddings_dir()
         for f, sel, rows in self._by_file(ids):
-            if self._vector_cache is not None:
-                col = self._vector_cache.get((f, column), lambda: _read_column(base / f, column))
-            else:
-                col = _read_column(base / f, column)
-            if col is not None:
-                for i, v in zip(sel.tolist(), col.take(pa.array(rows)).to_pylist()):
-                    out[i] = v
+            for c in columns:
+                if self._vector_cache is not None:
+                    col = self._vector_cache.get((f, c), lambda: _read_column(base / f, c))
+                else:
+                    col = _read_column(base / f, c)
+                if col is not None:
+                    for i, v in zip(sel.tolist(), col.take(pa.array(rows)).to_pylist()):
+                        out[c][i] = v
         return out
+
+    def _embeddings_dir(self) -> Path:
+        if self._vector_cache is None:
+            return store.embeddings_dir(self.embeddings)
+        if self._base is None:  # looked up once when many lookups follow
+            self._base = store.embeddings_dir(self.embeddings)
+        return self._base
 
     def _by_file(self, ids: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """(embedding file name, positions in ``ids``, rows in that file) for each file that ``ids`` come from."""
-        codes = self._file_codes[ids]
-        groups = []
-        for c in np.unique(codes):
-            sel = np.flatnonzero(codes == c)
-            groups.append((str(self._file_names[c]), sel, self._row_col[ids[sel]]))
-        return groups
+        at: dict[int, list[int]] = {}  # a dict, not np.unique: a service's few ids at a time cost microseconds
+        for pos, code in enumerate(self._file_codes[ids].tolist()):
+            at.setdefault(code, []).append(pos)
+        return [(str(self._file_names[code]), sel, self._row_col[ids[sel]])
+                for code, sel in ((code, np.array(pos, np.int64)) for code, pos in at.items())]
 
     def _reconstruct(self, ids: np.ndarray) -> np.ndarray:
         import faiss

@@ -6,6 +6,7 @@ Each hit carries what the index records of it (key, score, shard, index in the s
 from __future__ import annotations
 
 import json
+import re
 from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import quote
@@ -17,6 +18,7 @@ from .catalog import NotFound, Served
 from .queries import Query
 
 FILTER_FETCH = 4096  # with a shard filter, candidates are fetched up to this many per query before filtering
+_URL_SAFE = re.compile(r"[A-Za-z0-9_.~/-]*")  # keys that need no quoting in a url path (most do not)
 
 
 def answer(served: Served, q: Query, x: np.ndarray | None, root: str = "") -> dict[str, Any]:
@@ -39,7 +41,7 @@ def answer(served: Served, q: Query, x: np.ndarray | None, root: str = "") -> di
     _describe(served, [h for r in records for h in r["results"]], thumb)
     if q.keys:
         for r in records:
-            r["thumb"] = thumb + quote(r["query"])
+            r["thumb"] = thumb + _quoted(r["query"])
     return {"index": served.name, "generation": served.generation, "count": idx.count, "kind": q.kind, "k": q.k,
             "results": records}
 
@@ -75,15 +77,18 @@ def _describe(served: Served, hits: list[dict[str, Any]], thumb: str) -> None:
     if not hits:
         return
     ids = np.array([h["id"] for h in hits], np.int64)
-    captions = served.index.stored(ids, "txt")
-    extras = served.index.stored(ids, "json")
-    for h, cap, extra in zip(hits, captions, extras):
+    kept = served.index.stored(ids, ("txt", "json"))
+    for h, cap, extra in zip(hits, kept["txt"], kept["json"]):
         if cap:
             h["caption"] = cap
         url = _url(extra)
         if url:
             h["url"] = url
-        h["thumb"] = thumb + quote(h["key"])
+        h["thumb"] = thumb + _quoted(h["key"])
+
+
+def _quoted(key: str) -> str:
+    return key if _URL_SAFE.fullmatch(key) else quote(key)
 
 
 def _url(extra: str | None) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -28,13 +29,12 @@ from starlette.routing import Route
 
 from .. import store
 from ..errors import UserError
-from ..model.rebuild import REBUILD_KEYS
 from . import queries
 from .answer import answer
 from .batcher import Batcher
 from .catalog import Catalog, NotFound, Served
 from .guard import LimitBody, RequireToken
-from .options import ServeOptions, index_names
+from .options import WORKERS_ENV, ServeOptions, index_names
 from .page import PAGE
 from .thumbs import ShardImages
 
@@ -74,6 +74,8 @@ class Service:
 
     async def embed(self, served: Served, images: Sequence[tuple[str, bytes]]) -> np.ndarray:
         """Embeddings of uploaded images with the index's model, batched with other requests' images."""
+        from ..model.rebuild import REBUILD_KEYS  # torch: imported with the first image query
+
         meta = served.index.meta.get("embedding_meta", {})
         if not meta.get("model"):
             raise UserError(f"the index {served.name} records no embedding model, so images cannot be embedded "
@@ -90,6 +92,19 @@ class Service:
             self.batchers[key] = Batcher(emb.embed, self.model_thread, self.options.batch_wait_ms / 1000,
                                          self.options.max_batch)
         return await self.batchers[key].embed(prepared)
+
+    def respond(self, served: Served, q: queries.Query, x: np.ndarray | None, root: str, t0: float) -> bytes:
+        """On the pool: the JSON answer to ``q`` from this version of the index (``x``: its images' embeddings)."""
+        out = answer(served, q, x, root)
+        out["took_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        return json.dumps(out).encode()
+
+    def answer_json(self, body: bytes, root: str, t0: float) -> bytes | queries.Query:
+        """On the pool: a JSON body's answer; or its query, when it has images for the model to embed first."""
+        q = queries.from_bytes(body, self.options)
+        if q.images:
+            return q
+        return self.respond(self.catalog.get(q.index), q, None, root, t0)
 
     def image_stats(self) -> dict[str, Any]:
         batches = sum(b.batches for b in self.batchers.values())
@@ -124,12 +139,15 @@ async def get_indexes(request: Request) -> Response:
 async def post_search(request: Request) -> Response:
     svc = _service(request)
     t0 = time.perf_counter()
-    q = await queries.parse(request, svc.options)
-    served = svc.catalog.get(q.index)  # this version answers the whole request, even if a reload swaps it
-    x = await svc.embed(served, q.images) if q.images else None
-    out = await svc.run(answer, served, q, x, request.scope.get("root_path", ""))
-    out["took_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-    return JSONResponse(out)
+    root = request.scope.get("root_path", "")
+    got = await queries.read(request, svc.options)
+    if isinstance(got, bytes):  # JSON: decoded, searched and encoded in one trip to the pool, unless it has images
+        got = await svc.run(svc.answer_json, got, root, t0)
+        if isinstance(got, bytes):
+            return Response(got, media_type="application/json")
+    served = svc.catalog.get(got.index)
+    x = await svc.embed(served, got.images) if got.images else None
+    return Response(await svc.run(svc.respond, served, got, x, root, t0), media_type="application/json")
 
 
 async def get_thumb(request: Request) -> Response:
@@ -202,3 +220,9 @@ def create_app(indexes: Sequence[str | Path] | dict[str, str | Path], options: S
         exception_handlers={HTTPException: on_http, UserError: on_user, NotFound: on_not_found, Exception: on_crash})
     app.state.service = svc
     return app
+
+
+def from_env() -> Starlette:
+    """The app of one worker process of ``embedpipe serve --workers N`` (uvicorn imports and calls this in each)."""
+    args = json.loads(os.environ[WORKERS_ENV])
+    return create_app(args["indexes"], ServeOptions(**args["options"]))

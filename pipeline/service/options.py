@@ -14,6 +14,7 @@ from ..errors import UserError
 from ..model.decode import DEFAULT_MAX_PIXELS
 
 TOKEN_ENV = "EMBEDPIPE_SERVE_TOKEN"  # where --token is read from when not given (keeps it out of `ps`)
+WORKERS_ENV = "EMBEDPIPE_SERVE_WORKER"  # how --workers N hands the indexes and options to each worker process
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # index names appear in urls: /thumb/{name}/{key}
 TOKEN = re.compile(r"^[A-Za-z0-9._~+/=-]{8,}$")  # sent in a header and kept in a cookie: no separators
 
@@ -36,6 +37,7 @@ class ServeOptions:
     device: str = "auto"
     cache_mb: int = 1024  # decoded embedding files kept for key queries
     max_connections: int = 256  # beyond this uvicorn answers 503 instead of queueing without bound
+    workers: int = 1  # processes sharing the port, each with its own copy of the indexes (and model)
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -46,7 +48,8 @@ class ServeOptions:
                             "print(secrets.token_urlsafe())'`")
         for name, value in (("--max-body-mb", self.max_body_mb), ("--max-pixels", self.max_pixels),
                             ("--max-k", self.max_k), ("--max-queries", self.max_queries),
-                            ("--max-batch", self.max_batch), ("--max-connections", self.max_connections)):
+                            ("--max-batch", self.max_batch), ("--max-connections", self.max_connections),
+                            ("--workers", self.workers)):
             if value <= 0:
                 raise UserError(f"{name} {value} must be positive")
         if self.batch_wait_ms < 0 or self.reload_every < 0 or self.threads < 0 or self.cache_mb < 0:

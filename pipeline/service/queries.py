@@ -51,24 +51,31 @@ class _InMemoryParser(MultiPartParser):
     spool_max_size = 1 << 62
 
 
-async def parse(request: Request, opts: ServeOptions) -> Query:
-    """The query of a ``POST /search`` request (JSON or multipart), checked against the service's limits."""
+async def read(request: Request, opts: ServeOptions) -> bytes | Query:
+    """A ``POST /search`` request's JSON body (decoded later, off the event loop, by :func:`from_bytes`) or its
+    parsed multipart form."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise bad(f"the body is not valid JSON: {e}") from None
-        query = from_json(body, opts)
-    elif ctype == "multipart/form-data":
-        query = await from_form(request, opts)
-    else:
-        raise bad(f"POST /search takes application/json or multipart/form-data, not {ctype or 'no content-type'!r}",
-                  415)
-    n = len(query.keys) or len(query.images) or (len(query.vectors) if query.vectors is not None else 0)
+        return await request.body()
+    if ctype == "multipart/form-data":
+        return await from_form(request, opts)
+    raise bad(f"POST /search takes application/json or multipart/form-data, not {ctype or 'no content-type'!r}", 415)
+
+
+def from_bytes(body: bytes, opts: ServeOptions) -> Query:
+    """The query of a JSON body."""
+    try:
+        obj = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad(f"the body is not valid JSON: {e}") from None
+    return from_json(obj, opts)
+
+
+def _counted(q: Query, opts: ServeOptions) -> Query:
+    n = len(q.keys) or len(q.images) or (len(q.vectors) if q.vectors is not None else 0)
     if n > opts.max_queries:
         raise bad(f"{n} queries in one request; at most {opts.max_queries} (--max-queries)", 413)
-    return query
+    return q
 
 
 def _k(value: Any, opts: ServeOptions) -> int:
@@ -154,8 +161,8 @@ def from_json(body: Any, opts: ServeOptions) -> Query:
     if not isinstance(filt, dict) or set(filt) - {"shard"}:
         raise bad("filter takes {\"shard\": [shard url or file name, ...]}")
     shards = frozenset(_strings(filt["shard"], "filter.shard")) if "shard" in filt else None
-    return Query(index, _k(body.get("k", DEFAULT_K), opts), keys, vectors, images,
-                 _flag(body.get("include_self", False), "include_self"), shards)
+    return _counted(Query(index, _k(body.get("k", DEFAULT_K), opts), keys, vectors, images,
+                          _flag(body.get("include_self", False), "include_self"), shards), opts)
 
 
 async def from_form(request: Request, opts: ServeOptions) -> Query:
@@ -181,7 +188,10 @@ async def from_form(request: Request, opts: ServeOptions) -> Query:
         keys = [str(v) for v in form.getlist("key") if str(v)]
         _one_kind(keys, None, images)
         shards = frozenset(map(str, form.getlist("shard"))) or None
-        return Query(form.get("index") or None, _k(form.get("k", DEFAULT_K), opts), keys, None, images,
-                     _flag(form.get("include_self", "false"), "include_self"), shards)
+        index = form.get("index") or None
+        if index is not None and not isinstance(index, str):
+            raise bad("index must be the name of an index (GET /indexes lists them)")
+        return _counted(Query(index, _k(form.get("k", DEFAULT_K), opts), keys, None, images,
+                              _flag(form.get("include_self", "false"), "include_self"), shards), opts)
     finally:
         await form.close()

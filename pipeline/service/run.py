@@ -2,13 +2,18 @@
 then serve until interrupted."""
 from __future__ import annotations
 
+import inspect
+import json
 import logging
+import os
 import socket
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import UserError
-from .options import ServeOptions
+from ..index.layout import read_meta
+from .options import WORKERS_ENV, ServeOptions, index_names
 
 log = logging.getLogger(__name__)
 
@@ -32,27 +37,44 @@ def url_of(sock: socket.socket) -> str:
 def serve(indexes: Sequence[str | Path], ready: Callable[[str], None] | None = None, **options: Any) -> None:
     """Serve ``indexes`` over HTTP until interrupted (Ctrl-C, SIGTERM); ``ready(url)`` once it listens.
 
-    ``options`` are :class:`ServeOptions` fields (``host``, ``port``, ``token``, ``max_body_mb``, ...).
+    ``options`` are :class:`ServeOptions` fields (``host``, ``port``, ``token``, ``max_body_mb``, ``workers``, ...).
+    With ``workers`` > 1, that many processes share the socket, each loading the indexes itself.
     """
     import uvicorn
 
-    from .app import create_app
-
     opts = ServeOptions(**options)
     opts.validate()
+    dirs = index_names(list(indexes))
     sock = listen(opts.host, opts.port)
     try:
-        app = create_app(indexes, opts)
-        server = uvicorn.Server(uvicorn.Config(
-            app, log_level=logging.getLogger().getEffectiveLevel(), lifespan="on", server_header=False,
-            # The access log would show the /?token=... of the page's login: on only when everyone's INFO is (-vv).
-            access_log=logging.getLogger().isEnabledFor(logging.INFO), limit_concurrency=opts.max_connections,
-            timeout_graceful_shutdown=30))
+        common = dict(log_level=logging.getLogger().getEffectiveLevel(), lifespan="on", server_header=False,
+                      # The access log would show the /?token=... of the page's login: on only with everyone's
+                      # INFO lines (-vv).
+                      access_log=logging.getLogger().isEnabledFor(logging.INFO),
+                      limit_concurrency=opts.max_connections, timeout_graceful_shutdown=30)
+        if opts.workers > 1:
+            from uvicorn.supervisors import Multiprocess
+
+            for path in dirs.values():
+                read_meta(path)  # a bad directory stops the service here, before any worker starts
+            os.environ[WORKERS_ENV] = json.dumps({"indexes": {n: str(p) for n, p in dirs.items()},
+                                                  "options": asdict(opts)})
+            config = uvicorn.Config("pipeline.service.app:from_env", factory=True, workers=opts.workers, **common)
+            if "target" in inspect.signature(Multiprocess).parameters:  # uvicorn before 0.36 names the target
+                supervisor = Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock])
+            else:
+                supervisor = Multiprocess(config, sockets=[sock])
+            run: Callable[[], None] = supervisor.run
+        else:
+            from .app import create_app
+
+            server = uvicorn.Server(uvicorn.Config(create_app(dirs, opts), **common))
+            run = lambda: server.run(sockets=[sock])  # noqa: E731
         if opts.host not in ("127.0.0.1", "::1", "localhost") and not opts.token:
             log.warning("serving on %s without --token: anyone who can reach this address can query the indexes "
                         "and read their images", opts.host)
         if ready:
             ready(url_of(sock))
-        server.run(sockets=[sock])
+        run()
     finally:
         sock.close()

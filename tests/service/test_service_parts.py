@@ -136,8 +136,8 @@ def test_cached_lookups_answer_like_uncached_ones(captioned):
         a, b = plain.search_keys(keys, k=5), cached.search_keys(keys, k=5)
         assert a.keys == b.keys and a.shards == b.shards and a.indices == b.indices
         ids = cached.lookup(keys)
-        assert cached.stored(ids, "txt") == plain.stored(ids, "txt") == [None, None, "caption 150"]
-        assert plain.stored(ids, "no_such_column") == [None] * 3
+        assert cached.stored(ids, ["txt"]) == plain.stored(ids, ["txt"]) == {"txt": [None, None, "caption 150"]}
+        assert plain.stored(ids, ["no_such_column"]) == {"no_such_column": [None] * 3}
 
 
 def test_answers_carry_captions_and_urls(captioned):
