@@ -199,26 +199,30 @@ def cli_per_query(index: Path, query: list[str], runs: int) -> dict[str, Any]:
 
 # -- the run ----------------------------------------------------------------------------------------------------
 
-def bench(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def in_process(index: Path, qkeys: list[str], a: argparse.Namespace) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """``open_index().search`` and ``search_keys`` from threads in this process: what the service is measured
+    against. Returns the query vectors (stored vectors of the first 500 query keys) and the rows."""
     from pipeline import open_index
 
+    idx = open_index(index)
+    idx.cache_lookups(vector_bytes=a.cache_mb << 20)  # the service does the same
+    qvecs = idx.vectors(idx.lookup(qkeys[:500]))
+    rows = []
+    for c in a.clients:
+        n, lat, err = hammer(lambda i: idx.search(qvecs[i % len(qvecs)], K), c, a.seconds, a.warmup)
+        rows.append(row("in-process", "vector", c, a.seconds, n, lat, err))
+        n, lat, err = hammer(lambda i: idx.search_keys([qkeys[i % len(qkeys)]], K), c, a.seconds, a.warmup)
+        rows.append(row("in-process", "key", c, a.seconds, n, lat, err))
+    return qvecs, rows
+
+
+def bench(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     index, keys, jpegs = prepare(workdir, a.n, a.model, a.weights, a.input_size, a.kind)
     logging.info("prepared %d vectors in %.0fs", a.n, time.perf_counter() - t0)
     rng = np.random.default_rng(1)
     qkeys = [keys[i] for i in rng.choice(len(keys), 2000, replace=False)]
-    idx = open_index(index)
-    idx.cache_lookups(vector_bytes=a.cache_mb << 20)  # the service does the same
-    qvecs = idx.vectors(idx.lookup(qkeys[:500]))
-    rows: list[dict[str, Any]] = []
-
-    for c in a.clients:  # in-process: the floor the service is measured against
-        n, lat, err = hammer(lambda i: idx.search(qvecs[i % len(qvecs)], K), c, a.seconds, a.warmup)
-        rows.append(row("in-process", "vector", c, a.seconds, n, lat, err))
-        n, lat, err = hammer(lambda i: idx.search_keys([qkeys[i % len(qkeys)]], K), c, a.seconds, a.warmup)
-        rows.append(row("in-process", "key", c, a.seconds, n, lat, err))
-    del idx
-
+    qvecs, rows = in_process(index, qkeys, a)  # the index is let go before the service loads its own copy
     proc, base = start_service(index, ["--cache-mb", str(a.cache_mb), "--batch-wait-ms", str(a.batch_wait_ms),
                                        "--workers", str(a.workers)])
     try:

@@ -10,6 +10,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -187,7 +188,7 @@ class Index:
             base = self._embeddings_dir()
             for f, sel, rows in groups:
                 if cache is not None:
-                    out[sel] = cache.get((f, "embedding"), lambda: _read_vectors(base / f))[rows]
+                    out[sel] = cache.get((f, "embedding"), partial(_read_vectors, base / f))[rows]
                 else:
                     out[sel] = _read_vectors(base / f, rows)
             return out
@@ -204,7 +205,7 @@ class Index:
         for f, sel, rows in self._by_file(ids):
             for c in columns:
                 if self._vector_cache is not None:
-                    col = self._vector_cache.get((f, c), lambda: _read_column(base / f, c))
+                    col = self._vector_cache.get((f, c), partial(_read_column, base / f, c))
                 else:
                     col = _read_column(base / f, c)
                 if col is not None:

@@ -55,10 +55,11 @@ class RequireToken:
             return await self.app(scope, receive, send)
         query = parse_qsl(scope.get("query_string", b"").decode("latin-1"))
         token = next((v for k, v in query if k == "token"), None)
-        if scope["path"] == "/" and scope["method"] == "GET" and self._ok(token):
+        root = scope.get("root_path", "")
+        path = scope["path"].removeprefix(root)  # when mounted, the path within the app
+        if path == "/" and scope["method"] == "GET" and self._ok(token):
             # The page's login: the token becomes a cookie and leaves the address bar (and the history).
             rest = urlencode([(k, v) for k, v in query if k != "token"])
-            root = scope.get("root_path", "")
             here = root + "/" + (f"?{rest}" if rest else "")
             await send({"type": "http.response.start", "status": 303, "headers": [
                 (b"location", here.encode()), (b"content-length", b"0"),

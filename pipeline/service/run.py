@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -69,7 +70,7 @@ def serve(indexes: Sequence[str | Path], ready: Callable[[str], None] | None = N
             from .app import create_app
 
             server = uvicorn.Server(uvicorn.Config(create_app(dirs, opts), **common))
-            run = lambda: server.run(sockets=[sock])  # noqa: E731
+            run = partial(server.run, sockets=[sock])
         if opts.host not in ("127.0.0.1", "::1", "localhost") and not opts.token:
             log.warning("serving on %s without --token: anyone who can reach this address can query the indexes "
                         "and read their images", opts.host)

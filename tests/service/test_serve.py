@@ -244,14 +244,19 @@ def test_mounted_under_another_app(data):
     from starlette.applications import Starlette
     from starlette.routing import Mount
 
-    child = create_app({"digits": data.idx})
+    child = create_app({"digits": data.idx}, token="mounted-token")
     parent = Starlette(routes=[Mount("/similar", app=child)])
     with running(parent) as base:
-        assert call(f"{base}/similar/indexes").json()["indexes"][0]["name"] == "digits"
-        hit = post_json(f"{base}/similar/search", {"keys": [KEY], "k": 1}).json()["results"][0]["results"][0]
+        assert call(f"{base}/similar/indexes").status == 401
+        login = call(f"{base}/similar/?token=mounted-token")
+        assert login.status == 303 and login.headers["location"] == "/similar/"
+        assert "Path=/similar;" in login.headers["set-cookie"] + ";"
+        ok = {"cookie": login.headers["set-cookie"].split(";")[0]}
+        assert call(f"{base}/similar/indexes", headers=ok).json()["indexes"][0]["name"] == "digits"
+        hit = post_json(f"{base}/similar/search", {"keys": [KEY], "k": 1}, ok).json()["results"][0]["results"][0]
         assert hit["thumb"].startswith("/similar/thumb/digits/")
-        assert call(base + hit["thumb"]).headers["content-type"] == "image/jpeg"
-        assert b"embedpipe search" in call(f"{base}/similar/").body
+        assert call(base + hit["thumb"], headers=ok).headers["content-type"] == "image/jpeg"
+        assert b"embedpipe search" in call(f"{base}/similar/", headers=ok).body
     child.state.service.close()  # a mounted app gets no lifespan events: its owner closes it
 
 

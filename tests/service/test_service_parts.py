@@ -123,7 +123,7 @@ def captioned(tmp_path_factory):
 
 
 def test_cached_lookups_answer_like_uncached_ones(captioned):
-    tmp, x = captioned
+    tmp, _ = captioned
     plain, cached = open_index(tmp / "idx"), open_index(tmp / "idx")
     cached.cache_lookups(vector_bytes=1 << 20)
     keys = ["cap_007", "shard-000000_00003", "cap_150"]
