@@ -42,13 +42,6 @@ def serve(index_dirs: tuple[str, ...], **options: Any) -> None:
       curl -s localhost:8000/search -H 'content-type: application/json' -d '{"keys": ["000123"], "k": 5}'
       curl -s localhost:8000/search -F image=@cat.jpg -F k=5
     """
-    try:
-        import python_multipart  # noqa: F401
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as e:
-        raise click.ClickException(f"`embedpipe serve` needs the serve extra ({e.name} is missing): "
-                                   "pip install 'embedpipe[serve]'") from None
     from ..service.run import serve as run
 
     run(list(index_dirs), ready=lambda url: click.echo(f"serving {len(index_dirs)} index(es) at {url}", err=True),

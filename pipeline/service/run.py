@@ -41,7 +41,12 @@ def serve(indexes: Sequence[str | Path], ready: Callable[[str], None] | None = N
     ``options`` are :class:`ServeOptions` fields (``host``, ``port``, ``token``, ``max_body_mb``, ``workers``, ...).
     With ``workers`` > 1, that many processes share the socket, each loading the indexes itself.
     """
-    import uvicorn
+    try:
+        import python_multipart  # noqa: F401  (Starlette's form parser)
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise UserError(f"serving needs the serve extra ({e.name} is missing): pip install 'embedpipe[serve]'") from None
 
     opts = ServeOptions(**options)
     opts.validate()
@@ -61,7 +66,7 @@ def serve(indexes: Sequence[str | Path], ready: Callable[[str], None] | None = N
             os.environ[WORKERS_ENV] = json.dumps({"indexes": {n: str(p) for n, p in dirs.items()},
                                                   "options": asdict(opts)})
             config = uvicorn.Config("pipeline.service.app:from_env", factory=True, workers=opts.workers, **common)
-            if "target" in inspect.signature(Multiprocess).parameters:  # uvicorn before 0.36 names the target
+            if "target" in inspect.signature(Multiprocess).parameters:  # older uvicorn takes the target too
                 supervisor = Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock])
             else:
                 supervisor = Multiprocess(config, sockets=[sock])

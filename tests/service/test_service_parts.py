@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import shutil
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +20,7 @@ from pipeline.index.search import open_index
 from pipeline.service import create_app
 from pipeline.service.batcher import Batcher
 from pipeline.service.options import index_names
+from pipeline.service.run import serve
 from pipeline.service.thumbs import ShardImages
 
 from index_data import META, clustered, write_shards
@@ -161,3 +163,9 @@ def test_a_directory_that_breaks_keeps_the_old_version_served(captioned, tmp_pat
     shutil.copy(tmp / "idx" / "index.json", tmp_path / "idx" / "index.json")
     assert cat.check() == ["idx"] and cat.current["idx"].generation == 2 and cat.reload_errors == {}
     app.state.service.close()
+
+
+def test_serving_without_the_extra_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
+    with pytest.raises(UserError, match=r"needs the serve extra \(uvicorn is missing\): pip install 'embedpipe\[serve\]'"):
+        serve(["idx"])
