@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 LAYERS = [
     ("pipeline.errors", "pipeline.version"),
     ("pipeline.config", "pipeline.atomic", "pipeline.progress"),
-    ("pipeline.store", "pipeline.sample_data"),
+    ("pipeline.store", "pipeline.sample_data", "pipeline.captions"),
     ("pipeline.model",),
     ("pipeline.embedding",),
     ("pipeline.index", "pipeline.probe"),

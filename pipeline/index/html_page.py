@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .. import atomic
+from ..captions import is_web_link
 from ..embedding import tar
 from ..embedding.tar import IMAGE_EXTS
 from ..model.decode import DEFAULT_MAX_PIXELS
@@ -56,8 +57,13 @@ def images_by_key(wanted: dict[str, set[str]]) -> dict[tuple[str, str], bytes]:
                     ext = next((e for e in IMAGE_EXTS if e in sample), None)
                     if ext:
                         found[(url, sample["__key__"])] = sample[ext]
-        except Exception:  # a shard that moved or broke: its thumbnails show as missing, the page still renders
+        except Exception as e:  # a shard that moved or broke: its thumbnails show as missing, the page still renders
+            log.warning("cannot read thumbnails of %d key(s) from %s (%s: %s); they show as missing", len(keys), url,
+                        type(e).__name__, e)
             continue
+        lost = sorted(k for k in keys if (url, k) not in found)
+        if lost:
+            log.warning("%d image(s) not found in %s (e.g. %s); they show as missing", len(lost), url, lost[0])
     return found
 
 
@@ -76,9 +82,13 @@ def render(records: Sequence[dict[str, Any]], out: str | Path, query_images: dic
             wanted.setdefault(query_shards[q], set()).add(q)
     images = images_by_key(wanted)
 
-    def cell(uri: str | None, caption: str, cls: str = "") -> str:
+    def cell(uri: str | None, caption: str, cls: str = "", hit: dict[str, Any] | None = None) -> str:
         img = f'<img src="{uri}" alt="{html.escape(caption)}">' if uri else '<div class="missing">image not found</div>'
-        return f'<figure class="{cls}">{img}<figcaption>{html.escape(caption)}</figcaption></figure>'
+        text = (hit or {}).get("caption")
+        more = f'<br><span class="text">{html.escape(text)}</span>' if text else ""
+        if is_web_link((hit or {}).get("url")):
+            more += f'<br><a href="{html.escape(hit["url"], quote=True)}" rel="noopener noreferrer">source</a>'
+        return f'<figure class="{cls}">{img}<figcaption>{html.escape(caption)}{more}</figcaption></figure>'
 
     rows = []
     for rec in records:
@@ -90,7 +100,7 @@ def render(records: Sequence[dict[str, Any]], out: str | Path, query_images: dic
         cells = [cell(q_uri, f"query: {q}", "query")]
         for hit in rec["results"]:
             cells.append(cell(thumbnail_uri(images.get((hit["shard"], hit["key"]))),
-                              f"#{hit['rank']} {hit['key']} · {hit['score']:.3f}"))
+                              f"#{hit['rank']} {hit['key']} · {hit['score']:.3f}", hit=hit))
         rows.append(f'<section class="row">{"".join(cells)}</section>')
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -101,6 +111,7 @@ figure {{ margin: 0; width: {THUMB}px; text-align: center; }}
 figure img {{ max-width: {THUMB}px; max-height: {THUMB}px; border: 1px solid #ccc; }}
 figure.query img {{ border: 3px solid #2a6; }}
 figcaption {{ font-size: .75rem; word-break: break-all; }}
+figcaption .text {{ color: #444; font-style: italic; word-break: normal; }}
 .missing {{ width: {THUMB}px; height: {THUMB}px; background: #eee; display: flex; align-items: center;
             justify-content: center; font-size: .75rem; color: #888; }}
 </style></head><body>

@@ -50,9 +50,10 @@ def embeddings_batches(path: str | Path, batch_size: int = 4096) -> Iterator[sto
     yield from store.iter_batches(path, batch_size=batch_size, files=src.files)
 
 
-def format_result(res: SearchResult, fmt: str) -> str:
-    """``table`` (rank, key, score, shard; a query column when there are several), ``json`` or ``jsonl``."""
-    recs = res.records()
+def format_result(res: SearchResult | list[dict[str, Any]], fmt: str) -> str:
+    """``table`` (rank, key, score, shard, caption when known; a query column when there are several), ``json``
+    or ``jsonl``. Takes a SearchResult or its (annotated) ``records()``."""
+    recs = res.records() if isinstance(res, SearchResult) else res
     if fmt == "json":
         return json.dumps(recs, indent=2)
     if fmt == "jsonl":
@@ -60,13 +61,20 @@ def format_result(res: SearchResult, fmt: str) -> str:
     if fmt != "table":
         raise UserError(f"--format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
     many = len(recs) > 1
-    head = (["query"] if many else []) + ["rank", "key", "score", "shard"]
+    captions = any("caption" in h for r in recs for h in r["results"])
+    head = (["query"] if many else []) + ["rank", "key", "score", "shard"] + (["caption"] if captions else [])
     rows = [([str(r["query"])] if many else []) + [str(h["rank"]), h["key"] + (" (self)" if h.get("self") else ""),
                                                    f"{h['score']:.4f}", h["shard"]]
+            + ([_short(h.get("caption", ""))] if captions else [])
             for r in recs for h in r["results"]]
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line(head)] + [line(r) for r in rows])
+
+
+def _short(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def classify(query: str) -> str:
@@ -115,7 +123,7 @@ def run_search(index_dir: str | Path, query: str | None = None, keys: Sequence[s
         idx.set_params(params)
     n = 0
     if keys:
-        res = idx.search_keys(keys, k, include_self)
+        records = idx.annotate(idx.search_keys(keys, k, include_self).records())
         n = len(keys)
         if html:
             from .html_page import render
@@ -123,36 +131,36 @@ def run_search(index_dir: str | Path, query: str | None = None, keys: Sequence[s
             shard_col = idx.ids.column("shard").to_pylist()
             id_col = idx.ids.column("id").to_numpy()
             row_of = {int(i): r for r, i in enumerate(id_col)}
-            render(res.records(), html, query_shards={q: shard_col[row_of[int(i)]] for q, i in zip(keys, idx.lookup(keys))})
-        yield format_result(res, fmt)
+            render(records, html, query_shards={q: shard_col[row_of[int(i)]] for q, i in zip(keys, idx.lookup(keys))})
+        yield format_result(records, fmt)
     elif vectors:
         x, qkeys, qmeta = vectors_file(vectors)
         store.check_same_model(idx.model, store.model_identity(qmeta), f"--vectors {vectors}",
                                "query with the index's model")
         res = idx.search(x, k, queries=qkeys, where=f"--vectors {vectors}")
         n = len(x)
-        yield format_result(res, fmt)
+        yield format_result(idx.annotate(res.records()), fmt)
     elif images:
-        res = idx.search_images(images, k)
+        records = idx.annotate(idx.search_images(images, k).records())
         n = len(images)
         if html:
             from .html_page import render
 
-            render(res.records(), html, query_images={p: p for p in images})
-        yield format_result(res, fmt)
+            render(records, html, query_images={p: p for p in images})
+        yield format_result(records, fmt)
     else:
         src = store.scan(embeddings)
         store.check_same_model(idx.model, store.model_identity(src.meta), str(src.files[0]),
                                "query with the index's model")
-        records: list[dict[str, Any]] = []  # --format json is one document; table and jsonl stream per batch
+        records = []  # --format json is one document; table and jsonl stream per batch
         for batch in embeddings_batches(embeddings):
             res = idx.search(batch.embeddings, k, queries=batch.keys, exclude_ids=idx.known_ids(batch.keys),
                              include_self=include_self, where=str(batch.source))
             n += len(batch.keys)
             if fmt == "json":
-                records.extend(res.records())
+                records.extend(idx.annotate(res.records()))
             else:
-                yield format_result(res, fmt)
+                yield format_result(idx.annotate(res.records()), fmt)
         if fmt == "json":
             yield json.dumps(records, indent=2)
     p = ", ".join(f"{a}={b}" for a, b in (params or idx.meta.get("search_params", {})).items())

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import store
+from ..captions import caption_and_url
 from ..errors import UserError
 from . import tune
 from .layout import IDS_FILE, load_faiss, read_meta
@@ -136,6 +137,7 @@ class Index:
             if not include_self:
                 keep = np.argsort(is_self, axis=1, kind="stable")[:, :k]  # non-self hits first, order kept
                 ids, scores = np.take_along_axis(ids, keep, 1), np.take_along_axis(scores, keep, 1)
+                ids = np.where(np.take_along_axis(is_self, keep, 1), -1, ids)  # k >= count: self still there
                 is_self = np.zeros(ids.shape, bool)
             else:
                 ids, scores, is_self = ids[:, :k], scores[:, :k], is_self[:, :k]
@@ -212,6 +214,19 @@ class Index:
                     for i, v in zip(sel.tolist(), col.take(pa.array(rows)).to_pylist()):
                         out[c][i] = v
         return out
+
+    def describe(self, ids: np.ndarray) -> list[dict[str, str]]:
+        """Caption and source url of each id, where the embedding files kept ``txt``/``json`` (img2dataset's)."""
+        kept = self.stored(ids, ("txt", "json"))
+        return [caption_and_url(t, j) for t, j in zip(kept["txt"], kept["json"])]
+
+    def annotate(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Add ``caption``/``url`` to each hit of ``SearchResult.records()`` that has them (in place)."""
+        hits = [h for r in records for h in r["results"]]
+        if hits:
+            for h, extra in zip(hits, self.describe(np.array([h["id"] for h in hits], np.int64))):
+                h.update(extra)
+        return records
 
     def _embeddings_dir(self) -> Path:
         if self._vector_cache is None:

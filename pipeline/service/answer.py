@@ -5,7 +5,6 @@ Each hit carries what the index records of it (key, score, shard, index in the s
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import PurePosixPath
 from typing import Any
@@ -76,14 +75,8 @@ def _describe(served: Served, hits: list[dict[str, Any]], thumb: str) -> None:
     """Add ``caption``/``url`` (when the embedding files kept ``txt``/``json``) and ``thumb`` to each hit."""
     if not hits:
         return
-    ids = np.array([h["id"] for h in hits], np.int64)
-    kept = served.index.stored(ids, ("txt", "json"))
-    for h, cap, extra in zip(hits, kept["txt"], kept["json"]):
-        if cap:
-            h["caption"] = cap
-        url = _url(extra)
-        if url:
-            h["url"] = url
+    for h, extra in zip(hits, served.index.describe(np.array([h["id"] for h in hits], np.int64))):
+        h.update(extra)
         h["thumb"] = thumb + _quoted(h["key"])
 
 
@@ -91,12 +84,3 @@ def _quoted(key: str) -> str:
     return key if _URL_SAFE.fullmatch(key) else quote(key)
 
 
-def _url(extra: str | None) -> str | None:
-    """The ``url`` of a sample's ``.json`` (as img2dataset writes it), if it has one."""
-    if not extra or '"url"' not in extra:
-        return None
-    try:
-        url = json.loads(extra).get("url")
-    except (ValueError, AttributeError):
-        return None
-    return url if isinstance(url, str) else None

@@ -74,7 +74,9 @@ class Service:
 
     async def embed(self, served: Served, images: Sequence[tuple[str, bytes]]) -> np.ndarray:
         """Embeddings of uploaded images with the index's model, batched with other requests' images."""
-        from ..model.rebuild import REBUILD_KEYS  # torch: imported with the first image query
+        from ..model.rebuild import (
+            REBUILD_KEYS,  # torch: imported with the first image query
+        )
 
         meta = served.index.meta.get("embedding_meta", {})
         if not meta.get("model"):
