@@ -51,12 +51,12 @@ def test_images_install_the_torch_the_tests_run(path):
     assert f"torch {pins['torch']} and torchvision {pins['torchvision']}" in readme  # the Docker section says so
 
 
-def test_the_gpu_image_installs_the_ray_and_plots_extras():
+def test_the_images_install_their_extras():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     (line,) = [line for line in _instructions(GPU) if 'pip install "./[' in line]
     wanted = set(re.search(r'"\./\[([\w,]+)\]"', line).group(1).split(","))
-    assert wanted == {"ray", "plots"} and wanted <= set(extras)
-    assert "pip install . " in CPU.read_text()  # the CPU image: the package alone
+    assert wanted == {"ray", "plots", "serve"} and wanted <= set(extras)
+    assert 'pip install "./[serve]"' in CPU.read_text()  # the CPU image: the package and `embedpipe serve`
 
 
 def test_dockerignore_keeps_the_build_context_small():
