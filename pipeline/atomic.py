@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -67,6 +68,15 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 def write_json(path: str | Path, obj: Any) -> None:
     """:func:`write_bytes` of ``obj`` as indented, key-sorted JSON."""
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's content, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def remove_stale_temps(folder: Path, names: Sequence[str]) -> int:
@@ -169,21 +179,55 @@ def _clean_stale(final: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_dir(final: Path) -> Iterator[Path]:
-    """A temporary sibling of ``final`` to build into; swapped in on success, removed on failure."""
+def staged_dir(final: Path, carry_except: Sequence[str] | None = None) -> Iterator[Path]:
+    """A temporary sibling of ``final`` to build into; swapped in on success, removed on failure.
+
+    With ``carry_except``, the entries of the current ``final`` that the new version neither writes nor names
+    there (a file a user keeps in a probe folder) are carried over: hard-linked in before the swap, so they
+    never go missing, and moved across after it if they changed meanwhile.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700: others (a serving pod, a colleague) must read it too
     try:
         yield tmp
+        ours = {p.name for p in tmp.iterdir()} | set(carry_except or ())
+        others = [p for p in final.iterdir() if p.name not in ours] if carry_except is not None and final.is_dir() else []
+        for p in others:
+            _link_into(p, tmp / p.name)
         if final.exists() and exchange_dirs(tmp, final):  # one atomic step: readers see old or new
-            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous version
+            _carry_changed(tmp, final, ours)  # tmp now holds the previous version
+            shutil.rmtree(tmp, ignore_errors=True)
             return
         old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
         if final.exists():
             os.rename(final, old)
         os.rename(tmp, final)
+        if old.exists():
+            _carry_changed(old, final, ours)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _link_into(src: Path, dst: Path) -> None:
+    """``src`` at ``dst`` without copying data: hard links (a folder's tree of them), symlinks as symlinks."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=os.link)
+    else:
+        os.link(src, dst)
+
+
+def _carry_changed(old: Path, new: Path, ours: set[str]) -> None:
+    """Entries of ``old`` that are not ``ours`` and were created or replaced there after they were linked."""
+    for p in old.iterdir():
+        target = new / p.name
+        if p.name in ours:
+            continue
+        if not target.exists() and not target.is_symlink():
+            os.rename(p, target)
+        elif p.is_file() and not p.is_symlink() and p.stat().st_ino != target.stat().st_ino:
+            os.replace(p, target)

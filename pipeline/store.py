@@ -129,7 +129,12 @@ def shard_info(path: Path) -> ShardInfo:
     dtype = names.get(field.type.value_type)
     if dtype is None:
         raise UserError(f"{path}: embedding values are {field.type.value_type}, expected float16 or float32")
-    return ShardInfo(path, pf.metadata.num_rows, field.type.list_size, dtype, read_metadata(path))
+    try:
+        meta = read_metadata(path)
+    except ValueError as e:  # garbled embedpipe metadata (JSON) in an otherwise readable footer
+        raise UserError(f"{path}: its embedpipe metadata is unreadable ({e}); rerun `embedpipe embed` to redo its "
+                        "shard") from None
+    return ShardInfo(path, pf.metadata.num_rows, field.type.list_size, dtype, meta)
 
 
 def check_consistent(infos: Sequence[ShardInfo]) -> ShardInfo:
@@ -219,7 +224,7 @@ def iter_batches(
         missing = [c for c in wanted if c not in pf.schema_arrow.names]
         if missing:
             raise UserError(f"{f}: no column {missing[0]!r}; the file has {', '.join(pf.schema_arrow.names)}")
-        for rb in pf.iter_batches(batch_size=batch_size, columns=base + wanted):
+        for rb in _unbroken(f, pf.iter_batches(batch_size=batch_size, columns=base + wanted)):
             yield Batch(
                 keys=rb.column("key").to_pylist(),
                 shards=rb.column("shard").to_pylist(),
@@ -229,6 +234,14 @@ def iter_batches(
                 source=f,
                 extra={c: rb.column(c).to_pylist() for c in wanted},
             )
+
+
+def _unbroken(path: Path, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """A file's record batches; a corrupt page or one cut short is a clear error naming the file."""
+    try:
+        yield from batches
+    except (OSError, pa.ArrowException) as e:
+        raise UserError(f"{path} is not a readable Parquet file ({e}); rerun `embedpipe embed` to redo its shard") from None
 
 
 def read_all(path: Path | str, files: Sequence[Path] | None = None, columns: Sequence[str] = ()) -> Batch:

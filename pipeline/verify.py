@@ -1,7 +1,6 @@
 """`embedpipe verify`: check an embed folder against its done records, and an index against its embeddings."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,25 +14,41 @@ from .index import layout
 
 
 def verify_embeddings(out: Path) -> tuple[list[str], dict[str, Any]]:
-    """Problems found in an embed output folder (empty when it is sound), and counts."""
+    """Problems found in an embed output folder (empty when it is sound), and counts.
+
+    Every Parquet file is read whole and checked against its done record: the sha256 recorded at commit (any
+    changed byte), rows, unique keys, dim, dtype, NaN/Inf. Unreadable records are problems, never tracebacks.
+    """
     problems: list[str] = []
-    run = json.loads((out / run_folder.RUN_JSON).read_text())
-    fp = run.get("fingerprint", {})
+    run = run_folder.read_record(out / run_folder.RUN_JSON)
+    if run is None:
+        problems.append(f"{out / run_folder.RUN_JSON}: unreadable (empty or not JSON); rerun embed with --overwrite")
+    fp = (run or {}).get("fingerprint", {})
     dim_expected, dtype_expected = None, fp.get("dtype")
     records, failed_records = run_folder.records(out)
     emb_dir = out / store.EMBEDDINGS
     files = {p.stem: p for p in emb_dir.glob("*.parquet")} if emb_dir.is_dir() else {}
-    rows = 0
+    rows, urls = 0, {}
     for name, rec_path in sorted(records.items()):
-        rec = json.loads(rec_path.read_text())
+        rec = run_folder.read_record(rec_path)
+        if rec is None:
+            problems.append(f"{rec_path}: unreadable done record (empty or not JSON); delete it and rerun embed")
+            continue
+        if rec.get("url") in urls:
+            problems.append(f"{rec_path}: the shard {rec.get('url')} is also done as {urls[rec.get('url')]} "
+                            "(embedded twice under two names)")
+        urls.setdefault(rec.get("url"), name)
         f = files.get(name)
         if f is None:
             problems.append(f"{rec_path}: done record but no {store.EMBEDDINGS}/{name}.parquet (rerun embed to redo it)")
             continue
+        changed = run_folder.file_mismatch(f, rec.get("file"), full=True)
+        if changed:
+            problems.append(f"{f}: {changed} (rerun embed to redo it)")
         try:
             info = store.shard_info(f)
             table = pq.read_table(f)
-        except Exception as e:  # an unreadable file is exactly what verify reports
+        except Exception as e:  # noqa: BLE001  an unreadable file is exactly what verify reports
             problems.append(f"{f}: unreadable Parquet ({e})")
             continue
         rows += table.num_rows
@@ -54,12 +69,12 @@ def verify_embeddings(out: Path) -> tuple[list[str], dict[str, Any]]:
     pending = sorted(set(files) - set(records))
     failed = {}
     for p in failed_records.values():
-        try:
-            rec = json.loads(p.read_text())
-            failed[rec.get("url", p.name)] = rec.get("reason", "?")
-        except (OSError, json.JSONDecodeError):
+        rec = run_folder.read_record(p)
+        if rec is None:
             failed[p.name] = "unreadable failure record"
-    expected = int(run.get("config", {}).get("shards", 0) or 0)
+        else:
+            failed[rec.get("url", p.name)] = rec.get("reason", "?")
+    expected = int((run or {}).get("config", {}).get("shards", 0) or 0)
     return problems, {"shards_verified": len(records), "rows": rows, "pending_without_record": pending,
                       "failed_records": sorted(p.name for p in failed_records.values()), "failed": failed,
                       "shards_expected": expected, "shards_not_done": max(0, expected - len(records))}

@@ -112,6 +112,47 @@ def bomb_png_bytes(width: int = 50_000, height: int = 50_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", rows) + _png_chunk(b"IEND", b"")
 
 
+def raw_png_bytes(width: int, height: int, rows: bytes, bit_depth: int = 8) -> bytes:
+    """A PNG of 8- or 16-bit RGB (colour type 2) whose IDAT holds ``rows`` exactly as given (each scanline is a
+    filter byte then the pixels), with valid chunk CRCs: for inputs no encoder would write."""
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(rows, 9))
+            + _png_chunk(b"IEND", b""))
+
+
+def bad_filter_png_bytes(size: int = 8, filter_byte: int = 7) -> bytes:
+    """An 8-bit RGB PNG whose scanlines use filter type 7 (valid ones are 0-4): libpng aborts with "bad adaptive
+    filter value" and, through torchvision's ``decode_image``, the process dies of SIGSEGV."""
+    row = bytes([filter_byte]) + bytes(range(3 * size))
+    return raw_png_bytes(size, size, row * size)
+
+
+def png16_rgb_bytes(size: int = 8) -> bytes:
+    """A real 16-bit RGB PNG (colour type 2, bit depth 16), encoded by PIL from 48-bit pixels; values span the
+    range so the top byte of each channel differs from the bottom one."""
+    x = np.arange(size * size * 3, dtype=np.uint32).reshape(size, size, 3) * (65535 // (size * size * 3))
+    rows = b"".join(b"\x00" + x[y].astype(">u2").tobytes() for y in range(size))
+    return raw_png_bytes(size, size, rows, bit_depth=16)
+
+
+def wide_png_bytes(width: int = 1_000_000, height: int = 1) -> bytes:
+    """A valid 8-bit RGB PNG of ``width`` x ``height`` black pixels: a few KB that decode to only ``width`` pixels,
+    but whose shorter side scaled to 256 px would need tens of GB (the resize, not the decode, is the bomb)."""
+    return raw_png_bytes(width, height, (b"\x00" + bytes(3 * width)) * height)
+
+
+def write_raw_tar(path: str | Path, members: Iterable[tuple[bytes, bytes]]) -> Path:
+    """A tar whose member names are given as raw bytes (e.g. ``b"bad_\\xff.jpg"``, not UTF-8), GNU format."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name.decode("utf-8", "surrogateescape"))
+            info.size, info.mtime = len(data), 0
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
 # name -> (extension, bytes factory): the fault kinds, for parametrized fault tests.
 FAULTS: dict[str, tuple[str, Callable[[], bytes]]] = {
     "truncated": ("jpg", truncated_jpeg_bytes),

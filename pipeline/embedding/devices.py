@@ -5,6 +5,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import signal
 import time
 from collections import deque
 from dataclasses import replace
@@ -88,13 +89,14 @@ class _Progress:
 
 
 def run_on_devices(pending: list[str], names: dict[str, str], out: str, cfg: EmbedConfig, devices: list[str],
-                   summary: EmbedSummary, progress: Any = None) -> None:
+                   summary: EmbedSummary, progress: Any = None, respawns: int = RESPAWNS_PER_DEVICE) -> None:
     """Embed ``pending`` shards with one process per device; fills ``summary`` like the single-process path.
 
     ``progress`` (an EmbedProgress) counts every worker's images and each finished shard: one bar for all.
 
     Workers ask for work as they finish, so faster devices take more shards. A worker that dies is
-    replaced; the shard it held is retried once by another worker, then recorded as failed.
+    replaced (up to ``respawns`` times per device); the shard it held is retried once by another worker, then
+    recorded as failed.
     """
     from .run_folder import RunState
 
@@ -105,7 +107,7 @@ def run_on_devices(pending: list[str], names: dict[str, str], out: str, cfg: Emb
     procs: dict[int, Any] = {}
     inbox: dict[int, Any] = {}
     current: dict[int, str | None] = {}
-    respawns = {d: 0 for d in set(devices)}
+    spawned = {d: 0 for d in set(devices)}
     os.environ["EMBEDPIPE_CPU_WORKERS"] = str(sum(d == "cpu" for d in devices))
     state = RunState(out)
 
@@ -125,13 +127,14 @@ def run_on_devices(pending: list[str], names: dict[str, str], out: str, cfg: Emb
 
     for wid in range(len(devices)):
         spawn(wid)
+    before = summary.finished  # the summary may hold shards embedded elsewhere in this run
     finished = 0
     while finished < len(pending):
         try:
             kind, wid, url, info = results.get(timeout=1.0)
         except queue.Empty:
-            _reap(procs, current, devices, respawns, todo, attempts, state, names, summary, spawn)
-            finished = summary.finished
+            _reap(procs, current, devices, spawned, respawns, todo, attempts, state, names, summary, spawn)
+            finished = summary.finished - before
             if not any(p.is_alive() for p in procs.values()) and finished < len(pending):
                 raise UserError(f"every device worker died; {len(pending) - finished} shard(s) not embedded "
                                 "(rerun to retry them)")
@@ -144,7 +147,7 @@ def run_on_devices(pending: list[str], names: dict[str, str], out: str, cfg: Emb
         elif kind == "done":
             current[wid] = None
             summary.add(url, **info)
-            finished = summary.finished
+            finished = summary.finished - before
             if progress is not None:
                 progress.shard_finished(summary)
             give_work(wid)
@@ -157,7 +160,7 @@ def run_on_devices(pending: list[str], names: dict[str, str], out: str, cfg: Emb
             p.terminate()
 
 
-def _reap(procs, current, devices, respawns, todo, attempts, state, names, summary, spawn) -> None:
+def _reap(procs, current, devices, spawned, respawns, todo, attempts, state, names, summary, spawn) -> None:
     """Find dead workers: retry their shard once elsewhere (or record it failed) and replace the worker."""
     for wid, p in list(procs.items()):
         if p.is_alive() or p.exitcode is None:
@@ -169,11 +172,12 @@ def _reap(procs, current, devices, respawns, todo, attempts, state, names, summa
             if attempts.get(url, 0) < 2:
                 todo.appendleft((url, names[url]))
             else:
-                reason = f"worker process died twice on this shard (exit code {p.exitcode})"
-                state.record_failure(url, names[url], reason)
+                how = f"killed by {signal.Signals(-p.exitcode).name}" if p.exitcode < 0 else f"exit code {p.exitcode}"
+                reason = f"worker process died twice on this shard ({how}; a native crash or out of memory?)"
+                state.record_failure(url, names[url], reason, crashed=True)
                 summary.add(url, failed=reason)
         del procs[wid]
-        if respawns[devices[wid]] < RESPAWNS_PER_DEVICE:
-            respawns[devices[wid]] += 1
+        if spawned[devices[wid]] < respawns:
+            spawned[devices[wid]] += 1
             spawn(wid)
         time.sleep(0.1)

@@ -84,6 +84,7 @@ class EmbedSummary:
     shards_total: int = 0
     shards_done: int = 0
     shards_skipped: int = 0
+    shards_elsewhere: int = 0  # being embedded by another run at the same time (claimed): left to it
     failed: dict[str, str] = field(default_factory=dict)
     embedded: int = 0
     skipped: int = 0
@@ -118,7 +119,8 @@ class EmbedSummary:
         after 9.8s of setup (model load and compile) -> run``; a run with nothing to do says so instead."""
         head = (f"embedded {self.embedded} samples ({self.skipped} skipped) from "
                 f"{self.shards_done + self.shards_skipped}/{self.shards_total} shards "
-                f"({self.shards_skipped} already done, {len(self.failed)} failed)")
+                f"({self.shards_skipped} already done, {len(self.failed)} failed"
+                + (f", {self.shards_elsewhere} being embedded by another run)" if self.shards_elsewhere else ")"))
         if not self.finished:
             return f"{head}: nothing to do ({self.setup_seconds:.1f}s, no model loaded) -> {self.out}"
         return (f"{head} in {self.seconds:.1f}s, {self.images_per_s:.1f} img/s, after {self.setup_seconds:.1f}s of "

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 # Errors that mean a bug in our code, never bad data: they must crash, not be recorded as a skipped sample.
 PROGRAMMING_ERRORS = (TypeError, AttributeError, NameError, AssertionError, ImportError)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the label column is int64
 
 
 @dataclass
@@ -32,20 +33,27 @@ class Piece:
     labels: list[int | None] = field(default_factory=list)
     extra: dict[str, list[str | None]] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # embedded, but a field was stored differently
     seen: int = 0
     end: bool = False
     failed: str | None = None
 
 
-def _label(sample: dict[str, Any]) -> int | None:
+def _label(sample: dict[str, Any]) -> tuple[int | None, str | None]:
+    """The sample's ``cls`` as an int64 label, or None and why it is left empty."""
     raw = sample.get("cls")
     if raw is None:
-        return None
+        return None, None
     try:
-        return int(raw.decode().strip())
+        value = int(raw.decode().strip())
     except (UnicodeDecodeError, ValueError):
-        log.warning("%s: key %s has a non-integer cls %r; label left empty", sample["__url__"], sample["__key__"], raw[:20])
-        return None
+        why = f"cls {raw[:20]!r} is not an integer; label stored as null"
+    else:
+        if INT64_MIN <= value <= INT64_MAX:
+            return value, None
+        why = f"cls {str(value)[:30]} does not fit a 64-bit label; label stored as null"
+    log.warning("%s: key %s: %s", sample["__url__"], sample["__key__"], why)
+    return None, why
 
 
 class ShardSamples(IterableDataset):
@@ -83,6 +91,11 @@ class ShardSamples(IterableDataset):
             return resize_crop(decode_rgb(data, self.pre.resize_size, self.max_pixels), self.pre)
         except SkipSample as e:
             return e
+        except PROGRAMMING_ERRORS:
+            raise
+        except Exception as e:  # noqa: BLE001  a decoder's own failure on one input (RuntimeError, MemoryError...)
+            # is a problem of that sample: it is recorded with its reason, and the shard and the run go on.
+            return SkipSample(f"cannot decode: {type(e).__name__}: {e}")
 
     def _decode_batch(self, url: str, raw: list[tuple[int, dict[str, Any], Any]], piece: Piece) -> Piece:
         """Fill ``piece`` with a batch of samples, in order: each third item is a decode already submitted to the
@@ -94,9 +107,15 @@ class ShardSamples(IterableDataset):
                 piece.skipped.append((sample["__key__"], str(img)))
                 continue
             images.append(img)
-            piece.keys.append(sample["__key__"])
+            key = sample["__key__"]
+            piece.keys.append(key)
             piece.indices.append(i)
-            piece.labels.append(_label(sample))
+            label, why = _label(sample)
+            piece.labels.append(label)
+            if why:
+                piece.warnings.append((key, why))
+            if tar.RAW_KEY in sample:
+                piece.warnings.append((key, f"key is not valid UTF-8 ({sample[tar.RAW_KEY]!r}); stored escaped"))
             for k in self.keep:
                 v = sample.get(k)
                 piece.extra[k].append(v.decode("utf-8", "replace") if v is not None else None)
@@ -137,11 +156,11 @@ class ShardSamples(IterableDataset):
                 if len(raw) == self.batch_size:
                     yield self._decode_batch(url, raw, piece)
                     piece, raw = self._empty(url), []
+            piece = self._decode_batch(url, raw, piece)
         except PROGRAMMING_ERRORS:
             raise
         except Exception as e:  # unreadable, truncated or missing shard: the shard fails, the run goes on
             yield Piece(url, self._empty(url).images, end=True, failed=f"{type(e).__name__}: {e}", seen=seen)
             return
-        piece = self._decode_batch(url, raw, piece)
         piece.seen, piece.end = seen, True
         yield piece

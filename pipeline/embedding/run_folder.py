@@ -1,20 +1,20 @@
 """An embed output folder: every name in it, run.json and its fingerprint, the lock, done/failed records, _SUCCESS.
 
     OUT/embeddings/<name>.parquet   the shard's embeddings (``store``'s format)
-    OUT/_state/<name>.json          done record, written after the Parquet file is in place
+    OUT/_state/<name>.json          done record, written after the Parquet file is in place, with the file's
+                                    size and sha256 (a changed file is not done)
     OUT/_state/<name>.failed.json   why the shard failed (removed once it succeeds)
+    OUT/_state/<name>.claim         the process embedding the shard now (one at a time, whatever the ranks)
     OUT/run.json                    the resolved config and the fingerprint of the embeddings
     OUT/_SUCCESS                    every shard of the run is done
     OUT/_lock, OUT/_lock.R-of-W     the owner of the folder (one per rank when ranks share it)
+    .owners.lock (in OUT, _state)   held for an instant while a dead owner's lock or claim is taken over
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import atomic, store
 from ..errors import UserError
+from . import owners
 from .shards import same_url
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ SUCCESS = "_SUCCESS"
 LOCK = "_lock"
 DONE_SUFFIX = ".json"
 FAILED_SUFFIX = ".failed.json"
+CLAIM_SUFFIX = ".claim"
 
 
 def lock_name(rank: int = 0, world: int = 1) -> str:
@@ -58,6 +60,44 @@ def records(out: Path) -> tuple[dict[str, Path], dict[str, Path]]:
     return done, failed
 
 
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A JSON record (done, failed, run.json), or None when it is missing, empty or garbled."""
+    try:
+        rec = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def file_check(path: Path) -> dict[str, Any]:
+    """What a done record says of its Parquet file: size and sha256, plus the inode and ctime it had then
+    (while those are unchanged the file was not written to since, so the rerun need not read it)."""
+    st = path.stat()
+    return {"bytes": st.st_size, "sha256": atomic.file_sha256(path), "ino": st.st_ino, "ctime_ns": st.st_ctime_ns}
+
+
+def file_mismatch(path: Path, check: dict[str, Any] | None, full: bool = False) -> str | None:
+    """Why ``path`` is not the file its done record describes (None: it is, or the record predates checks).
+
+    ``full`` reads the whole file even when its inode and ctime are as recorded (``verify``: bit rot). A write,
+    truncation, copy or ``touch`` changes the ctime (which no user call can set back), so the rerun's check
+    costs a stat per shard and reads only files that were touched.
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "the file is missing"
+    if not check:
+        return None
+    if st.st_size != check.get("bytes"):
+        return f"it has {st.st_size} bytes, its done record says {check.get('bytes')}"
+    if not full and (st.st_ino, st.st_ctime_ns) == (check.get("ino"), check.get("ctime_ns")):
+        return None
+    if atomic.file_sha256(path) != check.get("sha256"):
+        return "its content changed since it was committed (sha256 differs from its done record)"
+    return None
+
+
 @dataclass
 class ShardRecord:
     url: str
@@ -66,14 +106,6 @@ class ShardRecord:
     embedded: int
     skipped: list[dict[str, str]]
     seconds: float
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError as e:
-        return e.errno == errno.EPERM
-    return True
 
 
 class RunState:
@@ -86,83 +118,66 @@ class RunState:
         self.run_json = self.out / RUN_JSON
         self.lock = self.out / lock_name(rank, world)
         self.owns_folder = world == 1  # one rank: the folder's own files (run.json, _SUCCESS) are its alone
+        self.me = owners.identity()
         self._locked = False
+        self._claims: set[str] = set()  # names of the shards this process holds
+        self._verified: dict[str, tuple[int, int, int]] = {}  # done files checked in this run: (ino, ctime, size)
 
     # -- ownership -------------------------------------------------------------------------------
     def acquire(self) -> None:
-        """One writer per folder: a lock file with pid, host and scheduler task; a dead owner's lock is taken over.
+        """One writer per folder (per rank): a lock file naming this process (pid, host, start time, scheduler
+        task); a dead owner's lock is taken over (see :mod:`owners`), a live one's is an error naming it."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            live, dead = owners.acquire(self.lock, self.me)
+        except OSError as e:  # a regular file in the path, a read-only filesystem, a full disk
+            raise UserError(f"cannot write the lock {self.lock}: {e.strerror or e}; pass an --out folder on a "
+                            "writable filesystem with free space") from None
+        if live is not None:
+            raise UserError(f"{self.out} is in use by another embedpipe run (pid {live.get('pid')} on "
+                            f"{live.get('host')}); wait for it to finish, or delete {self.lock} if that run is gone")
+        if dead is not None:
+            log.warning("taking over the stale lock %s of dead pid %s (%s)", self.lock, dead.get("pid"), dead["gone"])
+        self._locked = True
 
-        Dead means: on this host and its pid is gone, or an earlier attempt of this very scheduler task
-        (:func:`pipeline.embedding.cluster.task_identity`), e.g. a Slurm array task requeued onto another node.
-        """
-        self.out.mkdir(parents=True, exist_ok=True)
-        from .cluster import task_identity
-
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "task": task_identity()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    owner = json.loads(self.lock.read_text() or "{}")
-                except (OSError, json.JSONDecodeError):
-                    owner = {}
-                if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
-                    log.warning("taking over the stale lock %s of dead pid %s", self.lock, owner.get("pid"))
-                    self.lock.unlink(missing_ok=True)
-                    continue
-                same_host_alive = owner.get("host") == me["host"] and _pid_alive(int(owner.get("pid", -1)))
-                if me["task"] and owner.get("task") == me["task"] and not same_host_alive:
-                    # The scheduler runs one attempt of a task at a time: this is a requeued/retried task
-                    # (maybe on another node) and the lock is its killed predecessor's.
-                    log.warning("taking over the lock %s of an earlier attempt of task %s (pid %s on %s)",
-                                self.lock, me["task"], owner.get("pid"), owner.get("host"))
-                    self.lock.unlink(missing_ok=True)
-                    continue
-                raise UserError(
-                    f"{self.out} is in use by another embedpipe run (pid {owner.get('pid')} on "
-                    f"{owner.get('host')}); wait for it to finish, or delete {self.lock} if that run is gone"
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self._locked = True
-            return
-        raise UserError(f"cannot take the lock {self.lock}; delete it if no run is using {self.out}")
-
-    def release(self) -> None:
+    def release(self, claims: bool = True) -> None:
+        """Give back the lock, and the shard claims unless ``claims`` is False (left for the next run to see)."""
+        if claims:
+            self.release_claims()
+        self._claims.clear()
         if self._locked:
-            self.lock.unlink(missing_ok=True)
+            owners.release(self.lock, self.me)
             self._locked = False
 
-    def claim(self, fingerprint: dict[str, Any], config: dict[str, Any], overwrite: bool) -> None:
-        """Lock the folder and check it holds embeddings of this model/preprocessing (or wipe it with overwrite)."""
-        self.acquire()
-        try:
-            run_json = self.run_json
-            if run_json.is_file():
-                old = json.loads(run_json.read_text()).get("fingerprint", {})
-                diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-                if diff and not overwrite:
-                    detail = "; ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in diff[:4])
-                    raise UserError(
-                        f"{self.out} holds embeddings made with different settings ({detail}). "
-                        "Use another --out folder, or --overwrite to delete them and start again"
-                    )
-                if diff:
-                    log.warning("--overwrite: deleting the embeddings in %s", self.out)
-                    shutil.rmtree(self.emb_dir, ignore_errors=True)
-                    shutil.rmtree(self.state_dir, ignore_errors=True)
-            (self.out / SUCCESS).unlink(missing_ok=True)
-            atomic.write_json(run_json, {"fingerprint": fingerprint, "config": config})
-        except BaseException:
-            self.release()
-            raise
+    def check_run(self, fingerprint: dict[str, Any], config: dict[str, Any], overwrite: bool) -> None:
+        """Under the lock: check the folder holds embeddings of this model/preprocessing (or wipe it with
+        overwrite), then record this run in run.json."""
+        run_json = self.run_json
+        if run_json.is_file():
+            recorded = read_record(run_json)
+            if recorded is None and not overwrite:
+                raise UserError(f"{run_json} is unreadable (empty or not JSON); it records how the embeddings in "
+                                f"{self.out} were made: restore it, or pass --overwrite to delete them and start again")
+            old = (recorded or {}).get("fingerprint", {})
+            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+            if diff and not overwrite:
+                detail = "; ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in diff[:4])
+                raise UserError(
+                    f"{self.out} holds embeddings made with different settings ({detail}). "
+                    "Use another --out folder, or --overwrite to delete them and start again"
+                )
+            if diff:
+                self._refuse_live_claims("--overwrite would delete the shards it is embedding")
+                log.warning("--overwrite: deleting the embeddings in %s", self.out)
+                shutil.rmtree(self.emb_dir, ignore_errors=True)
+                shutil.rmtree(self.state_dir, ignore_errors=True)
+        (self.out / SUCCESS).unlink(missing_ok=True)
+        atomic.write_json(run_json, {"fingerprint": fingerprint, "config": config})
 
     def same_options(self, config: dict[str, Any], keys: Sequence[str]) -> bool:
         """Whether ``run.json`` records these values of ``keys`` (False when there is no readable run.json)."""
-        try:
-            recorded = json.loads(self.run_json.read_text()).get("config", {})
-        except (OSError, ValueError):
+        recorded = (read_record(self.run_json) or {}).get("config", {})
+        if not recorded:
             return False
         norm = (lambda v: list(v) if isinstance(v, tuple) else v)  # noqa: E731  (JSON has no tuples)
         return all(k in recorded and norm(recorded[k]) == norm(config.get(k)) for k in keys)
@@ -174,40 +189,114 @@ class RunState:
     def _failed_path(self, name: str) -> Path:
         return self.state_dir / f"{name}{FAILED_SUFFIX}"
 
+    def _claim_path(self, name: str) -> Path:
+        return self.state_dir / f"{name}{CLAIM_SUFFIX}"
+
     def remove_stale_temps(self, names: Sequence[str]) -> None:
         """Temporary files a killed run left for these shards (this rank's own; with one rank, the folder's too)."""
         atomic.remove_stale_temps(self.emb_dir, [f"{n}.parquet" for n in names])
-        atomic.remove_stale_temps(self.state_dir, [f"{n}{x}" for n in names for x in (DONE_SUFFIX, FAILED_SUFFIX)])
-        if self.owns_folder:
-            atomic.remove_stale_temps(self.out, [RUN_JSON, SUCCESS])
+        atomic.remove_stale_temps(self.state_dir, [f"{n}{x}" for n in names
+                                                   for x in (DONE_SUFFIX, FAILED_SUFFIX, CLAIM_SUFFIX)])
+        atomic.remove_stale_temps(self.out, [self.lock.name] + ([RUN_JSON, SUCCESS] if self.owns_folder else []))
+
+    def recorded_urls(self) -> dict[str, str]:
+        """Output name -> shard url of every done and failed record (the names already given to urls)."""
+        done, failed = records(self.out)
+        found = {}
+        for name, path in [*failed.items(), *done.items()]:  # a done record wins over a stale failure
+            url = (read_record(path) or {}).get("url")
+            if isinstance(url, str):
+                found[name] = url
+        return found
 
     def is_done(self, url: str, name: str) -> bool:
-        p = self._done_path(name)
-        if not p.is_file() or not (self.emb_dir / f"{name}.parquet").is_file():
+        """A done record for this url, and its Parquet file still the one committed (size, sha256)."""
+        rec = read_record(self._done_path(name))
+        if rec is None or not same_url(rec.get("url"), url):
             return False
+        path = self.emb_dir / f"{name}.parquet"
         try:
-            return same_url(json.loads(p.read_text()).get("url"), url)
-        except (OSError, json.JSONDecodeError):
+            st = path.stat()
+        except FileNotFoundError:
             return False
+        if self._verified.get(name) == (st.st_ino, st.st_ctime_ns, st.st_size):
+            return True
+        why = file_mismatch(path, rec.get("file"))
+        if why:
+            log.warning("%s does not match its done record (%s): its shard %s is embedded again", path, why, url)
+            return False
+        self._verified[name] = (st.st_ino, st.st_ctime_ns, st.st_size)
+        return True
+
+    # -- claims: one process per shard at a time, whatever the ranks and world sizes of the runs ----------
+    def claim_shards(self, names: dict[str, str]) -> tuple[list[str], dict[str, dict[str, Any]], list[str]]:
+        """Claim shards (url -> name) before embedding them: ``(ours, held, suspects)``.
+
+        ``held`` maps the urls another live run is embedding to its owner record (this run leaves them); the
+        ``suspects`` are ours but were held by a run that died with them (their shard may be what killed it).
+        """
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        ours, held, suspects = [], {}, []
+        for url, name in names.items():
+            live, dead = owners.acquire(self._claim_path(name), self.me)
+            if live is not None:
+                held[url] = live
+                continue
+            self._claims.add(name)
+            ours.append(url)
+            if dead is not None:
+                log.warning("%s was being embedded by a run that died (%s)", url, dead["gone"])
+                suspects.append(url)
+        return ours, held, suspects
+
+    def died_on(self, url: str, name: str) -> bool:
+        """Whether this shard's last attempt killed its process (recorded failed as a crash, or claimed by a run
+        that died): it is embedded in a child process, so that a crash it causes again is contained."""
+        if (read_record(self._failed_path(name)) or {}).get("crashed"):
+            return True
+        try:
+            owner = owners.parse(self._claim_path(name), self._claim_path(name).read_bytes())
+        except FileNotFoundError:
+            return False
+        return owners.gone(owner, self.me) is not None
+
+    def release_claims(self, names: Sequence[str] | None = None) -> None:
+        """Give back claims (all this process holds by default)."""
+        for name in list(self._claims) if names is None else names:
+            owners.release(self._claim_path(name), self.me)
+            self._claims.discard(name)
+
+    def _refuse_live_claims(self, why: str) -> None:
+        for path in sorted(self.state_dir.glob(f"*{CLAIM_SUFFIX}")) if self.state_dir.is_dir() else []:
+            owner = owners.parse(path, path.read_bytes())
+            if owner.get("token") != self.me["token"] and owners.gone(owner, self.me) is None:
+                raise UserError(f"{path.name[:-len(CLAIM_SUFFIX)]} is being embedded by another run (pid "
+                                f"{owner.get('pid')} on {owner.get('host')}): {why}; wait for it to finish")
 
     def commit(self, url: str, name: str, *, keys: Sequence[str], indices: Sequence[int],
                labels: Sequence[int | None], embeddings: np.ndarray, extra: dict[str, list[str | None]],
-               metadata: dict[str, Any], seen: int, skipped: Sequence[tuple[str, str]], seconds: float) -> ShardRecord:
+               metadata: dict[str, Any], seen: int, skipped: Sequence[tuple[str, str]], seconds: float,
+               warnings: Sequence[tuple[str, str]] = ()) -> ShardRecord:
         """Parquet file first (atomic), then the done record: a shard with a record is always complete."""
         table = store.embedding_table(keys, url, indices, labels, embeddings, metadata["dtype"], extra, metadata)
-        store.write_table(self.emb_dir / f"{name}.parquet", table)
+        path = self.emb_dir / f"{name}.parquet"
+        store.write_table(path, table)
         record = {"url": url, "output": f"{EMBEDDINGS}/{name}.parquet", "seen": seen, "embedded": len(keys),
-                  "skipped": [{"key": k, "reason": r} for k, r in skipped], "seconds": round(seconds, 3),
-                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                  "skipped": [{"key": k, "reason": r} for k, r in skipped],
+                  "warnings": [{"key": k, "reason": r} for k, r in warnings], "file": file_check(path),
+                  "seconds": round(seconds, 3), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         atomic.write_json(self._done_path(name), record)
         self._failed_path(name).unlink(missing_ok=True)
         return ShardRecord(url, record["output"], seen, len(keys), record["skipped"], seconds)
 
-    def record_failure(self, url: str, name: str, reason: str) -> None:
-        """Write ``_state/<name>.failed.json``; on a full disk the failure is still in the summary and exit status."""
+    def record_failure(self, url: str, name: str, reason: str, crashed: bool = False) -> None:
+        """Write ``_state/<name>.failed.json``; on a full disk the failure is still in the summary and exit status.
+
+        ``crashed``: the shard killed the process embedding it; later runs embed it in a child process.
+        """
         try:
-            atomic.write_json(self._failed_path(name), {"url": url, "reason": reason,
-                                                              "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            atomic.write_json(self._failed_path(name), {"url": url, "reason": reason, "crashed": crashed,
+                                                        "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         except OSError as e:
             log.error("cannot record the failure of %s (%s): %s", url, reason, e)
 
@@ -215,18 +304,61 @@ class RunState:
         atomic.write_bytes(self.out / SUCCESS, b"")
 
 
+def committed_files(path: Path | str) -> list[Path] | None:
+    """The embedding files a run folder's done records vouch for: what an index may read.
+
+    ``path`` is a run folder or its ``embeddings/``; None when it is neither (bare Parquet files: nothing to
+    check them against). A done record that is unreadable, or whose file is missing or no longer the one
+    committed (size, sha256, rows), is a UserError naming the file: rerunning embed redoes exactly those
+    shards. Files without a done record (a shard being embedded, or killed before its record) are left out.
+    """
+    p = Path(path)
+    out = p if is_run_folder(p) else p.parent if p.name == EMBEDDINGS and is_run_folder(p.parent) else None
+    if out is None:
+        return None
+    done, _ = records(out)
+    fix = f"rerun `embedpipe embed` with the same shards and --out {out} to redo it, then index again"
+    files = []
+    for name, rec_path in sorted(done.items()):
+        rec = read_record(rec_path)
+        if rec is None:
+            raise UserError(f"{rec_path} is an unreadable done record; delete it and {fix}")
+        f = out / EMBEDDINGS / f"{name}.parquet"
+        why = file_mismatch(f, rec.get("file"))
+        if why is None and not rec.get("file") and store.shard_info(f).rows != rec.get("embedded"):
+            why = f"it has {store.shard_info(f).rows} rows, its done record says {rec.get('embedded')}"  # older records
+        if why:
+            raise UserError(f"{f}: {why}; {fix}")
+        files.append(f)
+    unrecorded = sorted(p.name for p in (out / EMBEDDINGS).glob("*.parquet") if not p.name.startswith(".")
+                        and p.name[: -len(".parquet")] not in done)
+    if unrecorded:
+        log.warning("%d file(s) in %s have no done record and are left out (a shard being embedded, or killed "
+                    "before its record): %s", len(unrecorded), out / EMBEDDINGS, ", ".join(unrecorded[:3]))
+    if not files:
+        raise UserError(f"no finished shards in {out} (no done records); did `embedpipe embed` finish?")
+    return files
+
+
 def status(out: Path | str) -> dict[str, Any]:
     """Done, failed and pending shards of an output folder, with sample counts."""
     out = Path(out)
     if not is_run_folder(out):
         raise UserError(f"{out} is not an embedpipe output folder (no {RUN_JSON}); pass the --out of `embedpipe embed`")
-    expected = json.loads((out / RUN_JSON).read_text()).get("config", {}).get("shards", 0)
+    run = read_record(out / RUN_JSON)
+    if run is None:
+        raise UserError(f"{out / RUN_JSON} is unreadable (empty or not JSON); rerun `embedpipe embed` with --overwrite")
+    expected = run.get("config", {}).get("shards", 0)
     done_paths, failed_paths = records(out)
-    done = [json.loads(p.read_text()) for p in done_paths.values()]
-    failed = [json.loads(p.read_text()) for p in failed_paths.values()]
+    done = [r for r in map(read_record, done_paths.values()) if r is not None]
+    failed = {p: read_record(p) for p in failed_paths.values()}
+    unreadable = [str(p) for p in done_paths.values() if read_record(p) is None]
+    unreadable += [str(p) for p, r in failed.items() if r is None]
     return {
         "shards_expected": expected, "done": len(done), "failed": len(failed),
         "pending": max(0, expected - len(done)),
-        "embedded": sum(r["embedded"] for r in done), "skipped": sum(len(r["skipped"]) for r in done),
-        "failed_shards": {r["url"]: r["reason"] for r in failed}, "success": (out / SUCCESS).is_file(),
+        "embedded": sum(r.get("embedded", 0) for r in done), "skipped": sum(len(r.get("skipped", [])) for r in done),
+        "failed_shards": {(r or {}).get("url", str(p)): (r or {}).get("reason", "unreadable failure record; rerun embed")
+                          for p, r in failed.items()},
+        "unreadable_records": unreadable, "success": (out / SUCCESS).is_file(),
     }

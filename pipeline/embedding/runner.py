@@ -54,28 +54,41 @@ def embed(shards: Sequence[str] | str, out: str | Path, **options: Any) -> Embed
     if devices and len(devices) == 1:
         cfg, devices = replace(cfg, device=devices[0], devices=None), None
     state = RunState(Path(out), rank, world)
-    names = output_names(all_urls)  # from the full list, so every rank names every shard alike
+    # From the full list and the folder's records: every rank, and every later run, names every shard alike.
+    names = output_names(all_urls, state.recorded_urls())
     if not cfg.overwrite and state.same_options(asdict(cfg), EMBEDDING_OPTIONS) and all(
             state.is_done(u, names[u]) for u in urls):
         return _nothing_to_do(all_urls, urls, names, state, t0)
-    # torch and the model only once there is something to embed (a no-op rerun stays well under a second)
-    from .worker import fingerprint, prepare_model
-
-    elsewhere = devices or cfg.engine == "ray"  # the model runs in other processes; here only the fingerprint
-    main_cfg = replace(cfg, device="cpu", compile="eager", precision="fp32") if elsewhere else cfg
-    log.info("loading %s (weights %s)%s", cfg.model, cfg.weights, "" if elsewhere else f" for device {cfg.device}")
-    bb, ex = prepare_model(main_cfg)  # with several devices: only for the fingerprint, on CPU
-    if elsewhere:
-        ex.precision = resolve_precision(cfg.precision, resolve_device(devices[0] if devices else cfg.device))
-    state.claim(fingerprint(bb, ex, cfg), {**asdict(cfg), "shards": len(all_urls), "version": __version__},
-                cfg.overwrite)
+    state.acquire()  # before the model loads: a second run on the folder is refused at once
     previous = _exit_on_sigterm()
+    surprise = True
     try:
-        summary = _run(all_urls, urls, names, state, bb, ex, cfg, devices)
+        # torch and the model only once there is something to embed (a no-op rerun stays well under a second)
+        from .worker import fingerprint, prepare_model
+
+        pending = [u for u in urls if not state.is_done(u, names[u])]
+        # The model runs in other processes (devices, Ray, or a child for shards that killed their last run);
+        # here only the fingerprint is needed.
+        elsewhere = bool(devices) or cfg.engine == "ray" or bool(pending) and all(
+            state.died_on(u, names[u]) for u in pending)
+        main_cfg = replace(cfg, device="cpu", compile="eager", precision="fp32") if elsewhere else cfg
+        log.info("loading %s (weights %s)%s", cfg.model, cfg.weights, "" if elsewhere else f" for device {cfg.device}")
+        bb, ex = prepare_model(main_cfg)  # elsewhere: only for the fingerprint, on CPU
+        if elsewhere:
+            ex.precision = resolve_precision(cfg.precision, resolve_device(devices[0] if devices else cfg.device))
+        state.check_run(fingerprint(bb, ex, cfg), {**asdict(cfg), "shards": len(all_urls), "version": __version__},
+                        cfg.overwrite)
+        summary = _run(all_urls, urls, names, state, bb, ex, cfg, devices, in_process=not elsewhere)
         summary.setup_seconds = summary.started - t0
+        surprise = False
         return summary
+    except (SystemExit, KeyboardInterrupt, UserError):
+        surprise = False
+        raise
     finally:
-        state.release()
+        # A run ended by an unexpected error keeps the claims of its unfinished shards (as a killed run does):
+        # their owner is then gone, so the next run embeds them in a child process, in case one caused it.
+        state.release(claims=not surprise)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
@@ -107,13 +120,21 @@ def _exit_on_sigterm() -> Any:
 
 
 def _run(all_urls: list[str], urls: list[str], names: dict[str, str], state: RunState, bb: Any, ex: Any,
-         cfg: EmbedConfig, devices: list[str] | None) -> EmbedSummary:
-    from .worker import default_workers, iter_embedded, outcome
-
+         cfg: EmbedConfig, devices: list[str] | None, in_process: bool) -> EmbedSummary:
     summary = EmbedSummary(state.out, shards_total=len(urls))
     pending = [u for u in urls if not state.is_done(u, names[u])]
-    state.remove_stale_temps([names[u] for u in urls])
-    summary.shards_skipped = len(urls) - len(pending)
+    crashed = {u for u in pending if state.died_on(u, names[u])}  # before claiming: then the claims are ours
+    ours, held, taken = state.claim_shards({u: names[u] for u in pending})
+    contain = crashed | set(taken)
+    pending = [u for u in ours if not state.is_done(u, names[u])]  # the run that held it may have finished it
+    state.release_claims([names[u] for u in ours if u not in pending])
+    if held:
+        url, owner = next(iter(held.items()))
+        log.warning("%d shard(s) are being embedded by another run (e.g. %s by pid %s on %s); this run leaves them "
+                    "to it", len(held), url, owner.get("pid"), owner.get("host"))
+    state.remove_stale_temps([names[u] for u in ours])
+    summary.shards_elsewhere = len(held)
+    summary.shards_skipped = len(urls) - len(pending) - len(held)
     summary.started = time.time()
     if pending and cfg.engine == "ray":
         from .ray_engine import run_with_ray
@@ -126,12 +147,49 @@ def _run(all_urls: list[str], urls: list[str], names: dict[str, str], state: Run
 
                 run_on_devices(pending, names, str(state.out), cfg, devices, summary, bar)
             else:
-                workers = cfg.workers if cfg.workers is not None else default_workers(ex.device)
-                for url, rec, reason in iter_embedded(pending, names, state, bb, ex, cfg, workers, bar):
-                    summary.add(url, **outcome(rec, reason))
-                    bar.shard_finished(summary)
+                here = [u for u in pending if u not in contain] if in_process else []
+                left = _in_process(here, names, state, bb, ex, cfg, summary, bar)
+                _contained([u for u in pending if u in left or u not in here], names, state, cfg, summary, bar)
     summary.seconds = time.time() - summary.started
     # The last rank to finish sees every shard of the full list done and marks the folder complete.
     if not summary.failed and all(state.is_done(u, names[u]) for u in all_urls):
         state.mark_success()
     return summary
+
+
+def _in_process(urls: list[str], names: dict[str, str], state: RunState, bb: Any, ex: Any, cfg: EmbedConfig,
+                summary: EmbedSummary, bar: EmbedProgress) -> set[str]:
+    """Embed ``urls`` in this process; returns those left unfinished because a decode worker process died."""
+    from .worker import decode_worker_died, default_workers, iter_embedded, outcome
+
+    left = set(urls)
+    workers = cfg.workers if cfg.workers is not None else default_workers(ex.device)
+    shards = iter_embedded(urls, names, state, bb, ex, cfg, workers, bar)
+    try:
+        for url, rec, reason in shards:
+            summary.add(url, **outcome(rec, reason))
+            bar.shard_finished(summary)
+            state.release_claims([names[url]])
+            left.discard(url)
+    except RuntimeError as e:
+        if not decode_worker_died(e):
+            raise
+        log.error("%s; the %d unfinished shard(s) go to a child process", e, len(left))
+    finally:
+        shards.close()  # the DataLoader's workers are shut down (and unwatched) before any child starts
+    return left
+
+
+def _contained(urls: list[str], names: dict[str, str], state: RunState, cfg: EmbedConfig, summary: EmbedSummary,
+               bar: EmbedProgress) -> None:
+    """Embed shards that killed a process in a child process (one after another): if one kills the child again,
+    it is retried once in a new child and then recorded failed with the signal, and the others complete. The
+    child decodes in its own threads: a crash in a decoder is then the child's death, caught here."""
+    if not urls:
+        return
+    from .devices import run_on_devices
+
+    log.warning("embedding %d shard(s) in a child process, as their last attempt died: %s", len(urls),
+                ", ".join(urls[:3]) + (", ..." if len(urls) > 3 else ""))
+    run_on_devices(urls, names, str(state.out), replace(cfg, workers=0), [cfg.device], summary, bar,
+                   respawns=2 * len(urls))

@@ -117,15 +117,31 @@ def stem(url: str) -> str:
     return name or "shard"
 
 
-def output_names(urls: Sequence[str]) -> dict[str, str]:
-    """Stable, unique output stems: the shard's own stem, plus a hash of its url where two stems collide."""
+def output_names(urls: Sequence[str], recorded: dict[str, str] | None = None) -> dict[str, str]:
+    """Output stems, unique and stable from run to run: a function of the url and the folder's records.
+
+    A url keeps the name a record (``recorded``: name -> url) already gives it. Otherwise it gets its shard's
+    stem, unless the stem is contested (another url of this list has it, or a record gives it to another url):
+    then ``stem-<sha1(url)[:8]>``. So a shard embedded once never changes name (and is never embedded again
+    under another) when a same-named shard from another folder joins a later run.
+
+    Example:
+        >>> output_names(["/a/s.tar", "/b/t.tar"], {"s": "/a/s.tar"})
+        {'/a/s.tar': 's', '/b/t.tar': 't'}
+    """
+    owner = {name: u if is_url(u) else os.path.abspath(u) for name, u in (recorded or {}).items()}
     stems = [stem(u) for u in urls]
     counts: dict[str, int] = {}
     for s in stems:
         counts[s] = counts.get(s, 0) + 1
-    return {
-        u: s if counts[s] == 1 else f"{s}-{hashlib.sha1(u.encode()).hexdigest()[:8]}" for u, s in zip(urls, stems)
-    }
+    names = {}
+    for u, s in zip(urls, stems):
+        hashed = f"{s}-{hashlib.sha1(u.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+        if owner.get(s) == u or owner.get(hashed) == u:
+            names[u] = s if owner.get(s) == u else hashed
+        else:
+            names[u] = hashed if counts[s] > 1 or owner.get(s, u) != u else s
+    return names
 
 
 def partition(shards: Sequence[str], rank: int, world: int) -> list[str]:

@@ -10,6 +10,7 @@ from typing import Any, Iterator
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the image of a sample: the first of these fields it has
 KEEPABLE = ("txt", "json")  # sample fields the embed stage can keep as string columns
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's rule: the key ends at the first dot
+RAW_KEY = "__raw_key__"  # a sample's key as bytes, present when those bytes are not UTF-8 (the key is escaped)
 
 
 class _Tap(io.RawIOBase):
@@ -117,7 +118,7 @@ def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
                 m = _KEY_EXT.match(member.name)
                 if not m:
                     continue
-                key, ext = m.group(1), m.group(2).lower()
+                (key, raw), ext = _text(m.group(1)), _text(m.group(2).lower())[0]
                 data = tf.extractfile(member).read()  # type: ignore[union-attr]
                 # A member whose key and extension repeat the current sample's starts a new sample (with a
                 # duplicate key, skipped downstream with a reason) instead of silently replacing the first.
@@ -125,12 +126,28 @@ def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
                     if current is not None:
                         yield current
                     current = {"__key__": key, "__url__": url}
+                    if raw is not None:
+                        current[RAW_KEY] = raw
                 current[ext] = data
             if current is not None:
                 yield current
             _check_tar_end(tap, tf.offset, members)
     finally:
         _close(stream)
+
+
+def _text(name: str) -> tuple[str, bytes | None]:
+    """A key (or extension) as text every writer accepts, and its raw bytes when they are not UTF-8.
+
+    tarfile keeps undecodable bytes as lone surrogates, which Parquet, JSON files and terminals refuse; they
+    become ``\\xNN`` (``bad_\\xff.jpg``), and the raw bytes travel with the sample so the loss is recorded.
+    """
+    try:
+        name.encode("utf-8")
+        return name, None
+    except UnicodeEncodeError:
+        raw = name.encode("utf-8", "surrogateescape")
+        return raw.decode("utf-8", "backslashreplace"), raw
 
 
 def _close(stream: Any) -> None:

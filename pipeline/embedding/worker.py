@@ -10,6 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
 
@@ -79,6 +80,18 @@ class _Crash:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def decode_worker_died(e: BaseException) -> bool:
+    """Whether ``e`` is torch's report that a DataLoader worker process died (a native crash in a decoder, the
+    OOM killer). It has no class of its own, and torch's SIGCHLD handler raises it wherever the main thread is."""
+    return isinstance(e, RuntimeError) and str(e).startswith("DataLoader worker")
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    # A scheduler's SIGTERM to the whole process group must stop the run through the main process (exit 143,
+    # the lock released), not kill the decode workers under it (a DataLoader traceback).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class _ShardBuffer:
     """Rows of one shard collected from every worker until all of them report its end."""
 
@@ -87,6 +100,7 @@ class _ShardBuffer:
         self.ends = 0
         self.seen = 0
         self.skipped: list[tuple[str, str]] = []
+        self.warnings: list[tuple[str, str]] = []
         self.failed: str | None = None
         self.started = time.time()
 
@@ -94,6 +108,7 @@ class _ShardBuffer:
         if emb is not None and len(piece.keys):
             self.pieces.append((piece, emb))
         self.skipped.extend(piece.skipped)
+        self.warnings.extend(piece.warnings)
         self.seen += piece.seen
         if piece.failed and self.failed is None:
             self.failed = piece.failed
@@ -104,10 +119,19 @@ def embed_one_shard(url: str, name: str, state: RunState, bb: Backbone, ex: Extr
                     workers: int, progress: Any = None) -> tuple[ShardRecord | None, str | None]:
     """The unit of work of every engine: one shard in, one committed Parquet file (or a failure) out.
 
-    ``progress.update(n)`` (optional) hears of every ``n`` images embedded.
+    ``progress.update(n)`` (optional) hears of every ``n`` images embedded. A decode worker process that dies on
+    the shard fails it (recorded as a crash, so later runs embed it in a child process).
     """
-    for _, rec, reason in iter_embedded([url], {url: name}, state, bb, ex, cfg, workers, progress):
-        return rec, reason
+    try:
+        for _, rec, reason in iter_embedded([url], {url: name}, state, bb, ex, cfg, workers, progress):
+            return rec, reason
+    except RuntimeError as e:
+        if not decode_worker_died(e):
+            raise
+        reason = f"{e} while decoding this shard (a native crash in a decoder, or out of memory?)"
+        log.error("shard %s failed: %s", url, reason)
+        state.record_failure(url, name, reason, crashed=True)
+        return None, reason
     raise AssertionError("the reader ends every shard")
 
 
@@ -118,7 +142,8 @@ def iter_embedded(pending: list[str], names: dict[str, str], state: RunState, bb
     data = ShardSamples(pending, bb.preprocess, cfg.batch_size, cfg.keep, cfg.max_pixels, decode_threads=threads)
     loader = DataLoader(data, batch_size=None, num_workers=workers, pin_memory=ex.device.type == "cuda",
                         prefetch_factor=4 if workers else None, persistent_workers=False,
-                        multiprocessing_context="fork" if workers and os.name == "posix" else None)
+                        multiprocessing_context="fork" if workers and os.name == "posix" else None,
+                        worker_init_fn=_ignore_sigterm if workers else None)
     meta = shard_metadata(bb, ex, cfg)
     buffers: dict[str, _ShardBuffer] = {}
     crash = _Crash()
@@ -171,14 +196,19 @@ def _finish(url: str, name: str, buf: _ShardBuffer, state: RunState, meta: dict[
         log.warning("no samples found in %s; is it the right file?", url)
     try:
         return state.commit(url, name, keys=cat([k for p, _ in pieces for k in p.keys]),
-                     indices=cat([i for p, _ in pieces for i in p.indices]),
-                     labels=cat([lab for p, _ in pieces for lab in p.labels]), embeddings=emb, extra=extra,
-                     metadata=meta, seen=buf.seen, skipped=sorted(buf.skipped), seconds=elapsed)
+                            indices=cat([i for p, _ in pieces for i in p.indices]),
+                            labels=cat([lab for p, _ in pieces for lab in p.labels]), embeddings=emb, extra=extra,
+                            metadata=meta, seen=buf.seen, skipped=sorted(buf.skipped), seconds=elapsed,
+                            warnings=sorted(buf.warnings))
     except OSError as e:  # disk full, permissions: this shard fails and is retried next run
         log.error("cannot write the output of %s: %s", url, e)
         buf.failed = f"write failed: {e}"
-        state.record_failure(url, name, buf.failed)
-        return None
+    except (ValueError, OverflowError, pa.ArrowException) as e:  # a value the reader let through that Parquet
+        # refuses: this shard fails with the reason (and the others go on) rather than the whole run
+        log.error("cannot store the rows of %s: %s", url, e)
+        buf.failed = f"cannot store its rows: {type(e).__name__}: {e}"
+    state.record_failure(url, name, buf.failed)
+    return None
 
 
 def outcome(rec: ShardRecord | None, reason: str | None) -> dict[str, Any]:

@@ -69,6 +69,12 @@ def add_shards(index: Any, files: Sequence[Path], id_starts: Sequence[int], ids_
                 rows = np.arange(row, row + n, dtype=np.int64)
                 ids = id_start + rows
                 x = np.ascontiguousarray(batch.embeddings, np.float32)
+                bad = ~np.isfinite(x).all(axis=1)
+                if bad.any():  # FAISS would index them, and every search near them returns garbage
+                    raise UserError(f"{f}: {int(bad.sum())} embedding(s) with NaN or Inf (first key "
+                                    f"{batch.keys[int(np.argmax(bad))]!r}); none is indexed. If the file was edited, "
+                                    "rerun `embedpipe embed` to redo its shard; if the model made them, re-embed with "
+                                    "--precision fp32")
                 if ivf:
                     index.add_with_ids(x, ids)
                 else:

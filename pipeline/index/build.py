@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import atomic, store
+from ..embedding.run_folder import committed_files
 from ..errors import UserError
 from . import tune
 from .add import add_shards, new_index, shard_table, train, warn_duplicate_keys
@@ -50,7 +51,7 @@ def build(cfg: IndexConfig, budget: int) -> dict[str, Any]:
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise UserError(f"{out} already exists; pass --update to add new shards to it, or --overwrite to rebuild")
-    src = store.scan(cfg.emb_dir)
+    src = store.scan(cfg.emb_dir, committed_files(cfg.emb_dir))  # garbage is refused, never indexed
     n = src.rows
     if n == 0:
         raise UserError(f"embedding shards under {cfg.emb_dir} hold no rows; did `embedpipe embed` skip everything?")

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import atomic, store
+from ..embedding.run_folder import committed_files
 from ..errors import UserError
 from . import tune
 from .add import add_shards, new_index, shard_table, train
@@ -68,7 +69,7 @@ def train_only(cfg: IndexConfig, budget: int) -> dict[str, Any]:
     if pdir.exists() and not cfg.overwrite:
         raise UserError(f"{pdir} already exists (a trained quantizer, maybe parts); pass --overwrite to retrain "
                         "(every part must then be rebuilt)")
-    src = store.scan(cfg.emb_dir)
+    src = store.scan(cfg.emb_dir, committed_files(cfg.emb_dir))
     n = src.rows
     if n == 0:
         raise UserError(f"embedding shards under {cfg.emb_dir} hold no rows")
@@ -110,7 +111,7 @@ def build_part(cfg: IndexConfig) -> dict[str, Any]:
 
     pdir = parts_dir(cfg.out)
     rec = read_train(pdir)
-    src = store.scan(cfg.emb_dir)
+    src = store.scan(cfg.emb_dir, committed_files(cfg.emb_dir))
     have = {f.name: i.rows for f, i in zip(src.files, src.infos)}
     want = {name: s["rows"] for name, s in rec["shards"].items()}
     if have != want:

@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import atomic, store
+from ..embedding.run_folder import committed_files
 from ..errors import UserError
 from .add import add_shards, shard_table
 from .layout import (
@@ -33,8 +34,9 @@ log = logging.getLogger(__name__)
 
 
 def new_shards(meta: dict[str, Any], emb_dir: str | Path) -> list[Path]:
-    """Shards under ``emb_dir`` that ``index.json`` does not list (already-indexed ones can never be re-added)."""
-    files = store.list_shards(emb_dir)
+    """Shards under ``emb_dir`` that ``index.json`` does not list (already-indexed ones can never be re-added);
+    in a run folder, only those its done records vouch for (garbage is refused, never indexed)."""
+    files = committed_files(emb_dir) or store.list_shards(emb_dir)
     fresh = []
     for f in files:
         seen = meta["shards"].get(f.name)

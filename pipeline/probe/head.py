@@ -1,4 +1,4 @@
-"""A trained probe on disk: the linear head (``head.pt``, plain tensors), its metrics and report, committed as one."""
+"""A trained probe on disk: the linear head (``head.pt``, plain tensors), its metrics and report, swapped in as one."""
 from __future__ import annotations
 
 import io
@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 HEAD_FORMAT = "embedpipe-probe/1"
 HEAD_FILE, METRICS_FILE, REPORT_FILE, CONFUSION_FILE = "head.pt", "metrics.json", "report.txt", "confusion.png"
+PROBE_FILES = (HEAD_FILE, METRICS_FILE, REPORT_FILE, CONFUSION_FILE)  # one set: a new probe replaces them all
 # Besides the model identity, the head needs features normalised as in training.
 FEATURE_KEYS = (*store.MODEL_KEYS, "normalize")
 
@@ -71,7 +72,7 @@ def load_head(probe_dir: str | Path) -> Head:
     """Read ``PROBE_DIR/head.pt`` (plain tensors, lists and dicts: loads with ``weights_only=True``)."""
     p = Path(probe_dir)
     if p.is_dir():
-        atomic.recover_files(p)  # a probe killed mid-commit: finish it, so head.pt matches metrics.json
+        atomic.recover_files(p)  # an older version's probe killed mid-commit: finish it (head.pt matches metrics)
     f = p / HEAD_FILE if p.is_dir() else p
     if not f.is_file():
         raise UserError(f"no probe head at {f}; train one with `embedpipe probe EMB_DIR --out {p}`")
@@ -82,7 +83,12 @@ def load_head(probe_dir: str | Path) -> Head:
 
 
 def save_probe(out: Path, head: Head, metrics: dict[str, Any], plots: bool = False) -> None:
-    """Write ``head.pt``, ``metrics.json``, ``report.txt`` (and ``confusion.png`` with plots), as one commit."""
+    """Write ``head.pt``, ``metrics.json``, ``report.txt`` (and ``confusion.png`` with plots), as one commit.
+
+    The set is built in a sibling directory and swapped in with one ``renameat2(RENAME_EXCHANGE)``, like an
+    index: a program reading the files directly sees all old or all new ones, even if the probe is killed.
+    Other files kept in the folder are carried over.
+    """
     buf = io.BytesIO()
     torch.save(head.to_dict(), buf)
     files = {HEAD_FILE: buf.getvalue(),
@@ -91,7 +97,13 @@ def save_probe(out: Path, head: Head, metrics: dict[str, Any], plots: bool = Fal
     if plots:
         files[CONFUSION_FILE] = plot_confusion(np.asarray(metrics["confusion"]), metrics["classes"],
                                                confusion_title(metrics))
-    atomic.write_files(out, files)  # all of them or none: a killed probe leaves the previous set
+    with atomic.locked_dir(out):
+        if out.is_dir():  # a set an older version was committing file by file: finish it, drop its temporaries
+            atomic.recover_files(out)
+            atomic.remove_stale_temps(out, [*PROBE_FILES, atomic.JOURNAL])
+        with atomic.staged_dir(out, carry_except=PROBE_FILES) as tmp:
+            for name, data in files.items():
+                atomic.write_bytes(tmp / name, data)
 
 
 def check_features(head: Head, info: store.ShardInfo) -> None:

@@ -5,3 +5,23 @@ from pathlib import Path
 _TESTS = str(Path(__file__).resolve().parent.parent)
 if _TESTS not in sys.path:  # tests/ has no __init__.py: its modules import each other as top-level names
     sys.path.insert(0, _TESTS)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def embedpipe(capsys):
+    """The `embedpipe` entry point run in this process as a shell runs it: ``(exit status, stdout, stderr)``,
+    with errors mapped to exit codes (a UserError is exit 2 and one line on stderr)."""
+
+    def run(*args):
+        from pipeline.cli import main
+
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return e.value.code, out, err
+
+    return run

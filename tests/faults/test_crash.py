@@ -181,11 +181,11 @@ def test_index_update_killed_then_rerun(index_input, tmp_path):
 
 
 def probe_set(folder: Path) -> tuple[list, dict]:
-    from pipeline.probe.head import load_head
-
-    head = load_head(folder)
+    """The probe's files as a program reading them directly sees them (no load_head, no repair)."""
+    head = torch.load(folder / "head.pt", weights_only=True)
     metrics = json.loads((folder / "metrics.json").read_text())
-    return [head.weight.tolist(), head.bias.tolist()], {k: metrics[k] for k in ("options", "top1", "confusion")}
+    assert (folder / "report.txt").read_text().strip()
+    return [head["weight"].tolist(), head["bias"].tolist()], {k: metrics[k] for k in ("options", "top1", "confusion")}
 
 
 def probe(emb: Path, out: Path, frac: float) -> None:
@@ -199,8 +199,11 @@ def same(a: tuple, b: tuple) -> bool:
     return a[1] == b[1] and np.allclose(a[0][0], b[0][0], atol=1e-5) and np.allclose(a[0][1], b[0][1], atol=1e-5)
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])  # renames: the commit journal, then head.pt, then metrics.json
-def test_probe_killed_while_writing_leaves_old_or_new_complete_outputs(tmp_path, k):
+# Renames of a probe commit: head.pt, metrics.json, report.txt into the staging directory, then one exchange with
+# the folder, then the old version's removal. Killed before the exchange: the old set; after it: the new one.
+@pytest.mark.parametrize("point,after", [("os.replace 1", False), ("os.replace 3", False),
+                                         ("pipeline.atomic.exchange_dirs 1", False), ("shutil.rmtree 1", True)])
+def test_probe_killed_while_writing_leaves_old_or_new_complete_outputs(tmp_path, point, after):
     import shutil
 
     from probe_fixtures import blobs, write_shards
@@ -211,10 +214,12 @@ def test_probe_killed_while_writing_leaves_old_or_new_complete_outputs(tmp_path,
     old, new = probe_set(tmp_path / "old"), probe_set(tmp_path / "new")
     assert old[1]["options"] != new[1]["options"]
     shutil.copytree(tmp_path / "old", tmp_path / "p")
-    killed = run("os.replace", k, "probe", emb, "--val-fraction", "0.3", "--out", tmp_path / "p")
+    (tmp_path / "p" / "notes.txt").write_text("kept")  # a file of the user's in the probe folder
+    target, k = point.split()
+    killed = run(target, int(k), "probe", emb, "--val-fraction", "0.3", "--out", tmp_path / "p")
     assert killed.returncode == -9, killed.stderr[-2000:]
-    got = probe_set(tmp_path / "p")  # a reader finishes a committed write, or sees the old set untouched
-    assert same(got, old if k == 1 else new)
+    assert same(probe_set(tmp_path / "p"), new if after else old)  # read directly: all old or all new
+    assert (tmp_path / "p" / "notes.txt").read_text() == "kept"
     probe(emb, tmp_path / "p", 0.3)
-    assert same(probe_set(tmp_path / "p"), new) and leftovers(tmp_path / "p") == []
-    assert torch.load(tmp_path / "p" / "head.pt", weights_only=True)
+    assert same(probe_set(tmp_path / "p"), new) and (tmp_path / "p" / "notes.txt").read_text() == "kept"
+    assert leftovers(tmp_path) == [] and not list(tmp_path.glob(".p.*-*"))
