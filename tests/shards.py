@@ -200,6 +200,12 @@ def write_tar(path: str | Path, samples: Iterable[dict[str, Any]]) -> Path:
     return path
 
 
+def tiny_shards(root: str | Path, n: int, per: int = 3) -> list[str]:
+    """``n`` shards ``root/p-NN.tar`` of ``per`` small real JPEGs each (keys ``s<shard>_<i>``); their paths."""
+    return [str(write_tar(Path(root) / f"p-{s:02d}.tar", [{"__key__": f"s{s}_{i}", "jpg": jpeg_bytes(
+        sample_image((40, 32), seed=s * 10 + i))} for i in range(per)])) for s in range(n)]
+
+
 def fault_samples(good_every: int = 1) -> list[dict[str, Any]]:
     """Samples ``good_000``, ``bad_<fault>``, ``good_001``, ... interleaving real good JPEGs with each fault.
 
