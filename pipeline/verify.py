@@ -34,10 +34,10 @@ def verify_embeddings(out: Path) -> tuple[list[str], dict[str, Any]]:
         if rec is None:
             problems.append(f"{rec_path}: unreadable done record (empty or not JSON); delete it and rerun embed")
             continue
-        if rec.get("url") in urls:
-            problems.append(f"{rec_path}: the shard {rec.get('url')} is also done as {urls[rec.get('url')]} "
-                            "(embedded twice under two names)")
-        urls.setdefault(rec.get("url"), name)
+        url = rec.get("url")
+        if isinstance(url, str) and url in urls:
+            problems.append(f"{rec_path}: the shard {url} is also done as {urls[url]} (embedded twice under two names)")
+        urls.setdefault(url, name) if isinstance(url, str) else None
         f = files.get(name)
         if f is None:
             problems.append(f"{rec_path}: done record but no {store.EMBEDDINGS}/{name}.parquet (rerun embed to redo it)")

@@ -1,7 +1,7 @@
 """Owner files: who holds a run folder (``_lock``) or a shard (``_state/<name>.claim``), made so they cannot lie.
 
-An owner file is created whole or not at all: written and fsynced under a temporary name, then hard-linked
-to its name, which fails if the name exists (so a full disk leaves no empty lock behind). A dead owner's file
+An owner file is created whole or not at all: written (and, for the lock, fsynced) under a temporary name,
+then hard-linked to its name, which fails if the name exists (so a full disk leaves no empty lock behind). A dead owner's file
 is taken over by a compare-and-swap: under an ``flock`` held for a few system calls, the file is replaced only
 if it still holds exactly the bytes judged dead, so of several contenders exactly one wins and the others see
 the winner alive. A process is dead when, on this host, its pid is gone or now names another process (pid
@@ -91,22 +91,23 @@ def parse(path: Path, raw: bytes) -> dict[str, Any]:
     return owner
 
 
-def _write_temp(path: Path, me: dict[str, Any]) -> str:
+def _write_temp(path: Path, me: dict[str, Any], durable: bool) -> str:
     tmp = atomic.temp_beside(path)
     try:
         with open(tmp, "w") as f:
             json.dump(me, f)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return tmp
 
 
-def _create(path: Path, me: dict[str, Any]) -> bool:
+def _create(path: Path, me: dict[str, Any], durable: bool) -> bool:
     """Create ``path`` holding ``me`` (complete or absent); False when it exists."""
-    tmp = _write_temp(path, me)
+    tmp = _write_temp(path, me, durable)
     try:
         os.link(tmp, path)  # atomic, and fails if the name exists: the file never appears half-written
         return True
@@ -132,7 +133,7 @@ def _mutex(folder: Path) -> Iterator[None]:
         yield
 
 
-def _replace_if_same(path: Path, raw: bytes, me: dict[str, Any]) -> bool:
+def _replace_if_same(path: Path, raw: bytes, me: dict[str, Any], durable: bool) -> bool:
     """Compare-and-swap: put ``me`` in ``path`` if it still holds exactly ``raw``."""
     with _mutex(path.parent):
         try:
@@ -140,27 +141,46 @@ def _replace_if_same(path: Path, raw: bytes, me: dict[str, Any]) -> bool:
                 return False  # another contender took it over first
         except FileNotFoundError:
             return False
-        os.replace(_write_temp(path, me), path)
+        tmp = _write_temp(path, me, durable)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return True
 
 
-def acquire(path: Path, me: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+def judge(path: Path, raw: bytes, me: dict[str, Any], durable: bool = True) -> tuple[dict[str, Any], str | None]:
+    """The owner recorded in ``raw`` (the bytes of ``path``) and why it is dead (None: alive, or cannot tell).
+
+    A durable file (the lock) that is unreadable is an error saying how to clear it. A claim is not fsynced,
+    so one found unreadable was left by a machine that crashed before writing it out: its owner is dead.
+    """
+    try:
+        owner = parse(path, raw)
+    except UserError:
+        if durable:
+            raise
+        return {}, "its file is unreadable (its machine stopped before writing it out)"
+    return owner, gone(owner, me)
+
+
+def acquire(path: Path, me: dict[str, Any], durable: bool = True) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """Make ``path`` hold ``me``: ``(live_owner, None)`` when another live process holds it (nothing changed),
     else ``(None, dead_owner)``: ours now, taken over from ``dead_owner`` (None when it was free), whose
-    ``"gone"`` says why it was judged dead."""
+    ``"gone"`` says why it was judged dead. ``durable``: fsync the file (the lock; not each shard's claim)."""
     owner: dict[str, Any] = {}
     for _ in range(5):
-        if _create(path, me):
+        if _create(path, me, durable):
             return None, None
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
             continue  # released meanwhile: try again
-        owner = parse(path, raw)
-        why = gone(owner, me)
+        owner, why = judge(path, raw, me, durable)
         if why is None:
             return owner, None
-        if _replace_if_same(path, raw, me):
+        if _replace_if_same(path, raw, me, durable):
             return None, {**owner, "gone": why}
     return owner, None  # changing hands all the time: call it held
 

@@ -87,8 +87,10 @@ def file_mismatch(path: Path, check: dict[str, Any] | None, full: bool = False) 
         st = path.stat()
     except FileNotFoundError:
         return "the file is missing"
-    if not check:
+    if check is None:
         return None
+    if not isinstance(check, dict):
+        return "its done record's file check is garbled"
     if st.st_size != check.get("bytes"):
         return f"it has {st.st_size} bytes, its done record says {check.get('bytes')}"
     if not full and (st.st_ino, st.st_ctime_ns) == (check.get("ino"), check.get("ctime_ns")):
@@ -121,7 +123,7 @@ class RunState:
         self.me = owners.identity()
         self._locked = False
         self._claims: set[str] = set()  # names of the shards this process holds
-        self._verified: dict[str, tuple[int, int, int]] = {}  # done files checked in this run: (ino, ctime, size)
+        self._checked: dict[str, dict[tuple, bool]] = {}  # done files judged in this run, by their stat and record
 
     # -- ownership -------------------------------------------------------------------------------
     def acquire(self) -> None:
@@ -219,14 +221,14 @@ class RunState:
             st = path.stat()
         except FileNotFoundError:
             return False
-        if self._verified.get(name) == (st.st_ino, st.st_ctime_ns, st.st_size):
-            return True
+        seen = (st.st_ino, st.st_ctime_ns, st.st_size, repr(rec.get("file")))
+        if seen in self._checked.get(name, ()):  # judged already in this run, and unchanged since
+            return self._checked[name][seen]
         why = file_mismatch(path, rec.get("file"))
         if why:
             log.warning("%s does not match its done record (%s): its shard %s is embedded again", path, why, url)
-            return False
-        self._verified[name] = (st.st_ino, st.st_ctime_ns, st.st_size)
-        return True
+        self._checked[name] = {seen: why is None}
+        return why is None
 
     # -- claims: one process per shard at a time, whatever the ranks and world sizes of the runs ----------
     def claim_shards(self, names: dict[str, str]) -> tuple[list[str], dict[str, dict[str, Any]], list[str]]:
@@ -238,7 +240,7 @@ class RunState:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         ours, held, suspects = [], {}, []
         for url, name in names.items():
-            live, dead = owners.acquire(self._claim_path(name), self.me)
+            live, dead = owners.acquire(self._claim_path(name), self.me, durable=False)
             if live is not None:
                 held[url] = live
                 continue
@@ -255,10 +257,10 @@ class RunState:
         if (read_record(self._failed_path(name)) or {}).get("crashed"):
             return True
         try:
-            owner = owners.parse(self._claim_path(name), self._claim_path(name).read_bytes())
+            raw = self._claim_path(name).read_bytes()
         except FileNotFoundError:
             return False
-        return owners.gone(owner, self.me) is not None
+        return owners.judge(self._claim_path(name), raw, self.me, durable=False)[1] is not None
 
     def release_claims(self, names: Sequence[str] | None = None) -> None:
         """Give back claims (all this process holds by default)."""
@@ -268,8 +270,11 @@ class RunState:
 
     def _refuse_live_claims(self, why: str) -> None:
         for path in sorted(self.state_dir.glob(f"*{CLAIM_SUFFIX}")) if self.state_dir.is_dir() else []:
-            owner = owners.parse(path, path.read_bytes())
-            if owner.get("token") != self.me["token"] and owners.gone(owner, self.me) is None:
+            try:
+                owner, dead = owners.judge(path, path.read_bytes(), self.me, durable=False)
+            except FileNotFoundError:
+                continue  # released meanwhile
+            if owner.get("token") != self.me["token"] and dead is None:
                 raise UserError(f"{path.name[:-len(CLAIM_SUFFIX)]} is being embedded by another run (pid "
                                 f"{owner.get('pid')} on {owner.get('host')}): {why}; wait for it to finish")
 

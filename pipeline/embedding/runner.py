@@ -160,6 +160,8 @@ def _run(all_urls: list[str], urls: list[str], names: dict[str, str], state: Run
 def _in_process(urls: list[str], names: dict[str, str], state: RunState, bb: Any, ex: Any, cfg: EmbedConfig,
                 summary: EmbedSummary, bar: EmbedProgress) -> set[str]:
     """Embed ``urls`` in this process; returns those left unfinished because a decode worker process died."""
+    if not urls:
+        return set()
     from .worker import decode_worker_died, default_workers, iter_embedded, outcome
 
     left = set(urls)

@@ -134,3 +134,28 @@ def test_peak_memory_of_a_run_over_the_wide_png_stays_flat(hostile_run, tmp_path
     assert r.returncode == 0, r.stderr[-2000:]
     peak_kb = int(r.stderr.split("maxrss")[-1].split()[0])
     assert peak_kb < 2_500_000, f"peak RSS {peak_kb / 1e6:.2f} GB"
+
+
+@pytest.mark.parametrize("error,skipped", [(RuntimeError("libfoo: bad data"), True), (MemoryError(), True),
+                                           (TypeError("a bug of ours"), False)])
+def test_any_decoder_error_skips_its_sample_but_a_programming_error_stops(tmp_path, monkeypatch, error, skipped):
+    from pipeline.embedding import reader
+    from pipeline.model.preprocess import Preprocess
+
+    url = between(tmp_path, "s", {"__key__": "bad", "png": b"\x89PNG\r\n\x1a\n odd"})
+    real = reader.decode_rgb
+
+    def decode(data, *args):
+        if data.startswith(b"\x89PNG"):
+            raise error
+        return real(data, *args)
+
+    monkeypatch.setattr(reader, "decode_rgb", decode)
+    pieces = reader.ShardSamples([url], Preprocess(input_size=32, resize_size=36), 8)
+    if not skipped:
+        with pytest.raises(TypeError, match="a bug of ours"):
+            list(pieces)
+        return
+    (piece,) = list(pieces)
+    assert piece.keys == GOOD and piece.failed is None
+    assert piece.skipped == [("bad", f"cannot decode: {type(error).__name__}: {error}")]

@@ -73,6 +73,17 @@ def test_empty_lock_left_by_an_older_version_is_one_clear_line(tmp_path, embedpi
     state.release()
 
 
+def test_unreadable_claim_is_a_dead_owners_and_taken_over(tmp_path):
+    state = RunState(tmp_path / "out")
+    state.state_dir.mkdir(parents=True)
+    (state.state_dir / "s.claim").write_bytes(b"")  # claims are not fsynced: a crashed machine can leave this
+    ours, held, suspects = state.claim_shards({"u": "s"})
+    assert ours == suspects == ["u"] and held == {}
+    assert json.loads((state.state_dir / "s.claim").read_text())["pid"] == os.getpid()
+    state.release_claims()
+    assert not (state.state_dir / "s.claim").exists()
+
+
 # ---------------------------------------------------------------- 7. racing for a dead owner's file
 
 
