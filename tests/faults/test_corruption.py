@@ -182,6 +182,7 @@ def vouch_for(out: Path, f: Path) -> None:
     ("row_removed", "its done record"),
     ("truncated_footer", "bytes, its done record says"),
     ("truncated_footer_vouched", "is not a readable Parquet file"),
+    ("bytes_cut_mid_file_vouched", "is not a readable Parquet file (ZSTD decompression failed"),  # footer intact
 ])
 def test_index_refuses_input_its_done_records_do_not_vouch_for(folder, tmp_path, kind, expected, embedpipe):
     _, out, f = folder
@@ -189,6 +190,9 @@ def test_index_refuses_input_its_done_records_do_not_vouch_for(folder, tmp_path,
         f.unlink()
     elif kind.startswith("truncated_footer"):
         f.write_bytes(f.read_bytes()[:-40])
+    elif kind.startswith("bytes_cut"):
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) // 4] + data[len(data) // 4 + 100:])
     else:
         CORRUPT[kind if kind != "nan_made_by_the_model" else "nan_edited"](f)
     if kind.endswith(("vouched", "by_the_model")):
