@@ -103,14 +103,15 @@ def verify_index(index_dir: Path) -> tuple[list[str], dict[str, Any]]:
     id_col = ids.column("id").to_numpy()
     if len(np.unique(id_col)) != len(id_col):
         problems.append(f"{index_dir}/{layout.IDS_FILE}: duplicate ids")
-    emb_dir = meta.get("config", {}).get("emb_dir")
-    if emb_dir and Path(emb_dir).exists():
+    folders = layout.source_dirs(meta)  # the build's folder and each --update's
+    if all(Path(d).exists() for d in folders):
         known: set[str] = set()
-        for f in store.list_shards(emb_dir):
+        for f in (f for d in folders for f in store.list_shards(d)):
             known.update(pq.read_table(f, columns=["key"]).column("key").to_pylist())
         missing = [k for k in ids.column("key").to_pylist() if k not in known]
         if missing:
-            problems.append(f"{index_dir}: {len(missing)} id(s) map to keys not in {emb_dir} (first: {missing[0]!r})")
+            problems.append(f"{index_dir}: {len(missing)} id(s) map to keys not in {', '.join(folders)} "
+                            f"(first: {missing[0]!r})")
     return problems, {"vectors": int(index.ntotal), "factory": meta.get("factory")}
 
 

@@ -1,4 +1,9 @@
-"""Helpers for the index/search tests: clustered synthetic embeddings written as real Parquet shards."""
+"""Helpers for the index/search tests: synthetic embeddings written as real Parquet shards.
+
+``embedding_like`` draws from ``pipeline.index.synthetic.EmbeddingLike`` (the generator ``benchmarks/bench_index.py``
+uses: low intrinsic dimension, a long-tailed mixture of overlapping modes), where recall is hard the way it is on
+real embeddings; ``clustered`` draws well-separated clusters, for tests about anything but recall.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import store
+from pipeline.index import synthetic
 
 META = {"model": "synthetic:clusters", "weights_sha256": "0" * 64, "layer": "pool", "dim": None,
         "preprocess": {"input_size": 64}, "normalize": True, "version": "0.1.0"}
@@ -20,20 +25,15 @@ def clustered(n: int, dim: int = 32, centers: int = 40, spread: float = 0.35, se
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+def embedding_like(n: int, dim: int = 32, seed: int = 0, components: int = 200) -> np.ndarray:
+    """``n`` embedding-like unit vectors (float32 [n, dim]); another ``seed`` draws fresh queries of the same set."""
+    return synthetic.EmbeddingLike(dim=dim, latent=min(64, dim), components=components).sample(n, seed)
+
+
 def write_shards(root: Path, x: np.ndarray, shards: int = 3, dtype: str = "float32", prefix: str = "shard",
                  first: int = 0, meta: dict[str, Any] | None = None) -> list[Path]:
-    """Split ``x`` into ``shards`` files ``root/embeddings/<prefix>-NNNNNN.parquet``; keys ``<prefix>NNNNNN_IIIII``."""
-    meta = {**META, "dim": x.shape[1], "dtype": dtype, **(meta or {})}
-    paths = []
-    for s, part in enumerate(np.array_split(x, shards)):
-        name = f"{prefix}-{first + s:06d}"
-        keys = [f"{name}_{i:05d}" for i in range(len(part))]
-        table = store.embedding_table(keys, f"{name}.tar", range(len(part)), [None] * len(part), part, dtype=dtype,
-                                      metadata=meta)
-        path = Path(root) / "embeddings" / f"{name}.parquet"
-        store.write_table(path, table)
-        paths.append(path)
-    return paths
+    """``synthetic.write_shards`` with the tests' model metadata (keys ``<prefix>-NNNNNN_IIIII``)."""
+    return synthetic.write_shards(root, x, shards, dtype, prefix, first, {**META, **(meta or {})})
 
 
 def brute_force(x: np.ndarray, q: np.ndarray, k: int, metric: str = "ip") -> tuple[np.ndarray, np.ndarray]:

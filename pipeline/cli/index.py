@@ -34,7 +34,8 @@ def _params(ctx: click.Context, param: click.Parameter, value: Any) -> dict[str,
 @click.argument("emb_dir", type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Index directory (index.faiss, ids.parquet, index.json).")
 @click.option("--kind", type=click.Choice(KINDS), default=D.kind, show_default=True,
-              help="auto: Flat when small, HNSW/IVF when medium, IVF-PQ when float32 would not fit --memory.")
+              help="auto: exact (Flat) up to 50,000 vectors; above, each kind that fits --memory is built on a "
+                   "sample and the fastest at --target-recall is kept.")
 @click.option("--factory", default=None, help="Any FAISS index_factory string (e.g. 'OPQ32,IVF4096,PQ32'); overrides --kind.")
 @click.option("--metric", type=click.Choice(METRICS), default=D.metric, show_default=True, help="ip matches normalised embeddings.")
 @click.option("--memory", default=D.memory, show_default=True, help="Memory budget for the index, e.g. 8GB, 512MB.")

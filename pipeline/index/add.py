@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..progress import Progress
 from .choose import faiss_metric
 from .layout import IdsWriter, now
-from .tune import ExactKnn
+from .tune import ExactKnn, takes_ids
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +50,17 @@ def train(index: Any, sample: np.ndarray, factory: str) -> float:
 
 
 def add_shards(index: Any, files: Sequence[Path], id_starts: Sequence[int], ids_out: IdsWriter,
-               gt: ExactKnn | None, batch_size: int, desc: str = "adding") -> int:
-    """Stream ``files`` into ``index`` with ids ``id_start + row``, recording ids and feeding the exact k-NN."""
-    import faiss
+               gt: ExactKnn | None, batch_size: int, desc: str = "adding", hold_out: np.ndarray | None = None) -> int:
+    """Stream ``files`` into ``index`` with ids ``id_start + row``, recording ids and feeding the exact k-NN.
 
-    # IVF indexes take explicit ids (needed for parts); the others number vectors in add order, which we check
-    ivf = faiss.try_extract_index_ivf(index) is not None and not isinstance(faiss.downcast_index(index),
-                                                                             faiss.IndexRefine)
+    ``hold_out`` (sorted ids, for an index that takes explicit ids) are recorded but neither added nor fed to the
+    exact k-NN: they are the tuning queries, added by the caller once tuning is done.
+    """
+    # IVF and IDMap indexes take explicit ids (needed for parts and held-out queries); the others number vectors
+    # in add order, which we check
+    ivf = takes_ids(index)
+    if hold_out is not None and not ivf:
+        raise RuntimeError("rows can be held out only of an index that takes explicit ids")
     crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
     total = sum(store.shard_info(f).rows for f in files)
     added = batches = 0
@@ -75,13 +79,16 @@ def add_shards(index: Any, files: Sequence[Path], id_starts: Sequence[int], ids_
                                     f"{batch.keys[int(np.argmax(bad))]!r}); none is indexed. If the file was edited, "
                                     "rerun `embedpipe embed` to redo its shard; if the model made them, re-embed with "
                                     "--precision fp32")
+                ids_out.write(ids, batch, rows)
+                if hold_out is not None:
+                    keep = ~np.isin(ids, hold_out, assume_unique=True)
+                    x, ids = x[keep], ids[keep]
                 if ivf:
                     index.add_with_ids(x, ids)
                 else:
                     if index.ntotal != ids[0]:
                         raise RuntimeError(f"sequential id mismatch: index has {index.ntotal}, next id {ids[0]}")
                     index.add(x)
-                ids_out.write(ids, batch, rows)
                 if gt is not None:
                     gt.add(x, ids)
                 row += n

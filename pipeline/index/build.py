@@ -12,6 +12,7 @@ from ..embedding.run_folder import committed_files
 from ..errors import UserError
 from . import tune
 from .add import add_shards, new_index, shard_table, train, warn_duplicate_keys
+from .auto import pick
 from .choose import choose
 from .layout import IDS_FILE, INDEX_FILE, META_FILE, IdsWriter, index_record, result
 from .options import IndexConfig
@@ -55,31 +56,39 @@ def build(cfg: IndexConfig, budget: int) -> dict[str, Any]:
     n = src.rows
     if n == 0:
         raise UserError(f"embedding shards under {cfg.emb_dir} hold no rows; did `embedpipe embed` skip everything?")
-    choice = choose(cfg.kind, n, src.dim, budget, cfg.factory)
+    t0 = time.perf_counter()
+    choice, measured = choose(cfg.kind, n, src.dim, budget, cfg.factory), None
+    if cfg.kind == "auto" and not cfg.factory and choice.kind != "flat":
+        choice, measured = pick(src, cfg, budget)
     if choice.estimated_bytes > budget:
         log.warning("%s needs ~%.2f GB, over --memory %.2f GB", choice.factory, choice.estimated_bytes / 1e9,
                     budget / 1e9)
     index = new_index(choice.factory, src.dim, cfg.metric)  # a bad --factory fails before any data is read
     warn_duplicate_keys(src.files)
-    t0 = time.perf_counter()
     q_rows, t_rows = tune.pick_rows(n, cfg.n_queries(n), choice.train_size, cfg.seed)
     queries, sample = tune.read_rows(src.files, [q_rows, t_rows], cfg.batch_size)
     train_s = train(index, sample, choice.factory)
     del sample
     gt = tune.ExactKnn(queries, 10 + tune.GT_EXTRA, cfg.metric)
     shards, starts = shard_table(src, 0)
+    # The tuning queries stay out of the index until it is tuned, so that they are fresh queries (an HNSW graph
+    # finds the neighbours of its own points more easily); indexes numbering vectors in add order cannot.
+    hold = tune.takes_ids(index) and bool(tune.search_params(index))
     with atomic.locked_dir(out), atomic.staged_dir(out) as tmp:
         ids_out = IdsWriter(tmp / IDS_FILE)
-        add_shards(index, src.files, starts, ids_out, gt, cfg.batch_size)
+        add_shards(index, src.files, starts, ids_out, gt, cfg.batch_size, hold_out=q_rows if hold else None)
         ids_out.close()
         _, gt_ids = gt.result()
-        tuning = tune.tune(index, queries, q_rows, gt_ids, cfg.target_recall)
+        tuning = tune.tune(index, queries, q_rows, gt_ids, cfg.target_recall, held_out=hold)
+        if hold:
+            index.add_with_ids(queries, q_rows)
         faiss.write_index(index, str(tmp / INDEX_FILE))
         meta = index_record(
             factory=choice.factory, kind=choice.kind, reason=choice.reason, metric=cfg.metric, dim=src.dim,
             count=index.ntotal, dtype=src.dtype, tuning=tuning.to_dict(), memory_budget=budget,
             estimated_bytes=choice.estimated_bytes, source=str(Path(cfg.emb_dir).resolve()), shards=shards,
-            embedding_meta=src.meta, config=asdict(cfg),
-            build_seconds={"train": round(train_s, 2), "total": round(time.perf_counter() - t0, 2)})
+            embedding_meta=src.meta, config=asdict(cfg), **({"auto": measured} if measured else {}),
+            build_seconds={"auto": measured.get("seconds", 0.0) if measured else 0.0, "train": round(train_s, 2),
+                           "total": round(time.perf_counter() - t0, 2)})
         atomic.write_json(tmp / META_FILE, meta)
     return result(out, meta)

@@ -8,11 +8,14 @@ from typing import Any
 
 from ..errors import UserError
 
-KINDS = ("auto", "flat", "ivf", "ivfpq", "hnsw")
+KINDS = ("auto", "flat", "ivf", "ivfpq", "hnsw", "fastscan")
 METRICS = ("ip", "l2")
 FLAT_MAX = 50_000  # auto: exact search below this many vectors (a query scans N*D floats: ~25 MFLOP at D=512)
-HNSW_MAX = 200_000  # auto: HNSW up to here (best latency at high recall, but slow to build and no --parts)
 HNSW_M = 32
+# Kinds that hold no ids of their own (graphs, refine stages) are wrapped in an id map, so that the tuning queries can
+# be held out of the index while it is tuned and added afterwards (recall measured on fresh queries).
+IDS = "IDMap2,"
+IDMAP_BYTES = 48  # per vector: the id and the reverse map (IDMap2 can return stored vectors by id)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
           "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -41,9 +44,9 @@ def faiss_metric(metric: str) -> Any:
     return faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
 
 
-def nlist_for(n: int) -> int:
-    """IVF list count on the √N scale: the power of two nearest √N, at least 16 and at most N/39."""
-    target = max(16, 2 ** round(math.log2(max(math.sqrt(max(n, 1)), 1))))
+def nlist_for(n: int, per_sqrt: int = 1) -> int:
+    """IVF list count: the power of two nearest ``per_sqrt``·√N, at least 16 and at most N/39."""
+    target = max(16, 2 ** round(math.log2(max(per_sqrt * math.sqrt(max(n, 1)), 1))))
     while target > 16 and n / target < 39:  # FAISS wants >= 39 training points per centroid
         target //= 2
     return target
@@ -65,7 +68,9 @@ def estimate_bytes(kind: str, n: int, dim: int, nlist: int = 0, m: int = 0) -> i
     if kind == "ivf":
         return n * (dim * 4 + 8) + nlist * dim * 4
     if kind == "hnsw":
-        return n * (dim * 4 + 8 * HNSW_M + 16)
+        return n * (dim * 4 + 8 * HNSW_M + 16 + IDMAP_BYTES)
+    if kind == "fastscan":  # m: bytes per vector of the refine codes; 4-bit PQ codes of dim/2 sub-vectors
+        return n * (dim // 4 + 8 + m + IDMAP_BYTES) + nlist * dim * 4
     if kind == "ivfpq":
         return n * (m + 8) + nlist * dim * 4 + 256 * dim * 4
     return n * dim * 4  # unknown factory: assume flat-sized
@@ -86,28 +91,22 @@ class Choice:
 def choose(kind: str, n: int, dim: int, budget: int, factory: str | None = None, parts: bool = False) -> Choice:
     """Pick a FAISS factory string for ``n`` vectors of ``dim`` under a ``budget`` in bytes.
 
-    ``auto`` is exact (Flat) for small sets, HNSW or IVF (√N lists) for medium ones, and IVF-PQ with as
-    many bytes per vector as the budget allows when flat storage would not fit. ``parts`` forces IVF
-    (only inverted lists can be built in parts and merged).
+    ``auto`` is exact (Flat) for small sets; above that, ``build`` measures every kind of :func:`candidates` on a
+    sample (``auto.pick``) and this returns the first, the usual winner, only where nothing is measured. ``parts``
+    forces IVF (only inverted lists can be built in parts and merged): IVF-Flat when it fits, else IVF-PQ.
     """
-    gb = budget / 1e9
     if factory:
         return Choice("factory", factory, "--factory given", nlist_of(factory), estimate_bytes("?", n, dim),
                       _train_size_for(factory, n))
     nlist = nlist_for(n)
     if kind == "auto":
-        flat_fits = estimate_bytes("ivf", n, dim, nlist) <= budget
         if parts:
-            kind = "ivf" if flat_fits else "ivfpq"
+            kind = "ivf" if estimate_bytes("ivf", n, dim, nlist) <= budget else "ivfpq"
         elif n <= FLAT_MAX and estimate_bytes("flat", n, dim) <= budget:
             return Choice("flat", "Flat", f"{n} vectors <= {FLAT_MAX}: exact search is fast enough",
                           estimated_bytes=estimate_bytes("flat", n, dim))
-        elif n <= HNSW_MAX and estimate_bytes("hnsw", n, dim) <= budget:
-            kind = "hnsw"
-        elif flat_fits:
-            kind = "ivf"
         else:
-            kind = "ivfpq"
+            return candidates(n, dim, budget)[0]
     if parts and kind not in ("ivf", "ivfpq"):
         raise UserError(f"--parts needs an IVF index (--kind ivf or ivfpq, or auto), not --kind {kind}")
     if kind == "flat":
@@ -115,8 +114,10 @@ def choose(kind: str, n: int, dim: int, budget: int, factory: str | None = None,
         return Choice("flat", "Flat", "--kind flat: exact search", estimated_bytes=est)
     if kind == "hnsw":
         est = estimate_bytes("hnsw", n, dim)
-        return Choice("hnsw", f"HNSW{HNSW_M},Flat", f"{n} vectors: HNSW graph ({est / 1e9:.2f} GB <= {gb:.2f} GB)",
+        return Choice("hnsw", f"{IDS}HNSW{HNSW_M},Flat", f"{n} vectors: HNSW graph, {est / 1e9:.2f} GB",
                       estimated_bytes=est)
+    if kind == "fastscan":
+        return _fastscan(n, dim, budget)
     train = min(n, max(64 * nlist, 20_000))
     if kind == "ivf":
         est = estimate_bytes("ivf", n, dim, nlist)
@@ -125,6 +126,40 @@ def choose(kind: str, n: int, dim: int, budget: int, factory: str | None = None,
     if kind == "ivfpq":
         return _ivfpq(n, dim, budget, nlist, max(train, min(n, 256 * 40)), refine=not parts)
     raise UserError(f"unknown --kind {kind!r}; use one of {', '.join(KINDS)}")
+
+
+def candidates(n: int, dim: int, budget: int) -> list[Choice]:
+    """The kinds ``auto`` measures for ``n`` vectors, those that fit ``budget`` (at least one: IVF-PQ sized to it).
+
+    Fast-scan IVF-PQ with a re-ranking stage, an HNSW graph and IVF-Flat each win somewhere (by size, dimension,
+    data and machine), so ``auto.pick`` builds each on a sample and keeps the fastest at the target recall.
+    """
+    out = []
+    for kind in ("fastscan", "hnsw", "ivf"):
+        c = choose(kind, n, dim, budget)
+        if c.estimated_bytes <= budget:
+            out.append(c)
+    return out or [choose("ivfpq", n, dim, budget)]
+
+
+def _fastscan(n: int, dim: int, budget: int) -> Choice:
+    """IVF with 4·√N lists, 4-bit PQ codes of residuals scanned with SIMD (fast-scan), the shortlist re-ranked.
+
+    4-bit codes of dim/2 sub-vectors are too coarse to order close neighbours but quick to scan: the best
+    ``k_factor_rf``·k of them are re-ranked with float16 codes (exact for float16 embeddings), or 8-bit codes when
+    float16 ones do not fit the budget.
+    """
+    nlist = nlist_for(n, per_sqrt=4)
+    m = max((m for m in range(1, dim // 2 + 1) if dim % m == 0 and (m % 2 == 0 or m == 1)), default=1)
+    train = min(n, max(40 * nlist, 10_000))
+    est = 0
+    for codes, bpd in (("SQfp16", 2), ("SQ8", 1)):
+        est = estimate_bytes("fastscan", n, dim, nlist, bpd * dim)
+        if est <= budget:
+            break
+    return Choice("fastscan", f"{IDS}IVF{nlist},PQ{m}x4fsr,Refine({codes})",
+                  f"{n} vectors: IVF with {nlist} ≈ 4√N lists, fast-scan PQ{m} re-ranked with {codes}, "
+                  f"{est / 1e9:.2f} GB", nlist, est, train)
 
 
 def _ivfpq(n: int, dim: int, budget: int, nlist: int, train: int, refine: bool = True) -> Choice:
@@ -142,9 +177,9 @@ def _ivfpq(n: int, dim: int, budget: int, nlist: int, train: int, refine: bool =
     # 256 centroids per sub-quantizer want ~10k training points; tiny sets get fewer bits
     bits = "" if n >= 10_000 else f"x{max(2, min(8, int(math.log2(max(n // 39, 4)))))}"
     for codes, bpd in (("SQfp16", 2), ("SQ8", 1)):
-        est = estimate_bytes("ivfpq", n, dim, nlist, m + bpd * dim)
+        est = estimate_bytes("ivfpq", n, dim, nlist, m + bpd * dim + IDMAP_BYTES)
         if refine and est <= budget:
-            return Choice("ivfpq", f"IVF{nlist},PQ{m}{bits},Refine({codes})",
+            return Choice("ivfpq", f"{IDS}IVF{nlist},PQ{m}{bits},Refine({codes})",
                           f"{n} vectors: IVF-PQ{m} re-ranked with {codes} ({est / 1e9:.2f} GB; float32 IVF would "
                           f"need {flat / 1e9:.2f} GB, budget {gb:.2f} GB)", nlist, est, train)
     m = pq_m_for(n, dim, budget, nlist)

@@ -54,15 +54,23 @@ def index_record(*, factory: str, kind: str, reason: str, metric: str, dim: int,
                  shards: dict[str, Any], embedding_meta: dict[str, Any], config: dict[str, Any],
                  on_disk: bool = False, **extra: Any) -> dict[str, Any]:
     """The ``index.json`` record: what was built, from what, how it was tuned (``Tuning.to_dict()``) and how well
-    it does. ``shards`` maps each embedding file to its rows and first id; ``extra`` adds keys (build times...)."""
+    it does. ``shards`` maps each embedding file to its rows and first id; ``sources`` lists every embedding folder
+    the index holds shards of (``--update`` appends); ``extra`` adds keys (build times, ``auto``'s measurements...)."""
     return {
         "format": FORMAT, "version": __version__, "created": now(), "updated": now(),
         "factory": factory, "kind": kind, "reason": reason, "metric": metric,
         "dim": dim, "count": count, "next_id": count, "embedding_dtype": dtype,
         "search_params": tuning["params"], "tuning": tuning, "tuned_at_count": count,
         "memory_budget": memory_budget, "estimated_bytes": estimated_bytes, "on_disk": on_disk,
-        "source": source, "shards": shards, "embedding_meta": embedding_meta, "config": config, **extra,
+        "source": source, "sources": [source], "shards": shards, "embedding_meta": embedding_meta, "config": config,
+        **extra,
     }
+
+
+def source_dirs(meta: dict[str, Any]) -> list[str]:
+    """Every embedding folder an index holds shards of: the build's, then each ``--update``'s (older indexes recorded
+    only the first, as ``source``)."""
+    return list(meta.get("sources") or [meta["source"]])
 
 
 def read_meta(index_dir: str | Path) -> dict[str, Any]:

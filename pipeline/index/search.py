@@ -76,15 +76,16 @@ class Index:
             raise UserError(f"{self.path / IDS_FILE} has {len(self.ids)} rows but the index holds "
                             f"{self.index.ntotal} vectors; the directory is damaged: rebuild it")
         self.embeddings = Path(embeddings) if embeddings else Path(self.meta.get("source", ""))
-        # Columns combined once: a take on the chunked table cost milliseconds per search. Shards and files repeat,
+        # Columns combined once: a take on the chunked table cost more than FAISS's own search. Keys are read back
+        # from one buffer by offsets (no Python object per row, no Arrow call per search); shards and files repeat,
         # so they are held as codes into small lists of names.
         self._key_col = self.ids.column("key").combine_chunks()
+        self._keys = _Strings(self._key_col)
         self._id_col = self.ids.column("id").to_numpy()
         self._index_col = self.ids.column("index").to_numpy()
         self._row_col = self.ids.column("row").to_numpy()
         self._shard_codes, self._shard_names = _codes(self.ids.column("shard"))
         self._file_codes, self._file_names = _codes(self.ids.column("file"))
-        self._key_list: list[str] | None = None  # with cache_lookups: keys as Python strings, by id
         self._key_ids: dict[str, int] | None = None
         self._vector_cache: _FileCache | None = None
         self._base: Path | None = None
@@ -145,11 +146,8 @@ class Index:
 
     def _result(self, ids: np.ndarray, scores: np.ndarray, queries: list[str | None], is_self: np.ndarray
                 ) -> SearchResult:
-        flat = np.maximum(ids.reshape(-1), 0)
-        if self._key_list is not None:
-            keys = [self._key_list[i] for i in flat.tolist()]
-        else:
-            keys = self._key_col.take(pa.array(flat)).to_pylist()
+        flat = ids.ravel()  # -1 (no hit) picks the last row as a filler; records() skips it
+        keys = self._keys.take(flat)
         shards = self._shard_names[self._shard_codes[flat]].tolist()
         idx = self._index_col[flat].tolist()
         w = ids.shape[1] if ids.ndim == 2 else 0
@@ -175,8 +173,7 @@ class Index:
         Example:
             >>> idx = open_index("runs/a/index"); idx.cache_lookups(vector_bytes=1 << 30)  # doctest: +SKIP
         """
-        self._key_list = self._key_col.to_pylist()  # the dict below shares these strings: 8 more bytes a key
-        self._key_ids = dict(zip(self._key_list, self._id_col.tolist()))
+        self._key_ids = dict(zip(self._key_col.to_pylist(), self._id_col.tolist()))
         self._vector_cache = _FileCache(vector_bytes) if vector_bytes > 0 else None
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
@@ -285,6 +282,22 @@ class Index:
         pos = pc.index_in(pa.array(list(keys), pa.string()), value_set=self._key_col)
         filled = pc.fill_null(pos, -1).to_numpy(zero_copy_only=False).astype(np.int64)
         return np.where(filled >= 0, self._id_col[np.maximum(filled, 0)], -1)
+
+
+class _Strings:
+    """A string column as one bytes object and each row's (start, end) in it: ``take`` of a search's few rows is a
+    slice and a decode each, with no Python object held per row and no Arrow call (whose overhead dominated)."""
+
+    def __init__(self, column: pa.Array):
+        arr = column.cast(pa.large_string())
+        _, offsets, data = arr.buffers()
+        o = np.frombuffer(offsets, np.int64, len(arr) + 1, arr.offset * 8)
+        self.spans = np.stack([o[:-1], o[1:]], axis=1)
+        self.data = data.to_pybytes() if data is not None else b""
+
+    def take(self, rows: np.ndarray) -> list[str]:
+        d = self.data
+        return [d[a:b].decode() for a, b in self.spans[rows].tolist()]
 
 
 def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:

@@ -26,6 +26,7 @@ from .layout import (
     now,
     read_meta,
     result,
+    source_dirs,
 )
 from .merge import merge_into
 from .options import IndexConfig
@@ -108,8 +109,10 @@ def update(cfg: IndexConfig) -> dict[str, Any]:
             meta["count"] = int(index.ntotal)
             meta["next_id"] = meta["next_id"] + added
             meta["updated"] = now()
+            folder = str(Path(cfg.emb_dir).resolve())  # verify checks ids against every folder's keys
+            meta["sources"] = list(dict.fromkeys([*source_dirs(meta), folder]))
             meta.setdefault("updates", []).append({"at": now(), "added": added, "shards": sorted(shards),
-                                                   "seconds": round(time.perf_counter() - t0, 2)})
+                                                   "source": folder, "seconds": round(time.perf_counter() - t0, 2)})
             if meta["count"] != meta["next_id"]:
                 raise RuntimeError(f"index holds {meta['count']} vectors but ids run to {meta['next_id']}")
             atomic.write_json(tmp / META_FILE, meta)

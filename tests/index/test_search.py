@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from index_data import brute_force, clustered, write_shards
+from index_data import brute_force, clustered, embedding_like, write_shards
 from pipeline import open_index, store
 from pipeline.errors import UserError
 from pipeline.index.build import run_index
@@ -23,16 +23,16 @@ N, DIM = 2000, 16
 
 @pytest.fixture(scope="module")
 def data() -> np.ndarray:
-    return clustered(N, DIM, seed=5)
+    return embedding_like(N, DIM, seed=5)
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, data) -> dict[str, Path]:
-    """One embedding folder and a flat and an IVF index of it."""
+    """One embedding folder and a flat, an IVF and an HNSW index of it."""
     root = tmp_path_factory.mktemp("search")
     write_shards(root / "run", data, shards=2)
     out = {"emb": root / "run"}
-    for kind in ("flat", "ivf"):
+    for kind in ("flat", "ivf", "hnsw"):
         run_index(IndexConfig(str(root / "run"), out=str(root / kind), kind=kind))
         out[kind] = root / kind
     return out
@@ -68,8 +68,22 @@ def test_search_vectors_api_matches_brute_force(built, data):
     np.testing.assert_array_equal(one.ids[0], want[0, :2])
 
 
+def test_keys_come_back_exactly_for_every_hit(tmp_path):
+    """Keys are read back from one buffer by byte offsets: multi-byte UTF-8 and every row, not only the first."""
+    x = embedding_like(300, DIM, seed=8)
+    write_shards(tmp_path / "run", x, shards=2, prefix="ключ-é-🙂")
+    run_index(IndexConfig(str(tmp_path / "run"), out=str(tmp_path / "idx"), kind="flat"))
+    idx = open_index(tmp_path / "idx")
+    res = idx.search(x[[0, 149, 150, 299]], k=3)
+    want = pq.read_table(tmp_path / "idx" / "ids.parquet").column("key").to_pylist()
+    assert res.ids[:, 0].tolist() == [0, 149, 150, 299]
+    assert res.keys == [[want[i] for i in row] for row in res.ids]
+    assert res.keys[3][0] == "ключ-é-🙂-000001_00149"
+    assert res.shards[3][0] == "ключ-é-🙂-000001.tar" and res.indices[3][0] == 149
+
+
 def test_search_keys_excludes_self_and_reconstructs_when_source_moved(built, tmp_path):
-    for kind in ("flat", "ivf"):
+    for kind in ("flat", "ivf", "hnsw"):  # hnsw: an id map over the graph returns stored vectors by id too
         moved = tmp_path / kind
         shutil.copytree(built[kind], moved)
         a = open_index(built[kind]).search_keys(["shard-000001_00042"], k=5)
@@ -99,7 +113,7 @@ def test_cli_index_and_search_every_query_kind(built, data, tmp_path):
     r = runner.invoke(cli(), ["--config", str(cfg), "index", str(built["emb"]), "--out", str(out)])
     assert r.exit_code == 0, r.output
     meta = json.loads((out / "index.json").read_text())
-    assert meta["factory"] == "HNSW32,Flat" and meta["tuning"]["target_recall"] == 0.9
+    assert meta["factory"] == "IDMap2,HNSW32,Flat" and meta["tuning"]["target_recall"] == 0.9
     assert "built" in r.output and "efSearch=" in r.output and "recall@10" in r.output
     # by key (positional), json
     r = runner.invoke(cli(), ["search", str(out), "shard-000000_00005", "-k", "3", "--format", "json"])
