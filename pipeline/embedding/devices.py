@@ -69,8 +69,14 @@ def _worker(wid: int, device: str, cfg: EmbedConfig, out: str, tasks: Any, resul
     state = RunState(Path(out))
     workers = cfg.workers if cfg.workers is not None else default_workers(ex.device)
     results.put(("ready", wid, None, None))
+    parent = os.getppid()
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=5.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the run was killed: do not linger as an orphan
+                return
+            continue
         if task is None:
             return
         url, name = task
@@ -98,86 +104,107 @@ def run_on_devices(pending: list[str], names: dict[str, str], out: str, cfg: Emb
     replaced (up to ``respawns`` times per device); the shard it held is retried once by another worker, then
     recorded as failed.
     """
-    from .run_folder import RunState
-
-    ctx = mp.get_context("spawn")  # CUDA and threads rule out fork
-    results = ctx.Queue()
-    todo = deque((u, names[u]) for u in pending)
-    attempts: dict[str, int] = {}
-    procs: dict[int, Any] = {}
-    inbox: dict[int, Any] = {}
-    current: dict[int, str | None] = {}
-    spawned = {d: 0 for d in set(devices)}
     os.environ["EMBEDPIPE_CPU_WORKERS"] = str(sum(d == "cpu" for d in devices))
-    state = RunState(out)
-
-    def spawn(wid: int) -> None:
-        inbox[wid] = ctx.Queue()
-        procs[wid] = ctx.Process(target=_worker, args=(wid, devices[wid], cfg, str(out), inbox[wid], results),
-                                 daemon=True)
-        procs[wid].start()
-        current[wid] = None
-
-    def give_work(wid: int) -> None:
-        if todo:
-            url, name = todo.popleft()
-            attempts[url] = attempts.get(url, 0) + 1
-            current[wid] = url
-            inbox[wid].put((url, name))
-
-    for wid in range(len(devices)):
-        spawn(wid)
-    before = summary.finished  # the summary may hold shards embedded elsewhere in this run
-    finished = 0
-    while finished < len(pending):
-        try:
-            kind, wid, url, info = results.get(timeout=1.0)
-        except queue.Empty:
-            _reap(procs, current, devices, spawned, respawns, todo, attempts, state, names, summary, spawn)
-            finished = summary.finished - before
-            if not any(p.is_alive() for p in procs.values()) and finished < len(pending):
-                raise UserError(f"every device worker died; {len(pending) - finished} shard(s) not embedded "
-                                "(rerun to retry them)")
-            continue
-        if kind == "progress":
-            if progress is not None:
-                progress.update(info)
-        elif kind == "ready":
-            give_work(wid)
-        elif kind == "done":
-            current[wid] = None
-            summary.add(url, **info)
-            finished = summary.finished - before
-            if progress is not None:
-                progress.shard_finished(summary)
-            give_work(wid)
-    for wid, p in procs.items():
-        if p.is_alive():
-            inbox[wid].put(None)
-    for p in procs.values():
-        p.join(timeout=30)
-        if p.is_alive():
-            p.terminate()
+    pool = _Pool(pending, names, out, cfg, devices, summary, progress, respawns)
+    try:
+        for wid in range(len(devices)):
+            pool.spawn(wid)
+        pool.dispatch()
+    finally:
+        pool.stop()
 
 
-def _reap(procs, current, devices, spawned, respawns, todo, attempts, state, names, summary, spawn) -> None:
-    """Find dead workers: retry their shard once elsewhere (or record it failed) and replace the worker."""
-    for wid, p in list(procs.items()):
-        if p.is_alive() or p.exitcode is None:
-            continue
-        url = current.get(wid)
-        log.error("worker %d on %s died (exit code %s)%s", wid, devices[wid], p.exitcode,
-                  f" while embedding {url}" if url else "")
-        if url is not None:
-            if attempts.get(url, 0) < 2:
-                todo.appendleft((url, names[url]))
-            else:
-                how = f"killed by {signal.Signals(-p.exitcode).name}" if p.exitcode < 0 else f"exit code {p.exitcode}"
-                reason = f"worker process died twice on this shard ({how}; a native crash or out of memory?)"
-                state.record_failure(url, names[url], reason, crashed=True)
-                summary.add(url, failed=reason)
-        del procs[wid]
-        if spawned[devices[wid]] < respawns:
-            spawned[devices[wid]] += 1
-            spawn(wid)
-        time.sleep(0.1)
+class _Pool:
+    """The device worker processes of one run, their queues, and which shard each one holds."""
+
+    def __init__(self, pending: list[str], names: dict[str, str], out: str, cfg: EmbedConfig, devices: list[str],
+                 summary: EmbedSummary, progress: Any, respawns: int):
+        from .run_folder import RunState
+
+        self.ctx = mp.get_context("spawn")  # CUDA and threads rule out fork
+        self.pending, self.names, self.out, self.cfg, self.devices = pending, names, out, cfg, devices
+        self.summary, self.progress, self.respawns = summary, progress, respawns
+        self.results = self.ctx.Queue()
+        self.todo = deque((u, names[u]) for u in pending)
+        self.attempts: dict[str, int] = {}
+        self.procs: dict[int, Any] = {}
+        self.inbox: dict[int, Any] = {}
+        self.current: dict[int, str | None] = {}
+        self.spawned = {d: 0 for d in set(devices)}
+        self.state = RunState(out)
+
+    def spawn(self, wid: int) -> None:
+        self.inbox[wid] = self.ctx.Queue()
+        # Not a daemon: a daemonic process may not start the DataLoader's decode workers (the GPU default).
+        # stop() ends the workers on every way out of the run; an orphaned worker exits by itself.
+        self.procs[wid] = self.ctx.Process(target=_worker, args=(wid, self.devices[wid], self.cfg, str(self.out),
+                                                                 self.inbox[wid], self.results))
+        self.procs[wid].start()
+        self.current[wid] = None
+
+    def give_work(self, wid: int) -> None:
+        if self.todo:
+            url, name = self.todo.popleft()
+            self.attempts[url] = self.attempts.get(url, 0) + 1
+            self.current[wid] = url
+            self.inbox[wid].put((url, name))
+
+    def dispatch(self) -> None:
+        """Hand out shards as workers ask, count what they report, replace the dead, until every shard is decided."""
+        before = self.summary.finished  # the summary may hold shards embedded elsewhere in this run
+        finished = 0
+        while finished < len(self.pending):
+            try:
+                kind, wid, url, info = self.results.get(timeout=1.0)
+            except queue.Empty:
+                self.reap()
+                finished = self.summary.finished - before
+                if not any(p.is_alive() for p in self.procs.values()) and finished < len(self.pending):
+                    raise UserError(f"every device worker died; {len(self.pending) - finished} shard(s) not embedded "
+                                    "(rerun to retry them)")
+                continue
+            if kind == "progress":
+                if self.progress is not None:
+                    self.progress.update(info)
+            elif kind == "ready":
+                self.give_work(wid)
+            elif kind == "done":
+                self.current[wid] = None
+                self.summary.add(url, **info)
+                finished = self.summary.finished - before
+                if self.progress is not None:
+                    self.progress.shard_finished(self.summary)
+                self.give_work(wid)
+
+    def reap(self) -> None:
+        """Find dead workers: retry their shard once elsewhere (or record it failed) and replace the worker."""
+        for wid, p in list(self.procs.items()):
+            if p.is_alive() or p.exitcode is None:
+                continue
+            url = self.current.get(wid)
+            log.error("worker %d on %s died (exit code %s)%s", wid, self.devices[wid], p.exitcode,
+                      f" while embedding {url}" if url else "")
+            if url is not None:
+                if self.attempts.get(url, 0) < 2:
+                    self.todo.appendleft((url, self.names[url]))
+                else:
+                    how = f"killed by {signal.Signals(-p.exitcode).name}" if p.exitcode < 0 else f"exit code {p.exitcode}"
+                    reason = f"worker process died twice on this shard ({how}; a native crash or out of memory?)"
+                    self.state.record_failure(url, self.names[url], reason, crashed=True)
+                    self.summary.add(url, failed=reason)
+            del self.procs[wid]
+            if self.spawned[self.devices[wid]] < self.respawns:
+                self.spawned[self.devices[wid]] += 1
+                self.spawn(wid)
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Tell live workers to finish, wait for them, and end those that do not."""
+        for wid, p in self.procs.items():
+            if p.is_alive():
+                self.inbox[wid].put(None)
+        for p in self.procs.values():
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=10)

@@ -43,3 +43,11 @@ def test_killed_worker_shard_is_retried_by_another(digits_shards, tmp_path, monk
     keys = store.read_all(tmp_path / "out").keys
     assert len(keys) == len(set(keys)) == 300
     assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_device_workers_may_have_decode_workers(digits_shards, tmp_path):
+    """The GPU default (decode workers per device worker) needs non-daemonic device workers."""
+    s = embed([str(p) for p in digits_shards[:2]], tmp_path / "out", devices="cpu,cpu", compile="eager",
+              **{**FAST, "workers": 1})
+    assert s.failed == {} and s.embedded == 200 and (tmp_path / "out" / "_SUCCESS").is_file()
