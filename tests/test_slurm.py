@@ -4,7 +4,6 @@ tests/slurm_sim.py: a failing array task never leaves a job that cannot start.""
 from __future__ import annotations
 
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest

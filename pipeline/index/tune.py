@@ -227,9 +227,9 @@ def tune(index: Any, queries: np.ndarray, self_ids: np.ndarray, gt_ids: np.ndarr
         per_query = at({main: v, **generous})[1]
         if per_query.mean() >= target:  # aim above the target by the measurement's own uncertainty
             t.margin = MARGIN_SE * float(per_query.std()) / np.sqrt(len(per_query))
-            v = _smallest(lambda v: at({main: v, **generous})[1].mean(), values, min(1.0, target + t.margin))
-        t.params = _fastest(index, queries, k, main, v, values, rest, at, min(1.0, target + t.margin)) if rest else {
-            main: v}
+        aim = min(1.0, target + t.margin)
+        v = _smallest(lambda v: at({main: v, **generous})[1].mean(), values, aim)
+        t.params = _fastest(index, queries, k, main, v, values, rest, at, aim) if rest else {main: v}
         set_params(index, t.params)
         t.recall_at_1, per_query = at(t.params)
         t.recall_at_10 = float(per_query.mean())

@@ -209,7 +209,7 @@ def real_emb(digits_shards, tmp_path_factory) -> Path:
 def test_real_embeddings_each_kind(real_emb, tmp_path):
     x = store.read_all(real_emb).embeddings
     meta0 = store.read_metadata(store.list_shards(real_emb)[0])
-    for kind in ("flat", "ivf", "ivfpq", "hnsw"):
+    for kind in ("flat", "ivf", "ivfpq", "hnsw", "fastscan"):
         res = run_index(IndexConfig(str(real_emb), out=str(tmp_path / kind), kind=kind, queries=100))
         meta = res["meta"]
         assert meta["embedding_meta"]["weights_sha256"] == meta0["weights_sha256"]
