@@ -3,7 +3,8 @@ and 32 concurrent clients, against the same searches in-process (``open_index().
 and against one `embedpipe search` process per query.
 
 The index holds ``--n`` vectors: real embeddings of a few hundred sample images (made with ``--model``, so
-image queries embed with the same model) plus random unit vectors of the same dimension and metadata. The
+image queries embed with the same model) plus embedding-like padding (a mixture of Gaussians in 64 dims
+mapped up, plus noise). The
 service runs as its own process (`embedpipe serve --port 0`); clients are threads with keep-alive connections,
 spread over a few processes so that the clients' Python does not share one interpreter lock. Every cell runs
 for ``--seconds`` after a warm-up, so the whole run is bounded in time.
@@ -19,6 +20,7 @@ import logging
 import multiprocessing as mp
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,22 +51,35 @@ def prepare(root: Path, n: int, model: str, weights: str, input_size: int | None
 
     shards = write_sample_shards(root / "shards", "digits", shard_size=128, image_size=256, limit=images)
     embed([str(s) for s in shards], root / "emb", model=model, weights=weights, input_size=input_size, quiet=True)
-    files = store.list_shards(root / "emb")
+    # The index reads a plain folder of Parquet files: the run's real embeddings plus padding (a run
+    # folder's index reads only the files its done records vouch for, which the padding has none of).
+    vectors = root / "vectors" / "embeddings"
+    vectors.mkdir(parents=True)
+    files = [Path(shutil.copy(f, vectors / f.name)) for f in store.list_shards(root / "emb")]
     meta = store.read_metadata(files[0])
-    keys = [k for f in files for k in store.read_all(root / "emb", files=[f]).keys]
+    keys = [k for f in files for k in store.read_all(vectors, files=[f]).keys]
     rng = np.random.default_rng(0)
+    # Embedding-like padding: a mixture of Gaussians in 64 dims mapped up, plus noise. Random unit vectors in
+    # ~1000 dims have no neighbour structure at all: an approximate index then needs near-exhaustive search.
+    dim = meta["dim"]
+    lift = rng.normal(size=(64, dim)).astype(np.float32)
+    centres, spread = rng.normal(size=(2000, 64)), rng.lognormal(-0.7, 0.6, 2000)
     left, s = n - len(keys), 0
     while left > 0:
         rows = min(50_000, left)
-        x = rng.normal(size=(rows, meta["dim"])).astype(np.float32)
+        c = rng.integers(0, len(centres), rows)
+        x = ((centres[c] + spread[c, None] * rng.normal(size=(rows, 64))) @ lift).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        noise = rng.normal(size=(rows, dim)).astype(np.float32)
+        x += 0.3 * noise / np.linalg.norm(noise, axis=1, keepdims=True)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         names = [f"synthetic{s:03d}_{i:06d}" for i in range(rows)]
         t = store.embedding_table(names, f"synthetic-{s:03d}.tar", range(rows), [None] * rows, x,
                                   dtype=meta.get("dtype", "float16"), metadata=meta)
-        store.write_table(root / "emb" / "embeddings" / f"synthetic-{s:03d}.parquet", t)
+        store.write_table(vectors / f"synthetic-{s:03d}.parquet", t)
         keys += names
         left, s = left - rows, s + 1
-    run_index(IndexConfig(str(root / "emb"), out=str(root / "index"), kind=kind))
+    run_index(IndexConfig(str(vectors.parent), out=str(root / "index"), kind=kind))
     jpegs = []
     for shard in shards:
         with tarfile.open(shard) as tf:
@@ -143,6 +158,38 @@ def over_http(base: str, bodies: list[tuple[bytes, str]], clients: int, seconds:
     for w in workers:
         w.join()
     return sum(r[0] for r in results), [x for r in results for x in r[1]], sum(r[2] for r in results)
+
+
+WRK_SCRIPT = r"""
+local bodies = {}
+for line in io.lines(os.getenv("BENCH_BODIES")) do bodies[#bodies + 1] = line end
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format("POST", "/search", {["Content-Type"] = "application/json"}, bodies[(i % #bodies) + 1])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %d %d %.1f %.1f %d\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), e.connect + e.read + e.write + e.status + e.timeout))
+end
+"""
+
+
+def over_wrk(base: str, bodies: list[tuple[bytes, str]], clients: int, seconds: float, warmup: float,
+             workdir: Path) -> dict[str, Any]:
+    """``clients`` keep-alive connections from wrk (a C load generator: the clients' own CPU stays small on a
+    machine the service shares), posting the JSON ``bodies`` in turn; a warm-up run first."""
+    script, lines = workdir / "wrk.lua", workdir / "wrk-bodies.jsonl"
+    script.write_text(WRK_SCRIPT)
+    lines.write_bytes(b"\n".join(body for body, _ in bodies) + b"\n")
+    env = {**os.environ, "BENCH_BODIES": str(lines)}
+    cmd = ["wrk", "-t", str(min(clients, 2)), "-c", str(clients), "-s", str(script), "--latency", "--timeout", "30s", base]
+    subprocess.run([*cmd, "-d", f"{max(1, round(warmup))}s"], env=env, check=True, capture_output=True)
+    out = subprocess.run([*cmd, "-d", f"{round(seconds)}s"], env=env, check=True, capture_output=True, text=True)
+    n, us, p50, p99, errors = re.search(r"RESULT (\d+) (\d+) ([\d.]+) ([\d.]+) (\d+)", out.stdout).groups()
+    return {"qps": round(int(n) / (int(us) / 1e6), 1), "p50_ms": round(float(p50) / 1000, 2),
+            "p99_ms": round(float(p99) / 1000, 2), "errors": int(errors)}
 
 
 def row(mode: str, kind: str, clients: int, seconds: float, n: int, lat: list[float], errors: int,
@@ -234,6 +281,12 @@ def bench(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         over_http(base, bodies["image"][:1], 1, 0.5, 0.0, 1)  # builds the model (first image query)
         for kind in a.queries:
             for c in a.clients:
+                if a.client == "wrk" and kind != "image":
+                    r = {"mode": "service", "query": kind, "clients": c, **over_wrk(base, bodies[kind], c, a.seconds,
+                                                                                     a.warmup, workdir)}
+                    logging.info("%s", r)
+                    rows.append(r)
+                    continue
                 before = health(base)["image_queries"]
                 n, lat, err = over_http(base, bodies[kind], c, a.seconds, a.warmup, min(c, a.client_procs))
                 after = health(base)["image_queries"]
@@ -246,13 +299,15 @@ def bench(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
 
-    rows.append(cli_per_query(index, [qkeys[0]], a.cli_runs))
-    if "image" in a.queries:
+    if a.cli_runs > 0:
+        rows.append(cli_per_query(index, [qkeys[0]], a.cli_runs))
+    if a.cli_runs > 0 and "image" in a.queries:
         (workdir / "q.jpg").write_bytes(jpegs[0])
         rows.append(cli_per_query(index, ["--image", str(workdir / "q.jpg")], max(1, a.cli_runs // 2)))
     meta = json.loads((index / "index.json").read_text())
     return {"n": a.n, "model": a.model, "factory": meta["factory"], "search_params": meta["search_params"],
-            "workers": a.workers, "seconds": a.seconds, "cores": os.cpu_count(), "rows": rows, "ratios": ratios(rows)}
+            "workers": a.workers, "client": a.client, "seconds": a.seconds, "cores": os.cpu_count(), "rows": rows,
+            "ratios": ratios(rows)}
 
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -266,7 +321,8 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
 def table(report: dict[str, Any]) -> str:
     head = f"{'mode':<12} {'query':<7} {'clients':>7} {'QPS':>10} {'p50 ms':>9} {'p99 ms':>9} {'batch':>6} {'err':>4}"
     lines = [f"index: {report['n']} vectors, {report['factory']} {report['search_params']}, model {report['model']}, "
-             f"{report['cores']} cores, {report['workers']} service process(es), {report['seconds']}s per cell", head]
+             f"{report['cores']} cores, {report['workers']} service process(es), {report.get('client', 'python')} "
+             f"clients for keys/vectors, {report['seconds']}s per cell", head]
     for r in report["rows"]:
         lines.append(f"{r['mode']:<12} {r['query']:<7} {r['clients']:>7} {r['qps']:>10} {r['p50_ms']:>9} "
                      f"{r['p99_ms']:>9} {r.get('mean_batch') or '':>6} {r['errors']:>4}")
@@ -289,7 +345,10 @@ def main() -> None:
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--workers", type=int, default=1, help="`embedpipe serve --workers` (processes of the service)")
     p.add_argument("--client-procs", type=int, default=4, help="processes the clients are spread over")
-    p.add_argument("--cli-runs", type=int, default=3, help="`embedpipe search` processes timed per query kind")
+    p.add_argument("--client", choices=("python", "wrk"), default="python",
+                   help="key/vector load from Python threads, or from wrk (apt install wrk: a C client, so the "
+                        "clients take little of the CPU the service shares on a small machine)")
+    p.add_argument("--cli-runs", type=int, default=3, help="`embedpipe search` processes timed per query kind (0: none)")
     p.add_argument("--quick", action="store_true", help="20k vectors, 2 s cells, 1 and 8 clients, tiny model")
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
     p.add_argument("--workdir", type=Path, default=None, help="keep the data here (default: a temporary folder)")

@@ -176,6 +176,25 @@ class Index:
         self._key_ids = dict(zip(self._key_col.to_pylist(), self._id_col.tolist()))
         self._vector_cache = _FileCache(vector_bytes) if vector_bytes > 0 else None
 
+    def warm_cache(self) -> int:
+        """Read the stored vectors of embedding files into the :meth:`cache_lookups` cache while they fit, so that
+        a service's first key queries do not each wait for a file read (a service calls this in the background).
+        Returns how many files were read."""
+        cache = self._vector_cache
+        if cache is None or not len(self._file_codes):
+            return 0
+        codes, first_ids = np.unique(self._file_codes, return_index=True)
+        read = 0
+        for code, first in zip(codes.tolist(), first_ids.tolist()):
+            per_file = cache.bytes / read if read else 0
+            if (str(self._file_names[code]), "embedding") in cache:
+                continue
+            if read and cache.bytes + per_file > cache.max_bytes:
+                break
+            self.vectors(np.array([first], np.int64))
+            read += 1
+        return read
+
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """The stored embeddings of ``ids``: read from the embedding shards, else reconstructed by FAISS."""
         ids = np.asarray(ids, np.int64)

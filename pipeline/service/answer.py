@@ -45,6 +45,40 @@ def answer(served: Served, q: Query, x: np.ndarray | None, root: str = "") -> di
             "results": records}
 
 
+def answer_together(served: Served, qs: list[Query], root: str = "") -> list[dict[str, Any]]:
+    """The answers to several key queries, or several vector queries, of one ``k`` and ``include_self`` and no
+    filter, from one FAISS search of all their rows. Raises if any of them is bad (the caller then answers
+    them one by one, so that each gets its own error)."""
+    idx = served.index
+    if qs[0].keys:
+        names = [k for q in qs for k in q.keys]
+        ids = idx.known_ids(names)
+        if (ids < 0).any():
+            raise NotFound("a key is missing")  # answered one by one: each request names its own missing keys
+        x, exclude, where = idx.vectors(ids), ids, "stored vectors"
+    else:
+        x = np.concatenate([q.vectors for q in qs]) if len(qs) > 1 else qs[0].vectors
+        names = [f"vectors[{i}]" for q in qs for i in range(len(q.vectors))]
+        exclude, where = None, "vectors"
+    try:
+        res = idx.search(x, qs[0].k, queries=names, exclude_ids=exclude, include_self=qs[0].include_self, where=where)
+    except UserError as e:
+        raise UserError(str(e).replace(str(idx.path), served.name)) from None
+    records = res.records()
+    thumb = f"{root}/thumb/{quote(served.name)}/"
+    _describe(served, [h for r in records for h in r["results"]], thumb)
+    out, start = [], 0
+    for q in qs:
+        mine = records[start:start + len(q)]
+        start += len(q)
+        if q.keys:
+            for r in mine:
+                r["thumb"] = thumb + _quoted(r["query"])
+        out.append({"index": served.name, "generation": served.generation, "count": idx.count, "kind": q.kind,
+                    "k": q.k, "results": mine})
+    return out
+
+
 def _search(served: Served, q: Query, x: np.ndarray, names: list[str], exclude: np.ndarray | None,
             where: str) -> list[dict[str, Any]]:
     """``SearchResult.records()``; with a shard filter, fetched deeper until k hits pass it (or FILTER_FETCH)."""

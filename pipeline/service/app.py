@@ -29,10 +29,11 @@ from starlette.routing import Route
 
 from .. import store
 from ..errors import UserError
-from . import queries
-from .answer import answer
+from . import queries, wire
+from .answer import answer, answer_together
 from .batcher import Batcher
 from .catalog import Catalog, NotFound, Served
+from .coalesce import Coalescer, Pending
 from .guard import LimitBody, RequireToken
 from .options import WORKERS_ENV, ServeOptions, index_names
 from .page import PAGE
@@ -47,10 +48,12 @@ class Service:
     def __init__(self, dirs: dict[str, Path], options: ServeOptions):
         self.options = options
         self.catalog = Catalog(dirs, options)
-        self.pool = ThreadPoolExecutor(options.pool_size, thread_name_prefix="embedpipe-search")
+        self.pool = ThreadPoolExecutor(options.pool_size, thread_name_prefix="embedpipe-search",
+                                       initializer=_searches_on_one_thread)
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="embedpipe-model")
         self.embedders: dict[str, Any] = {}  # model record (json) -> ImageEmbedder, built on first image query
         self.batchers: dict[tuple[str, int], Batcher] = {}  # (model record, event loop) -> Batcher
+        self.coalescers: dict[int, Coalescer] = {}  # event loop -> the JSON searches' Coalescer
         self.thumbs = ShardImages(options.max_pixels)
         self.started = time.time()
 
@@ -66,7 +69,12 @@ class Service:
     def _embedder(self, model: str, meta: dict[str, Any]) -> Any:
         """On the model thread (so one build at a time): the embedder of this model, built on first use."""
         if model not in self.embedders:
+            import torch
+
             from ..model.rebuild import ImageEmbedder
+
+            if self.options.workers > 1:  # N processes each running the model on every core would thrash
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.options.workers))
 
             log.warning("building the image model %s for queries (first image query)", meta.get("model"))
             self.embedders[model] = ImageEmbedder(meta, self.options.device, self.options.max_pixels)
@@ -99,19 +107,67 @@ class Service:
         """On the pool: the JSON answer to ``q`` from this version of the index (``x``: its images' embeddings)."""
         out = answer(served, q, x, root)
         out["took_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-        return json.dumps(out).encode()
+        return wire.dumps(out)
 
-    def answer_json(self, body: bytes, root: str, t0: float) -> bytes | queries.Query:
-        """On the pool: a JSON body's answer; or its query, when it has images for the model to embed first."""
-        q = queries.from_bytes(body, self.options)
-        if q.images:
-            return q
-        return self.respond(self.catalog.get(q.index), q, None, root, t0)
+    async def search_json(self, body: bytes, root: str, t0: float) -> bytes | queries.Query:
+        """A JSON body's answer, searched together with the JSON bodies that arrive with it; or its query, when
+        it has images for the model to embed first."""
+        loop = asyncio.get_running_loop()
+        if id(loop) not in self.coalescers:
+            self.coalescers[id(loop)] = Coalescer(self.answer_all, self.pool, self.options.pool_size)
+        return await self.coalescers[id(loop)].submit(body, root, t0)
+
+    def answer_all(self, batch: list[Pending]) -> None:
+        """On the pool: each request's answer (or its image query, or its error), key and vector queries of one
+        index, k and flags searched as one FAISS batch."""
+        groups: dict[tuple[Any, ...], tuple[Served, list[tuple[Pending, queries.Query]]]] = {}
+        for p in batch:
+            try:
+                q = queries.from_bytes(p.body, self.options)
+                if q.images:
+                    p.result = q
+                    continue
+                served = self.catalog.get(q.index)
+                key = (id(served), q.k, q.include_self, bool(q.keys), q.shards)
+                groups.setdefault(key, (served, []))[1].append((p, q))
+            except Exception as e:  # this request's own error; the others go on
+                p.error = e
+        for (*_, shards), (served, members) in groups.items():
+            if len(members) > 1 and shards is None:
+                try:
+                    answers = answer_together(served, [q for _, q in members], members[0][0].root)
+                except Exception:  # one bad request in the group: answer each alone, each with its own error
+                    pass
+                else:
+                    for (p, _), out in zip(members, answers):
+                        out["took_ms"] = round((time.perf_counter() - p.t0) * 1000, 3)
+                        p.result = wire.dumps(out)
+                    continue
+            for p, q in members:
+                try:
+                    p.result = self.respond(served, q, None, p.root, p.t0)
+                except Exception as e:
+                    p.error = e
+
+    def search_stats(self) -> dict[str, Any]:
+        batches = sum(c.batches for c in self.coalescers.values())
+        requests = sum(c.requests for c in self.coalescers.values())
+        return {"batches": batches, "requests": requests,
+                "mean_batch": round(requests / batches, 2) if batches else None}
 
     def image_stats(self) -> dict[str, Any]:
         batches = sum(b.batches for b in self.batchers.values())
         images = sum(b.images for b in self.batchers.values())
         return {"batches": batches, "images": images, "mean_batch": round(images / batches, 2) if batches else None}
+
+
+def _searches_on_one_thread() -> None:
+    """A pool thread's FAISS searches use that thread alone (OpenMP's thread count is per calling thread): the
+    pool already spreads concurrent requests over the cores, and an OpenMP team per pool thread would put
+    several spinning threads on each core."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
 
 
 def _service(request: Request) -> Service:
@@ -131,7 +187,8 @@ async def get_healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok", "uptime_s": round(time.time() - svc.started, 1),
                          "indexes": {n: {"generation": s.generation, "count": s.index.count}
                                      for n, s in cat.current.items()},
-                         "reloads": cat.reloads, "reload_errors": cat.reload_errors, "image_queries": svc.image_stats()})
+                         "reloads": cat.reloads, "reload_errors": cat.reload_errors, "image_queries": svc.image_stats(),
+                         "json_searches": svc.search_stats()})
 
 
 async def get_indexes(request: Request) -> Response:
@@ -144,7 +201,7 @@ async def post_search(request: Request) -> Response:
     root = request.scope.get("root_path", "")
     got = await queries.read(request, svc.options)
     if isinstance(got, bytes):  # JSON: decoded, searched and encoded in one trip to the pool, unless it has images
-        got = await svc.run(svc.answer_json, got, root, t0)
+        got = await svc.search_json(got, root, t0)
         if isinstance(got, bytes):
             return Response(got, media_type="application/json")
     served = svc.catalog.get(got.index)

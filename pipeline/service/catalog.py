@@ -79,6 +79,8 @@ class Catalog:
         idx = open_index(path)
         idx.cache_lookups(vector_bytes=self.options.cache_mb << 20)
         log.info("loaded index %s (generation %d): %r", name, generation, idx)
+        # Stored vectors read ahead while idle (up to --cache-mb): a first key query would wait ~2 s per file.
+        threading.Thread(target=idx.warm_cache, name=f"embedpipe-warm-{name}", daemon=True).start()
         return Served(name, path, idx, st, generation)
 
     def get(self, name: str | None) -> Served:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
+from . import wire
 from .options import ServeOptions
 
 JSON_FIELDS = ("index", "k", "keys", "vectors", "images", "include_self", "filter")
@@ -39,6 +39,10 @@ class Query:
     @property
     def kind(self) -> str:
         return "keys" if self.keys else "vectors" if self.vectors is not None else "images"
+
+    def __len__(self) -> int:
+        """How many queries (keys, vectors or images) the request holds."""
+        return len(self.keys) or len(self.images) or (len(self.vectors) if self.vectors is not None else 0)
 
 
 def bad(message: str, status: int = 400) -> HTTPException:
@@ -65,14 +69,14 @@ async def read(request: Request, opts: ServeOptions) -> bytes | Query:
 def from_bytes(body: bytes, opts: ServeOptions) -> Query:
     """The query of a JSON body."""
     try:
-        obj = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        obj = wire.loads(body)
+    except wire.DecodeError as e:
         raise bad(f"the body is not valid JSON: {e}") from None
     return from_json(obj, opts)
 
 
 def _counted(q: Query, opts: ServeOptions) -> Query:
-    n = len(q.keys) or len(q.images) or (len(q.vectors) if q.vectors is not None else 0)
+    n = len(q)
     if n > opts.max_queries:
         raise bad(f"{n} queries in one request; at most {opts.max_queries} (--max-queries)", 413)
     return q

@@ -368,3 +368,68 @@ def test_cli_refuses_bad_arguments_before_listening(data, args, message, capsys)
     with pytest.raises(SystemExit) as exit:
         main(["serve", *[a.replace("IDX", str(data.idx)) for a in args]])
     assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_json_searches_arriving_together_are_searched_as_one_batch(data, monkeypatch):
+    """Requests queued while the pool is busy go in one batch: the same answers as alone, errors their own."""
+    import asyncio
+
+    from pipeline.service import app as service_app
+
+    batched = []  # the rows of each group answered by one search
+
+    def counted(served, qs, root=""):
+        out = answer_together(served, qs, root)
+        batched.append(len(qs))
+        return out
+
+    answer_together = service_app.answer_together
+    monkeypatch.setattr(service_app, "answer_together", counted)
+    app = create_app({"digits": data.idx}, threads=2)
+    svc = app.state.service
+    x = open_index(data.idx).vectors(np.arange(3))
+    bodies = ([{"keys": [k], "k": 3} for k in keys_of(data.files[0])[:5]] + [{"keys": [KEY], "k": 2}]
+              + [{"vectors": [v.tolist()], "k": 3} for v in x]
+              + [{"keys": ["no-such-key"], "k": 4}, {"keys": [KEY], "k": 4}, {"vectors": [[0.5, 0.5]], "k": 5},
+                 {"keys": 7}])
+    bodies = [json.dumps(b).encode() for b in bodies]
+
+    def plain(answer):
+        out = json.loads(answer)
+        out.pop("took_ms")
+        return out
+
+    async def ask(body):
+        try:
+            return plain(await svc.search_json(body, "", time.perf_counter()))
+        except Exception as e:  # the error this request alone gets
+            return type(e).__name__, str(e)
+
+    async def together():
+        gate = threading.Event()
+        loop = asyncio.get_running_loop()
+        busy = [loop.run_in_executor(svc.pool, gate.wait) for _ in range(2)]  # both pool threads taken
+        answers = [asyncio.ensure_future(ask(b)) for b in bodies]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(*busy)
+        return await asyncio.gather(*answers)
+
+    try:
+        alone = [asyncio.run(ask(b)) for b in bodies]
+        before = svc.search_stats()
+        got = asyncio.run(together())
+        after = svc.search_stats()
+    finally:
+        svc.close()
+    assert got == alone
+    assert [type(a) for a in got[:9]] + [type(got[10])] == [dict] * 10
+    assert all(a["results"][0]["results"][0]["key"] != a["results"][0]["query"] for a in got[:6])  # self excluded
+    assert got[9][0] == "NotFound" and "no-such-key" in got[9][1]
+    assert got[11][0] == "UserError" and "dimension" in got[11][1].lower()
+    assert got[12][0] == "HTTPException"
+    # 13 requests: the first two start a batch each (one per pool thread), the other eleven queue and go as
+    # one: keys k=3 (3 of them) and vectors (3) searched as one FAISS call each; the k=4 pair has a missing
+    # key, so its two were answered alone
+    assert after["requests"] - before["requests"] == 13 and after["batches"] - before["batches"] == 3, after
+    assert sorted(batched) == [3, 3], batched

@@ -142,6 +142,18 @@ def test_cached_lookups_answer_like_uncached_ones(captioned):
         assert plain.stored(ids, ["no_such_column"]) == {"no_such_column": [None] * 3}
 
 
+def test_warm_cache_reads_stored_vectors_while_they_fit(captioned):
+    tmp, x = captioned
+    idx = open_index(tmp / "idx")
+    assert idx.warm_cache() == 0  # no cache asked for: nothing read
+    idx.cache_lookups(vector_bytes=1 << 20)
+    assert idx.warm_cache() == 2 and idx.warm_cache() == 0  # both files, then nothing left to read
+    np.testing.assert_array_equal(idx.vectors(idx.lookup(["cap_150"])), x[250:251])
+    tight = open_index(tmp / "idx")
+    tight.cache_lookups(vector_bytes=1)  # room for less than one file: the first is read, no more
+    assert tight.warm_cache() == 1
+
+
 def test_answers_carry_captions_and_urls(captioned):
     tmp, x = captioned
     with running(create_app([tmp / "idx"])) as base:
@@ -169,3 +181,23 @@ def test_serving_without_the_extra_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
     with pytest.raises(UserError, match=r"needs the serve extra \(uvicorn is missing\): pip install 'embedpipe\[serve\]'"):
         serve(["idx"])
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_wire_json_with_and_without_orjson(monkeypatch, fast):
+    from pipeline.service import wire
+    from pipeline.service.options import ServeOptions
+    from pipeline.service.queries import from_bytes
+
+    if not fast:
+        monkeypatch.setattr(wire, "orjson", None)
+    elif wire.orjson is None:
+        pytest.skip("orjson is not installed")
+    answer = {"index": "i", "k": 2, "results": [{"query": "ä", "results": [{"rank": 1, "score": 0.5, "id": 3}]}]}
+    assert wire.loads(wire.dumps(answer)) == answer
+    q = from_bytes(b'{"vectors": [[0.25, -1.5e-3, 2]], "k": 3}', ServeOptions())
+    assert q.k == 3 and q.vectors.dtype == np.float32 and q.vectors.tolist() == [[0.25, np.float32(-1.5e-3), 2.0]]
+    for bad in (b'{"keys": [', b'\xff\xfe', b"[1, 2"):
+        with pytest.raises(Exception, match="not valid JSON") as e:
+            from_bytes(bad, ServeOptions())
+        assert e.value.status_code == 400
