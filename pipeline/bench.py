@@ -235,7 +235,7 @@ def run_bench(model: str = DEFAULT_MODEL, weights: str = "default", quick: bool 
     if modes is None and quick:  # the reference, and the candidates for the fastest mode (inductor fp32 never is)
         modes = [("eager", "fp32"), ("torchscript", "fp32"), ("torchscript", "bf16"), ("inductor", "bf16")]
     elif modes is None:
-        modes = [(c, p) for c in ("eager", "torchscript", "inductor") for p in ("fp32", "bf16")]
+        modes = [(c, p) for c in ("eager", "torchscript", "inductor") for p in ("fp32", "bf16")] + [("aot", "bf16")]
     flops = flops_per_image(bb)
     peaks = {p: matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16, min_seconds=secs / 2)
              for p in ("fp32", "bf16")}

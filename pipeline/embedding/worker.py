@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from .. import store
 from ..model.backbones import Backbone, load_backbone, with_input_size
 from ..model.compile import Extractor, build_extractor
-from ..model.device import usable_cores
+from ..model.device import FIXED_BATCH_MODES, usable_cores
 from ..version import __version__
 from .options import EmbedConfig
 from .reader import Piece, ShardSamples
@@ -39,7 +39,7 @@ def prepare_model(cfg: EmbedConfig) -> tuple[Backbone, Extractor]:
     if cfg.input_size:
         bb = with_input_size(bb, cfg.input_size)
     ex = build_extractor(bb, cfg.device, cfg.precision, cfg.compile, cfg.cache_dir, micro_batch=cfg.micro_batch)
-    if cfg.compile == "inductor":  # compile now, at the batch size of the run, not inside the timed loop
+    if cfg.compile in FIXED_BATCH_MODES:  # compile now, at the batch size of the run, not inside the timed loop
         size = bb.preprocess.input_size
         ex(torch.zeros(cfg.batch_size, 3, size, size, dtype=torch.uint8))
     return bb, ex

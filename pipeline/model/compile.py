@@ -19,10 +19,12 @@ from .backbones import Backbone
 from .deprecations import torchscript_calls
 from .device import (
     DEFAULT_COMPILE,
+    FIXED_BATCH_MODES,
     check_compile_mode,
     resolve_device,
     resolve_precision,
 )
+from .packaged import PackagedModule
 from .precision import in_precision
 from .preprocess import UInt8Normalize
 
@@ -59,7 +61,7 @@ class Extractor:
     dim: int
     cache_path: Path | None = None
     cache_hit: bool = False
-    fixed_batch: int | None = None  # inductor graphs are specialised to one batch size: pad smaller ones
+    fixed_batch: int | None = None  # inductor graphs and aot packages are built for one batch size: pad smaller ones
     micro_batch: int = 0  # run the model on chunks of this many images (0: the whole batch at once)
 
     @torch.inference_mode()
@@ -77,7 +79,7 @@ class Extractor:
         return feats.cpu().numpy().astype(dtype, copy=False)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.compile != "inductor":
+        if self.compile not in FIXED_BATCH_MODES:
             return self.module(x)
         n = x.shape[0]
         if self.fixed_batch is None:
@@ -86,7 +88,7 @@ class Extractor:
             pad = x.new_zeros((self.fixed_batch - n, *x.shape[1:]))
             return self.module(torch.cat([x, pad]))[:n]
         # Always an inference tensor (as the padded batch is): a mix of the two kinds fails dynamo's guards.
-        return self.module(x.clone())
+        return self.module(x.clone() if self.compile == "inductor" else x)
 
 
 def default_cache_dir() -> Path:
@@ -180,6 +182,10 @@ def build_extractor(
                  cache / "inductor")
         ex = Extractor(torch.compile(wrapper, dynamic=False), dev, prec, compile, bb.num_features, cache / "inductor",
                        micro_batch=micro)
+    elif compile == "aot":
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))  # AOTInductor's build files
+        module = PackagedModule(wrapper, dev, cache / "aot", key, bb.spec, prec)
+        ex = Extractor(module, dev, prec, compile, bb.num_features, cache / "aot", micro_batch=micro)
     else:
         path = cache / "torchscript" / f"{key}.pt"
         module = _load_cached(path, dev)
@@ -196,5 +202,5 @@ def build_extractor(
     if micro == micro_batches.TUNE:
         ex.micro_batch = micro_batches.remembered(cache / "micro_batch.json", f"{key}-{compile}", ex._forward,
                                                   bb.preprocess.input_size)
-        ex.fixed_batch = ex.micro_batch if compile == "inductor" else None
+        ex.fixed_batch = ex.micro_batch if compile in FIXED_BATCH_MODES else None
     return ex

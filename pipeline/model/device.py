@@ -13,7 +13,8 @@ DEVICE_AUTO = "auto"
 PRECISIONS = ("fp32", "fp16", "bf16")
 PRECISION_CHOICES = ("auto", *PRECISIONS)  # auto: fp16 on CUDA, fp32 on CPU
 CPU_PRECISIONS = ("fp32", "bf16")  # fp16 on a CPU is refused: slow, often unsupported kernels
-COMPILE_MODES = ("torchscript", "inductor", "eager")
+COMPILE_MODES = ("torchscript", "inductor", "aot", "eager")
+FIXED_BATCH_MODES = ("inductor", "aot")  # compiled for one batch size: shorter batches are padded
 DEFAULT_COMPILE = "torchscript"
 
 

@@ -69,3 +69,26 @@ def test_inductor_micro_batches_pad_the_short_chunk_and_match_eager(small_bb, tm
     out = ind(x)
     assert ind.fixed_batch == ind.micro_batch in micro_batch.CANDIDATES
     assert F.cosine_similarity(out, eager).min().item() >= 0.9999
+
+
+
+@pytest.mark.slow
+def test_aot_packages_load_warm_match_eager_and_an_unreadable_one_is_rebuilt(small_bb, tmp_path: Path):
+    x = torch.randint(0, 256, (11, 3, 64, 64), dtype=torch.uint8)  # 4 + 4 + 3: the short chunk padded
+    eager = build_extractor(small_bb, "cpu", "fp32", "eager", micro_batch=0)(x)
+    cold = build_extractor(small_bb, "cpu", "fp32", "aot", tmp_path, micro_batch=4)
+    out = cold(x)
+    assert cold.fixed_batch == 4 and cold.module.loaded_from_cache == 0
+    assert F.cosine_similarity(out, eager).min().item() >= 0.9999
+    (package,) = (tmp_path / "aot").glob("*-b4.pt2")
+    built = package.stat().st_mtime_ns
+
+    # A warm start loads the package instead of compiling again.
+    warm = build_extractor(small_bb, "cpu", "fp32", "aot", tmp_path, micro_batch=4)
+    assert torch.equal(warm(x), out)
+    assert warm.module.loaded_from_cache == 1 and package.stat().st_mtime_ns == built
+
+    package.write_bytes(b"not a package")  # a corrupt entry is rebuilt, not a crash
+    again = build_extractor(small_bb, "cpu", "fp32", "aot", tmp_path, micro_batch=4)
+    assert torch.allclose(again(x), out, atol=1e-4)
+    assert again.module.loaded_from_cache == 0 and package.stat().st_size > 1000
