@@ -15,6 +15,10 @@ from job_scripts import JOBS, VENV_BIN, run_script, script_env, stub
 from pipeline.cli import cli
 from pipeline.config import group_defaults, load_toml
 
+
+pytestmark = pytest.mark.slow  # real processes and files: in `make test`, not in the fast subset
+
+
 SCRIPTS = sorted([*JOBS.glob("slurm/*.sh"), *JOBS.glob("slurm/*.sbatch"), *JOBS.glob("cron/*.sh"),
                   *JOBS.glob("k8s/*.sh")])
 CONFIGS = sorted(JOBS.glob("configs/*.toml"))

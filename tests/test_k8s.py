@@ -11,6 +11,10 @@ import yaml
 
 from job_scripts import JOBS, run_script, script_env, stub
 
+
+pytestmark = pytest.mark.slow  # real processes and files: in `make test`, not in the fast subset
+
+
 K8S = JOBS / "k8s"
 MANIFESTS = sorted(K8S.glob("*.yaml"))
 # The oldest release the manifests promise to work on (backoffLimitPerIndex, podFailurePolicy), and the newest

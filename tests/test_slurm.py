@@ -8,9 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from campaign import FULL
 from job_scripts import JOBS, VENV_BIN, run_script, script_env, stub
 from shards import jpeg_bytes, sample_image, write_tar
 from slurm_sim import MiniSlurm
+
+
+pytestmark = pytest.mark.slow  # real processes and files: in `make test`, not in the fast subset
+
 
 SLURM = JOBS / "slurm"
 DEFAULT_CONFIG = JOBS / "configs" / "gpu-default.toml"  # what every script uses without CONFIG
@@ -266,6 +271,7 @@ def test_a_chain_with_a_corrupt_shard_indexes_the_rest_and_names_it(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not FULL, reason="campaign only (EMBEDPIPE_CAMPAIGN=1): the stub-scheduler tests cover the skip")
 def test_probe_sbatch_with_the_real_embedpipe_skips_an_unlabelled_folder(tmp_path):
     exe = _real_embedpipe()
     samples = [{"__key__": f"img{i:03d}", "jpg": jpeg_bytes(sample_image((64, 64), seed=i)), "txt": f"caption {i}"}

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
+import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -135,10 +138,31 @@ def embed_one_shard(url: str, name: str, state: RunState, bb: Backbone, ex: Extr
     raise AssertionError("the reader ends every shard")
 
 
+def quiet_worker_handoffs() -> None:
+    """A decode worker killed while handing a batch over (a native crash in a decoder) makes multiprocessing's
+    descriptor-sharing thread print a traceback of its own and go on serving; the run already says what
+    happened and retries the shard, so that one error becomes a log line. Everything else reaches the hook."""
+    hook = sys.excepthook
+    if getattr(hook, "embedpipe_handoffs", False):
+        return
+
+    def quiet(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if threading.current_thread().name.endswith("(_serve)") and issubclass(
+                kind, (OSError, EOFError, multiprocessing.AuthenticationError)):
+            log.warning("a decode worker died while handing over a batch (%s: %s)", kind.__name__, value)
+            return
+        hook(kind, value, tb)
+
+    quiet.embedpipe_handoffs = True  # type: ignore[attr-defined]
+    sys.excepthook = quiet
+
+
 def iter_embedded(pending: list[str], names: dict[str, str], state: RunState, bb: Backbone, ex: Extractor,
                   cfg: EmbedConfig, workers: int, bar: Any = None) -> Iterator[tuple[str, ShardRecord | None, str | None]]:
     """Stream ``pending`` shards through the DataLoader and the model; yield each shard once it is committed."""
     threads = torch.get_num_threads() if workers == 0 else 1
+    if workers:
+        quiet_worker_handoffs()
     data = ShardSamples(pending, bb.preprocess, cfg.batch_size, cfg.keep, cfg.max_pixels, decode_threads=threads)
     loader = DataLoader(data, batch_size=None, num_workers=workers, pin_memory=ex.device.type == "cuda",
                         prefetch_factor=4 if workers else None, persistent_workers=False,

@@ -20,6 +20,7 @@ from pipeline.model.backbones import load_backbone, with_input_size
 from pipeline.model.compile import build_extractor
 from pipeline.model.decode import decode_rgb
 from pipeline.model.preprocess import resize_crop
+from campaign import cases
 from shards import UNDECODABLE, jpeg_bytes, read_tar, sample_image, write_tar
 
 FAST = dict(model="torchvision:resnet18", weights="none", input_size=64, quiet=True, batch_size=32)
@@ -94,7 +95,7 @@ def test_bf16_close_to_fp32_on_real_photos(photo_shards, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("crash_at", [40, 150, 290])  # in shard 1, in shard 2, just before the end
+@pytest.mark.parametrize("crash_at", cases([], [40, 150, 290]))  # campaign only: tests/faults kills at random points
 def test_crash_mid_shard_then_resume_equals_clean_run(digits_shards, digits_run, tmp_path, crash_at):
     clean, _ = digits_run
     args = [sys.executable, "-m", "pipeline", "embed", *map(str, digits_shards), "--out", str(tmp_path),

@@ -16,6 +16,10 @@ import pytest
 
 from shards import tiny_shards
 
+
+pytestmark = pytest.mark.slow  # real processes and files: in `make test`, not in the fast subset
+
+
 ARGS = ["--model", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "--compile", "eager",
         "--batch-size", "4", "-q"]
 

@@ -22,6 +22,10 @@ from pipeline.embedding.run_folder import file_check
 from pipeline.verify import run_verify
 from shards import jpeg_bytes, sample_image, write_tar
 
+
+pytestmark = pytest.mark.slow  # real processes and files: in `make test`, not in the fast subset
+
+
 ARGS = ["--model", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "--compile", "eager",
         "--out-dtype", "float32", "--batch-size", "8", "--workers", "0", "-q"]
 

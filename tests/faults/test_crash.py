@@ -21,6 +21,7 @@ import torch
 
 from pipeline import atomic, store
 from pipeline.verify import run_verify
+from campaign import cases
 from shards import jpeg_bytes, sample_image, write_tar
 
 pytestmark = pytest.mark.slow  # a crash campaign: real processes killed and rerun
@@ -67,7 +68,7 @@ def clean(small_shards, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", cases([], [1, 2, 3, 4, 5]))  # campaign only; targeted kill points run always
 def test_embed_killed_at_random_points_then_rerun_equals_clean(small_shards, clean, tmp_path, seed):
     rng = random.Random(seed)
     out = tmp_path / "emb"

@@ -25,6 +25,10 @@ from shards import (bomb_png_bytes, cmyk_jpeg_bytes, exif_rotated_jpeg_bytes, gr
                     not_image_bytes, one_pixel_jpeg_bytes, palette_png_bytes, png16_bytes, png_bytes, sample_image,
                     truncated_jpeg_bytes, write_tar)
 
+
+pytestmark = pytest.mark.slow  # real processes and files: in `make test`, not in the fast subset
+
+
 ARGS = ["--model", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "--compile", "eager",
         "--out-dtype", "float32", "--batch-size", "16", "--workers", "0", "-q"]
 

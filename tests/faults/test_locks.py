@@ -21,7 +21,12 @@ from pipeline import store
 from pipeline.embedding.run_folder import RunState
 from pipeline.errors import UserError
 from pipeline.verify import run_verify
+from campaign import cases
 from shards import tiny_shards
+
+
+pytestmark = pytest.mark.slow  # real processes and files: in `make test`, not in the fast subset
+
 
 HERE = Path(__file__).parent
 ARGS = ["--model", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "--compile", "eager",
@@ -88,7 +93,7 @@ def test_unreadable_claim_is_a_dead_owners_and_taken_over(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["lock", "claim"])
+@pytest.mark.parametrize("kind", cases(["lock"], ["claim"]))  # one owners.py code path for both
 def test_two_processes_racing_for_a_dead_owners_file_exactly_one_wins(tmp_path, kind):
     dead = {"pid": dead_pid(), "host": socket.gethostname(), "since": 0, "task": None}
     for attempt in range(6):

@@ -9,13 +9,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
+from probe_fixtures import blobs, write_shards
 
 from pipeline import atomic
 from pipeline.probe.head import load_head
 from pipeline.probe.linear import run_probe
 from pipeline.probe.options import ProbeOptions
-from probe_fixtures import blobs, write_shards
+
+
+pytestmark = pytest.mark.slow  # real processes and files: in `make test`, not in the fast subset
 
 
 def probe(emb, out, frac: float, plots: bool = False) -> None:

@@ -12,6 +12,10 @@ from pipeline import atomic, store
 from pipeline.cli import cli
 from pipeline.verify import run_verify
 
+
+pytestmark = pytest.mark.slow  # real processes and files: in `make test`, not in the fast subset
+
+
 ARGS = ["--model", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "--compile", "eager",
         "--workers", "0", "-q"]
 

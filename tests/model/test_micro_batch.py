@@ -13,6 +13,8 @@ from pipeline.model import micro_batch
 from pipeline.model.backbones import load_backbone, with_input_size
 from pipeline.model.compile import build_extractor
 
+from campaign import FULL
+
 
 @pytest.fixture(scope="module")
 def small_bb():
@@ -65,15 +67,15 @@ def test_unwritable_cache_costs_a_measurement_not_a_failure(tmp_path: Path):
 def test_inductor_micro_batches_pad_the_short_chunk_and_match_eager(small_bb, tmp_path: Path):
     x = torch.randint(0, 256, (11, 3, 64, 64), dtype=torch.uint8)
     eager = build_extractor(small_bb, "cpu", "fp32", "eager", micro_batch=0)(x)
-    ind = build_extractor(small_bb, "cpu", "fp32", "inductor", tmp_path)  # measures 4 and 8 (two compiles)
+    ind = build_extractor(small_bb, "cpu", "fp32", "inductor", tmp_path, micro_batch=4)  # 4 + 4 + 3 (padded)
     out = ind(x)
-    assert ind.fixed_batch == ind.micro_batch in micro_batch.CANDIDATES
+    assert ind.fixed_batch == ind.micro_batch == 4
     assert F.cosine_similarity(out, eager).min().item() >= 0.9999
 
 
 
 @pytest.mark.slow
-def test_aot_packages_load_warm_match_eager_and_an_unreadable_one_is_rebuilt(small_bb, tmp_path: Path):
+def test_aot_packages_load_warm_and_match_eager(small_bb, tmp_path: Path):
     x = torch.randint(0, 256, (11, 3, 64, 64), dtype=torch.uint8)  # 4 + 4 + 3: the short chunk padded
     eager = build_extractor(small_bb, "cpu", "fp32", "eager", micro_batch=0)(x)
     cold = build_extractor(small_bb, "cpu", "fp32", "aot", tmp_path, micro_batch=4)
@@ -88,7 +90,14 @@ def test_aot_packages_load_warm_match_eager_and_an_unreadable_one_is_rebuilt(sma
     assert torch.equal(warm(x), out)
     assert warm.module.loaded_from_cache == 1 and package.stat().st_mtime_ns == built
 
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FULL, reason="campaign only (EMBEDPIPE_CAMPAIGN=1): two AOTInductor compiles")
+def test_unreadable_aot_package_is_rebuilt(small_bb, tmp_path: Path):
+    x = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    expected = build_extractor(small_bb, "cpu", "fp32", "aot", tmp_path, micro_batch=4)(x)
+    (package,) = (tmp_path / "aot").glob("*.pt2")
     package.write_bytes(b"not a package")  # a corrupt entry is rebuilt, not a crash
     again = build_extractor(small_bb, "cpu", "fp32", "aot", tmp_path, micro_batch=4)
-    assert torch.allclose(again(x), out, atol=1e-4)
+    assert torch.allclose(again(x), expected, atol=1e-4)
     assert again.module.loaded_from_cache == 0 and package.stat().st_size > 1000
