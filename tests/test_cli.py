@@ -58,6 +58,7 @@ def test_status_verify_and_completion_never_import_torch(digits_shards, tmp_path
     assert imported_after(completion) == []
 
 
+@pytest.mark.slow
 def test_a_folder_of_img2dataset_output_is_embedded_with_a_total_and_rerun_at_once(digits_shards, tmp_path):
     i2d = img2dataset_folder(tmp_path / "i2d", digits_shards[:2])
     first = embedpipe("embed", i2d, "--out", tmp_path / "run", *TINY)
@@ -108,6 +109,7 @@ def test_sidecars_named_explicitly_are_a_usage_error_before_any_model(digits_sha
     assert r.returncode == 2 and "has no 'embedding' column" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_local_shards_are_recorded_as_absolute_paths(digits_shards, tmp_path):
     work = tmp_path / "work"
     work.mkdir()

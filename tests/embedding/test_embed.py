@@ -84,6 +84,7 @@ def test_one_shard_many_workers_gives_same_rows(digits_run, digits_shards, tmp_p
         assert full[k][:2] == (i, lab) and np.allclose(full[k][2], e, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_bf16_close_to_fp32_on_real_photos(photo_shards, tmp_path):
     a = embed([str(p) for p in photo_shards], tmp_path / "fp32", precision="fp32", compile="eager", quiet=True, workers=0)
     b = embed([str(p) for p in photo_shards], tmp_path / "bf16", precision="bf16", compile="eager", quiet=True, workers=0)
@@ -286,6 +287,7 @@ def test_hostile_keys_and_shard_names_never_become_paths(tmp_path):
     assert sorted(store.read_all(out).keys) == ["../../outside", "/abs/key"]
 
 
+@pytest.mark.slow
 def test_torchscript_file_runs_in_bf16(digits_shards, tmp_path):
     bb = load_backbone("torchvision:resnet18", "none")
     path = tmp_path / "feat.pt"

@@ -148,6 +148,7 @@ def fresh_recall(index_dir: Path, x: np.ndarray, q: np.ndarray) -> float:
     return recall_at(open_index(index_dir).search(q, 10).ids, truth)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", TUNED)
 def test_every_kind_reaches_the_target_on_fresh_queries(tmp_path, like, fresh, emb_like, kind):
     res = build(emb_like, tmp_path / "idx", kind=kind)
@@ -167,6 +168,7 @@ def test_every_kind_reaches_the_target_on_fresh_queries(tmp_path, like, fresh, e
     assert fresh_recall(tmp_path / "idx", like, fresh) >= 0.95
 
 
+@pytest.mark.slow
 def test_auto_measures_each_kind_and_keeps_the_fastest(tmp_path, like, fresh, emb_like, monkeypatch):
     monkeypatch.setattr(choose, "FLAT_MAX", 1000)  # measure at test sizes
     monkeypatch.setattr(auto, "SAMPLE_ROWS", 10_000)

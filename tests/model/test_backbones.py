@@ -94,6 +94,7 @@ def test_torchscript_equals_eager_and_bf16_is_close(default_bb, tmp_path: Path):
     assert cos_bf >= 0.99
 
 
+@pytest.mark.slow
 def test_compile_cache_is_hit_and_corrupt_entry_rebuilt(tmp_path: Path):
     bb = load_backbone("torchvision:resnet18", "none")
     first = build_extractor(bb, "cpu", "fp32", "torchscript", cache_dir=tmp_path)

@@ -38,6 +38,7 @@ def raw_images(shards):
     return keys, images
 
 
+@pytest.mark.slow
 def test_exported_classifier_matches_predict(digit_embeddings, digits_shards, tmp_path):
     m = run_probe(digit_embeddings, tmp_path / "probe", ProbeOptions(label_field="label", weight_decays=(1e-4, 1e-2)))
     assert m["num_classes"] == 10

@@ -27,6 +27,7 @@ def test_blocks_of_resnet():
                      "layer4.0", "layer4.1"]
 
 
+@pytest.mark.slow
 def test_finetune_improves_and_resumes(digits_shards, tmp_path, one_thread):
     train, val = [str(s) for s in digits_shards[:2]], [str(digits_shards[2])]
     opts = FinetuneOptions(model="torchvision:resnet18", weights="none", input_size=48, epochs=3, batch_size=25,
