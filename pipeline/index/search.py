@@ -186,10 +186,9 @@ class Index:
         codes, first_ids = np.unique(self._file_codes, return_index=True)
         read = 0
         for code, first in zip(codes.tolist(), first_ids.tolist()):
-            per_file = cache.bytes / read if read else 0
             if (str(self._file_names[code]), "embedding") in cache:
                 continue
-            if read and cache.bytes + per_file > cache.max_bytes:
+            if read and cache.bytes + cache.bytes / read > cache.max_bytes:  # the next file would not fit
                 break
             self.vectors(np.array([first], np.int64))
             read += 1

@@ -35,14 +35,7 @@ def answer(served: Served, q: Query, x: np.ndarray | None, root: str = "") -> di
         x = q.vectors
     else:
         names, where = [name for name, _ in q.images], f"the embedding of image {q.images[0][0]}"
-    records = _search(served, q, x, names, exclude, where)
-    thumb = f"{root}/thumb/{quote(served.name)}/"
-    _describe(served, [h for r in records for h in r["results"]], thumb)
-    if q.keys:
-        for r in records:
-            r["thumb"] = thumb + _quoted(r["query"])
-    return {"index": served.name, "generation": served.generation, "count": idx.count, "kind": q.kind, "k": q.k,
-            "results": records}
+    return _replies(served, [q], _search(served, q, x, names, exclude, where), root)[0]
 
 
 def answer_together(served: Served, qs: list[Query], root: str = "") -> list[dict[str, Any]]:
@@ -60,11 +53,11 @@ def answer_together(served: Served, qs: list[Query], root: str = "") -> list[dic
         x = np.concatenate([q.vectors for q in qs]) if len(qs) > 1 else qs[0].vectors
         names = [f"vectors[{i}]" for q in qs for i in range(len(q.vectors))]
         exclude, where = None, "vectors"
-    try:
-        res = idx.search(x, qs[0].k, queries=names, exclude_ids=exclude, include_self=qs[0].include_self, where=where)
-    except UserError as e:
-        raise UserError(str(e).replace(str(idx.path), served.name)) from None
-    records = res.records()
+    return _replies(served, qs, _search(served, qs[0], x, names, exclude, where), root)  # one k, flags, no filter
+
+
+def _replies(served: Served, qs: list[Query], records: list[dict[str, Any]], root: str) -> list[dict[str, Any]]:
+    """One answer per query of ``qs`` from ``records`` (their rows, in order), with captions, urls and thumbnails."""
     thumb = f"{root}/thumb/{quote(served.name)}/"
     _describe(served, [h for r in records for h in r["results"]], thumb)
     out, start = [], 0
@@ -74,8 +67,8 @@ def answer_together(served: Served, qs: list[Query], root: str = "") -> list[dic
         if q.keys:
             for r in mine:
                 r["thumb"] = thumb + _quoted(r["query"])
-        out.append({"index": served.name, "generation": served.generation, "count": idx.count, "kind": q.kind,
-                    "k": q.k, "results": mine})
+        out.append({"index": served.name, "generation": served.generation, "count": served.index.count,
+                    "kind": q.kind, "k": q.k, "results": mine})
     return out
 
 
