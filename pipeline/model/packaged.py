@@ -8,6 +8,7 @@ warm here, TorchScript 5-6 s). Its kernels ran 0.84x as fast as ``torch.compile`
 """
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -54,18 +55,14 @@ class PackagedModule:
                  "minute on a CPU; cached in %s)", self.spec, self.device.type, self.precision, batch, self.cache_dir)
         with torch.inference_mode(False), torch.no_grad():
             exported = torch.export.export(self.wrapper, (torch.zeros_like(example, device=self.device),))
+        package = io.BytesIO()
+        torch._inductor.aoti_compile_and_package(exported, package_path=package, inductor_configs={"freezing": True})
         try:
-            with atomic.replacing(path) as tmp, open(tmp, "w+b") as f:
-                torch._inductor.aoti_compile_and_package(exported, package_path=f,
-                                                         inductor_configs={"freezing": True})
-        except OSError as e:  # a read-only cache: build in memory, recompile next time
+            atomic.write_bytes(path, package.getvalue())
+        except OSError as e:  # a read-only cache: this process runs the package from memory, the next compiles
             log.warning("cannot write compile cache %s: %s", path, e)
-            import io
-
-            buf = io.BytesIO()
-            torch._inductor.aoti_compile_and_package(exported, package_path=buf, inductor_configs={"freezing": True})
-            buf.seek(0)
-            return _load(buf, self.device)
+            package.seek(0)
+            return _load(package, self.device)
         return _load(path, self.device)
 
 
