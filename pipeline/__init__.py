@@ -56,12 +56,16 @@ def build_index(emb_dir: str | Path, out: str | Path, **options: Any) -> IndexRe
         >>> report.factory, report.recall_at_10  # doctest: +SKIP
         ('Flat', 1.0)
     """
+    from .errors import UserError
     from .index.build import run_index
     from .index.layout import IndexReport
     from .index.options import IndexConfig
 
     res = run_index(IndexConfig(str(emb_dir), out=str(out), **options))
-    return IndexReport(Path(res["path"]), res["meta"], res["summary"])
+    if "record" not in res:  # --train-only and --part write a step of a parted build, not an index
+        raise UserError("build_index builds a whole index; run the parted steps (train_only, parts/part) with "
+                        "`embedpipe index` and merge them with `embedpipe index-merge`")
+    return IndexReport(Path(res["path"]), res["record"], res["summary"])
 
 
 def open_index(path: str | Path, embeddings: str | Path | None = None, mmap: bool = False) -> Index:

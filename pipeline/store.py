@@ -1,4 +1,4 @@
-"""The embedding Parquet format: its schema and metadata, the model-identity keys, reading shards back in batches."""
+"""The embedding Parquet format: its schema and metadata (``records.EmbeddingMeta``), reading shards back in batches."""
 from __future__ import annotations
 
 import json
@@ -12,30 +12,12 @@ import pyarrow.parquet as pq
 
 from . import atomic
 from .errors import UserError
+from .records import EmbeddingMeta
 
 EMBEDDINGS = "embeddings"  # the folder of Parquet shards inside an embed output folder
 META_KEY = b"embedpipe"  # file metadata key holding the embedding run's metadata (JSON)
 DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
 BASE_COLUMNS = ("key", "shard", "index", "label", "embedding")
-# What makes two embeddings comparable: the same network, weights, layer and preprocessing. Every check that
-# vectors, heads or queries come from "the same model" compares exactly these keys of the file metadata.
-MODEL_KEYS = ("model", "weights_sha256", "layer", "preprocess")
-
-
-def model_identity(meta: dict[str, Any]) -> dict[str, Any]:
-    """The :data:`MODEL_KEYS` of an embedding shard's metadata (or of ``Backbone.describe()``)."""
-    return {k: meta[k] for k in MODEL_KEYS if k in meta}
-
-
-def check_same_model(expected: dict[str, Any], got: dict[str, Any], where: str, fix: str,
-                     keys: Sequence[str] = MODEL_KEYS, theirs: str = "the index") -> None:
-    """Refuse vectors from another model (only keys both sides record are compared); the error names the keys."""
-    diff = [k for k in keys if k in expected and k in got and expected[k] != got[k]]
-    if diff:
-        short = theirs.removeprefix("the ")
-        detail = "; ".join(f"{k}: {short} has {expected[k]!r}, {where} has {got[k]!r}" for k in diff)
-        raise UserError(f"{where} was embedded with another model than {theirs} ({detail}); {fix}")
-
 
 def embedding_table(
     keys: Sequence[str],
@@ -45,7 +27,7 @@ def embedding_table(
     embeddings: np.ndarray,
     dtype: str = "float16",
     extra: dict[str, Sequence[str | None]] | None = None,
-    metadata: dict[str, Any] | None = None,
+    metadata: EmbeddingMeta | None = None,
 ) -> pa.Table:
     """One shard's table: ``key``, ``shard``, ``index`` int32, ``label`` int64, ``embedding``
     fixed_size_list<float16|float32>[D], then ``extra`` string columns; ``metadata`` goes to the file metadata."""
@@ -68,7 +50,7 @@ def embedding_table(
         columns[name] = pa.array(list(values), pa.string())
     table = pa.table(columns)
     if metadata is not None:
-        table = table.replace_schema_metadata({META_KEY: json.dumps(metadata, sort_keys=True, default=str)})
+        table = table.replace_schema_metadata({META_KEY: json.dumps(metadata.to_dict(), sort_keys=True, default=str)})
     return table
 
 
@@ -96,11 +78,11 @@ def list_shards(path: Path | str) -> list[Path]:
     return files
 
 
-def read_metadata(path: Path | str) -> dict[str, Any]:
-    """The embedpipe metadata stored in one Parquet shard (empty dict when absent)."""
+def read_metadata(path: Path | str) -> EmbeddingMeta | None:
+    """The embedpipe metadata stored in one Parquet shard (None when the file has none: written by another tool)."""
     meta = pq.read_schema(path).metadata or {}
     raw = meta.get(META_KEY)
-    return json.loads(raw) if raw else {}
+    return EmbeddingMeta.from_dict(json.loads(raw), f"{path}: embedding metadata") if raw else None
 
 
 @dataclass(frozen=True)
@@ -109,7 +91,7 @@ class ShardInfo:
     rows: int
     dim: int
     dtype: str
-    metadata: dict[str, Any]
+    metadata: EmbeddingMeta | None
 
 
 def shard_info(path: Path) -> ShardInfo:
@@ -162,7 +144,7 @@ class Source:
     infos: list[ShardInfo]
     dim: int
     dtype: str
-    meta: dict[str, Any]
+    meta: EmbeddingMeta | None
 
     @property
     def rows(self) -> int:
@@ -175,9 +157,10 @@ def scan(emb_dir: str | Path, files: Sequence[Path] | None = None) -> Source:
     infos = [shard_info(f) for f in files]
     ref = check_consistent(infos)
     for info in infos[1:]:
-        check_same_model(model_identity(ref.metadata), model_identity(info.metadata), str(info.path),
-                         "index each model's embeddings separately", theirs=str(ref.path))
-    return Source(files, infos, ref.dim, ref.dtype, dict(ref.metadata))
+        if ref.metadata is not None and info.metadata is not None:
+            ref.metadata.identity.check_same(info.metadata.identity, str(info.path),
+                                             "index each model's embeddings separately", theirs=str(ref.path))
+    return Source(files, infos, ref.dim, ref.dtype, ref.metadata)
 
 
 def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -57,7 +57,7 @@ def verify_embeddings(out: Path) -> tuple[list[str], dict[str, Any]]:
         keys = table.column("key").to_pylist()
         if len(set(keys)) != len(keys):
             problems.append(f"{f}: {len(keys) - len(set(keys))} duplicate key(s)")
-        dim_expected = dim_expected or info.metadata.get("dim") or info.dim
+        dim_expected = dim_expected or (info.metadata.dim if info.metadata else None) or info.dim
         if info.dim != dim_expected:
             problems.append(f"{f}: dim {info.dim}, expected {dim_expected}")
         if dtype_expected and info.dtype != dtype_expected:
@@ -93,17 +93,18 @@ def incomplete(info: dict[str, Any]) -> str | None:
 def verify_index(index_dir: Path) -> tuple[list[str], dict[str, Any]]:
     """Problems in an index folder: FAISS count vs index.json and ids.parquet, ids mapping to real keys."""
     problems: list[str] = []
-    meta = layout.read_meta(index_dir)
-    index = layout.load_faiss(index_dir, meta, mmap=True)
+    rec = layout.read_record(index_dir)
+    index = layout.load_faiss(index_dir, rec, mmap=True)
     ids = pq.read_table(index_dir / layout.IDS_FILE)
-    if index.ntotal != meta["count"]:
-        problems.append(f"{index_dir}: the FAISS index holds {index.ntotal} vectors, index.json says {meta['count']}")
+    if index.ntotal != rec.count:
+        problems.append(f"{index_dir}: the FAISS index holds {index.ntotal} vectors, {layout.META_FILE} says "
+                        f"{rec.count}")
     if ids.num_rows != index.ntotal:
         problems.append(f"{index_dir}/{layout.IDS_FILE}: {ids.num_rows} rows for {index.ntotal} vectors")
     id_col = ids.column("id").to_numpy()
     if len(np.unique(id_col)) != len(id_col):
         problems.append(f"{index_dir}/{layout.IDS_FILE}: duplicate ids")
-    folders = layout.source_dirs(meta)  # the build's folder and each --update's
+    folders = rec.source_dirs  # the build's folder and each --update's
     if all(Path(d).exists() for d in folders):
         known: set[str] = set()
         for f in (f for d in folders for f in store.list_shards(d)):
@@ -112,7 +113,7 @@ def verify_index(index_dir: Path) -> tuple[list[str], dict[str, Any]]:
         if missing:
             problems.append(f"{index_dir}: {len(missing)} id(s) map to keys not in {', '.join(folders)} "
                             f"(first: {missing[0]!r})")
-    return problems, {"vectors": int(index.ntotal), "factory": meta.get("factory")}
+    return problems, {"vectors": int(index.ntotal), "factory": rec.factory}
 
 
 def run_verify(path: str | Path) -> tuple[list[str], dict[str, Any]]:

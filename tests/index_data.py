@@ -6,15 +6,21 @@ real embeddings; ``clustered`` draws well-separated clusters, for tests about an
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.index import synthetic
+from pipeline.records import EmbeddingMeta, ModelIdentity
 
-META = {"model": "synthetic:clusters", "weights_sha256": "0" * 64, "layer": "pool", "dim": None,
-        "preprocess": {"input_size": 64}, "normalize": True, "version": "0.1.0"}
+IDENTITY = ModelIdentity("synthetic:clusters", "0" * 64, "pool", {"input_size": 64})
+
+
+def meta(dim: int, dtype: str = "float32", **identity: Any) -> EmbeddingMeta:
+    """Embedding metadata of the tests' model (``identity`` overrides fields of its identity)."""
+    return EmbeddingMeta(replace(IDENTITY, **identity), dim, dtype, version="0.1.0")
 
 
 def clustered(n: int, dim: int = 32, centers: int = 40, spread: float = 0.35, seed: int = 0) -> np.ndarray:
@@ -33,7 +39,7 @@ def embedding_like(n: int, dim: int = 32, seed: int = 0, components: int = 200) 
 def write_shards(root: Path, x: np.ndarray, shards: int = 3, dtype: str = "float32", prefix: str = "shard",
                  first: int = 0, meta: dict[str, Any] | None = None) -> list[Path]:
     """``synthetic.write_shards`` with the tests' model metadata (keys ``<prefix>-NNNNNN_IIIII``)."""
-    return synthetic.write_shards(root, x, shards, dtype, prefix, first, {**META, **(meta or {})})
+    return synthetic.write_shards(root, x, shards, dtype, prefix, first, replace(IDENTITY, **(meta or {})))
 
 
 def brute_force(x: np.ndarray, q: np.ndarray, k: int, metric: str = "ip") -> tuple[np.ndarray, np.ndarray]:

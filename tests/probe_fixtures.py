@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import store
+from pipeline.records import EmbeddingMeta, ModelIdentity
 
 
 def blobs(n: int = 600, d: int = 32, c: int = 4, spread: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -27,7 +28,8 @@ def write_shards(out: Path, x: np.ndarray, y: np.ndarray, shards: int = 3, label
         t = store.embedding_table(
             keys, f"shard-{s:03d}", list(range(len(idx))), y[idx].tolist() if labels else [None] * len(idx),
             x[idx], dtype="float32", extra={"json": js},
-            metadata={"model": "test:blobs", "dim": x.shape[1], "normalize": False, **(metadata or {})},
+            metadata=EmbeddingMeta(ModelIdentity(**{"model": "test:blobs", **(metadata or {})}), x.shape[1],
+                                   "float32", normalize=False),
         )
         store.write_table(out / "embeddings" / f"shard-{s:03d}.parquet", t)
     return out

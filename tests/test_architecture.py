@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 # Lower layers never import higher ones; one layer's packages never import each other (index and probe).
 LAYERS = [
     ("pipeline.errors", "pipeline.version"),
-    ("pipeline.config", "pipeline.atomic", "pipeline.progress"),
+    ("pipeline.config", "pipeline.atomic", "pipeline.progress", "pipeline.records"),
     ("pipeline.store", "pipeline.sample_data", "pipeline.captions"),
     ("pipeline.model",),
     ("pipeline.embedding",),
@@ -144,16 +144,16 @@ def string_constants(path: Path) -> set:
     (".failed.json", "pipeline.embedding.run_folder"),
     ("index.json", "pipeline.index.layout"), ("ids.parquet", "pipeline.index.layout"),
     ("index.faiss", "pipeline.index.layout"), ("trained.faiss", "pipeline.index.layout"),
-    ("embedpipe-index/1", "pipeline.index.layout"),
+    ("embedpipe-index/1", "pipeline.index.record"),
     ("timm:efficientnet_lite0", "pipeline.model.specs"), (b"embedpipe", "pipeline.store"),
-    ("weights_sha256", None),  # model-identity keys: listed in store.MODEL_KEYS, read through it
+    ("weights_sha256", None),  # model-identity fields: listed in records.ModelIdentity.COMPARED, read through it
     (".commit.json", "pipeline.atomic"), ("head.pt", "pipeline.probe.head"),
 ])
 def test_each_contract_is_written_in_one_module(literal, owner):
     holders = {m for m, p in modules().items() if literal in string_constants(p)}
-    if owner is None:  # a key name may be read where needed; the list of identity keys lives in store only
+    if owner is None:  # the list of identity fields lives in records only
         holders = {m for m, p in modules().items() if '"model", "weights_sha256", "layer", "preprocess"' in p.read_text()}
-        owner = "pipeline.store"
+        owner = "pipeline.records"
     assert holders == {owner}
 
 

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .. import store
 from ..errors import UserError
+from ..records import ModelIdentity
 from ..model.decode import DEFAULT_MAX_PIXELS
 from ..model.device import DEFAULT_COMPILE, DEVICE_AUTO
 from ..model.specs import DEFAULT_MODEL
@@ -13,8 +15,31 @@ from .tar import KEEPABLE
 
 ENGINES = ("local", "ray")
 OUT_DTYPES = tuple(store.DTYPES)
-# The options that decide what the embeddings are (compare run.json's to rerun without loading the model).
-EMBEDDING_OPTIONS = ("model", "weights", "layer", "input_size", "precision", "out_dtype", "normalize", "keep")
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What makes two runs' embeddings interchangeable: the model identity and how its vectors were stored. A
+    folder holds one fingerprint (``run.json``); a run with another is refused."""
+
+    identity: ModelIdentity
+    precision: str
+    dtype: str
+    normalize: bool
+    keep: tuple[str, ...]
+
+    # The options that decide each part: a rerun whose run.json records the same values of these is known to
+    # have the same fingerprint without loading the model.
+    DECIDED_BY = {"identity": ("model", "weights", "layer", "input_size"), "precision": ("precision",),
+                  "dtype": ("out_dtype",), "normalize": ("normalize",), "keep": ("keep",)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """As ``run.json`` records it (the identity fields beside the others)."""
+        return {**self.identity.to_dict(), "precision": self.precision, "dtype": self.dtype,
+                "normalize": self.normalize, "keep": sorted(self.keep)}
+
+
+EMBEDDING_OPTIONS = tuple(o for options in Fingerprint.DECIDED_BY.values() for o in options)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,9 @@ import numpy as np
 
 from .. import atomic, store
 from ..errors import UserError
+from ..records import EmbeddingMeta
 from . import owners
+from .options import Fingerprint
 from .shards import same_url
 
 log = logging.getLogger(__name__)
@@ -151,7 +153,7 @@ class RunState:
             owners.release(self.lock, self.me)
             self._locked = False
 
-    def check_run(self, fingerprint: dict[str, Any], config: dict[str, Any], overwrite: bool) -> None:
+    def check_run(self, fingerprint: Fingerprint, config: dict[str, Any], overwrite: bool) -> None:
         """Under the lock: check the folder holds embeddings of this model/preprocessing (or wipe it with
         overwrite), then record this run in run.json."""
         run_json = self.run_json
@@ -160,10 +162,10 @@ class RunState:
             if recorded is None and not overwrite:
                 raise UserError(f"{run_json} is unreadable (empty or not JSON); it records how the embeddings in "
                                 f"{self.out} were made: restore it, or pass --overwrite to delete them and start again")
-            old = (recorded or {}).get("fingerprint", {})
-            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+            old, new = (recorded or {}).get("fingerprint", {}), fingerprint.to_dict()
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             if diff and not overwrite:
-                detail = "; ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in diff[:4])
+                detail = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
                 raise UserError(
                     f"{self.out} holds embeddings made with different settings ({detail}). "
                     "Use another --out folder, or --overwrite to delete them and start again"
@@ -174,7 +176,7 @@ class RunState:
                 shutil.rmtree(self.emb_dir, ignore_errors=True)
                 shutil.rmtree(self.state_dir, ignore_errors=True)
         (self.out / SUCCESS).unlink(missing_ok=True)
-        atomic.write_json(run_json, {"fingerprint": fingerprint, "config": config})
+        atomic.write_json(run_json, {"fingerprint": fingerprint.to_dict(), "config": config})
 
     def same_options(self, config: dict[str, Any], keys: Sequence[str]) -> bool:
         """Whether ``run.json`` records these values of ``keys`` (False when there is no readable run.json)."""
@@ -280,10 +282,10 @@ class RunState:
 
     def commit(self, url: str, name: str, *, keys: Sequence[str], indices: Sequence[int],
                labels: Sequence[int | None], embeddings: np.ndarray, extra: dict[str, list[str | None]],
-               metadata: dict[str, Any], seen: int, skipped: Sequence[tuple[str, str]], seconds: float,
+               metadata: EmbeddingMeta, seen: int, skipped: Sequence[tuple[str, str]], seconds: float,
                warnings: Sequence[tuple[str, str]] = ()) -> ShardRecord:
         """Parquet file first (atomic), then the done record: a shard with a record is always complete."""
-        table = store.embedding_table(keys, url, indices, labels, embeddings, metadata["dtype"], extra, metadata)
+        table = store.embedding_table(keys, url, indices, labels, embeddings, metadata.dtype, extra, metadata)
         path = self.emb_dir / f"{name}.parquet"
         store.write_table(path, table)
         record = {"url": url, "output": f"{EMBEDDINGS}/{name}.parquet", "seen": seen, "embedded": len(keys),

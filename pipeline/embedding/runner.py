@@ -64,19 +64,21 @@ def embed(shards: Sequence[str] | str, out: str | Path, **options: Any) -> Embed
     surprise = True
     try:
         # torch and the model only once there is something to embed (a no-op rerun stays well under a second)
-        from .worker import fingerprint, prepare_model
+        from .worker import fingerprint, load_configured_backbone, prepare_model
 
         pending = [u for u in urls if not state.is_done(u, names[u])]
-        # The model runs in other processes (devices, Ray, or a child for shards that killed their last run);
-        # here only the fingerprint is needed.
+        # The model runs in other processes (devices, Ray, or a child for shards that killed their last run): here
+        # only the fingerprint is needed, so the backbone is loaded without building, compiling or measuring it.
         elsewhere = bool(devices) or cfg.engine == "ray" or bool(pending) and all(
             state.died_on(u, names[u]) for u in pending)
-        main_cfg = replace(cfg, device="cpu", compile="eager", precision="fp32") if elsewhere else cfg
         log.info("loading %s (weights %s)%s", cfg.model, cfg.weights, "" if elsewhere else f" for device {cfg.device}")
-        bb, ex = prepare_model(main_cfg)  # elsewhere: only for the fingerprint, on CPU
         if elsewhere:
-            ex.precision = resolve_precision(cfg.precision, resolve_device(devices[0] if devices else cfg.device))
-        state.check_run(fingerprint(bb, ex, cfg), {**asdict(cfg), "shards": len(all_urls), "version": __version__},
+            bb, ex = load_configured_backbone(cfg), None
+            precision = resolve_precision(cfg.precision, resolve_device(devices[0] if devices else cfg.device))
+        else:
+            bb, ex = prepare_model(cfg)
+            precision = ex.precision
+        state.check_run(fingerprint(bb, precision, cfg), {**asdict(cfg), "shards": len(all_urls), "version": __version__},
                         cfg.overwrite)
         summary = _run(all_urls, urls, names, state, bb, ex, cfg, devices, in_process=not elsewhere)
         summary.setup_seconds = summary.started - t0

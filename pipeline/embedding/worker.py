@@ -17,12 +17,12 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
 
-from .. import store
 from ..model.backbones import Backbone, load_backbone, with_input_size
 from ..model.compile import Extractor, build_extractor
 from ..model.device import FIXED_BATCH_MODES, usable_cores
+from ..records import EmbeddingMeta
 from ..version import __version__
-from .options import EmbedConfig
+from .options import EmbedConfig, Fingerprint
 from .reader import Piece, ShardSamples
 from .run_folder import RunState, ShardRecord
 
@@ -38,9 +38,7 @@ def default_workers(device: torch.device) -> int:
 
 def prepare_model(cfg: EmbedConfig) -> tuple[Backbone, Extractor]:
     """The frozen backbone and its compiled extractor for ``cfg`` (the same in every engine and process)."""
-    bb = load_backbone(cfg.model, cfg.weights, cfg.layer)
-    if cfg.input_size:
-        bb = with_input_size(bb, cfg.input_size)
+    bb = load_configured_backbone(cfg)
     ex = build_extractor(bb, cfg.device, cfg.precision, cfg.compile, cfg.cache_dir, micro_batch=cfg.micro_batch)
     if cfg.compile in FIXED_BATCH_MODES:  # compile now, at the batch size of the run, not inside the timed loop
         size = bb.preprocess.input_size
@@ -48,16 +46,21 @@ def prepare_model(cfg: EmbedConfig) -> tuple[Backbone, Extractor]:
     return bb, ex
 
 
-def fingerprint(bb: Backbone, ex: Extractor, cfg: EmbedConfig) -> dict[str, Any]:
-    """What makes two runs' embeddings interchangeable; a folder holds one fingerprint only."""
-    return {**store.model_identity(bb.record()), "precision": ex.precision, "dtype": cfg.out_dtype,
-            "normalize": cfg.normalize, "keep": sorted(cfg.keep)}
+def load_configured_backbone(cfg: EmbedConfig) -> Backbone:
+    """The frozen backbone ``cfg`` names, at its input size (no extractor: nothing compiled or measured)."""
+    bb = load_backbone(cfg.model, cfg.weights, cfg.layer)
+    return with_input_size(bb, cfg.input_size) if cfg.input_size else bb
 
 
-def shard_metadata(bb: Backbone, ex: Extractor, cfg: EmbedConfig) -> dict[str, Any]:
-    """The file metadata of every embedding shard: the backbone's record and how the vectors were made."""
-    return {**bb.record(), "dtype": cfg.out_dtype, "precision": ex.precision, "compile": ex.compile,
-            "normalize": cfg.normalize, "version": __version__}
+def fingerprint(bb: Backbone, precision: str, cfg: EmbedConfig) -> Fingerprint:
+    """What makes two runs' embeddings interchangeable (``precision`` as resolved on the device that runs)."""
+    return Fingerprint(bb.identity, precision, cfg.out_dtype, cfg.normalize, tuple(cfg.keep))
+
+
+def shard_metadata(bb: Backbone, ex: Extractor, cfg: EmbedConfig) -> EmbeddingMeta:
+    """The file metadata of every embedding shard: the backbone's identity and how the vectors were made."""
+    return EmbeddingMeta(bb.identity, bb.num_features, cfg.out_dtype, ex.precision, ex.compile, cfg.normalize,
+                         __version__)
 
 
 class _Crash:
@@ -201,7 +204,7 @@ def iter_embedded(pending: list[str], names: dict[str, str], state: RunState, bb
         writer.shutdown(wait=True)  # a commit under way completes (also on SIGTERM): its shard is not redone
 
 
-def _finish(url: str, name: str, buf: _ShardBuffer, state: RunState, meta: dict[str, Any],
+def _finish(url: str, name: str, buf: _ShardBuffer, state: RunState, meta: EmbeddingMeta,
             cfg: EmbedConfig) -> ShardRecord | None:
     """Commit one shard (Parquet, then its done record) or record why it failed."""
     elapsed = time.time() - buf.started
@@ -212,7 +215,7 @@ def _finish(url: str, name: str, buf: _ShardBuffer, state: RunState, meta: dict[
     pieces = buf.pieces
     order = np.argsort(np.concatenate([p.indices for p, _ in pieces])) if pieces else np.array([], dtype=int)
     cat = (lambda xs: [xs[i] for i in order])  # noqa: E731  (rows back in shard order)
-    dim = meta["dim"]
+    dim = meta.dim
     emb = np.concatenate([e for _, e in pieces])[order] if pieces else np.zeros((0, dim), dtype=cfg.out_dtype)
     extra = {k: cat([v for p, _ in pieces for v in p.extra[k]]) for k in cfg.keep}
     extra = {k: v for k, v in extra.items() if any(x is not None for x in v)}

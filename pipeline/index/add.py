@@ -16,7 +16,8 @@ from .. import store
 from ..errors import UserError
 from ..progress import Progress
 from .choose import faiss_metric
-from .layout import IdsWriter, now
+from .layout import IdsWriter
+from .record import ShardEntry, now
 from .tune import ExactKnn, takes_ids
 
 log = logging.getLogger(__name__)
@@ -100,11 +101,11 @@ def add_shards(index: Any, files: Sequence[Path], id_starts: Sequence[int], ids_
     return added
 
 
-def shard_table(src: store.Source, start: int) -> tuple[dict[str, dict[str, Any]], list[int]]:
-    """index.json's per-shard record (rows, first id) and the first id of each file."""
+def shard_table(src: store.Source, start: int) -> tuple[dict[str, ShardEntry], list[int]]:
+    """The index record's per-shard entries (rows, first id) and the first id of each file."""
     table, starts = {}, []
     for f, info in zip(src.files, src.infos):
-        table[f.name] = {"rows": info.rows, "id_start": start, "added": now()}
+        table[f.name] = ShardEntry(info.rows, start, now())
         starts.append(start)
         start += info.rows
     return table, starts

@@ -14,7 +14,8 @@ from . import tune
 from .add import add_shards, new_index, shard_table, train, warn_duplicate_keys
 from .auto import pick
 from .choose import choose
-from .layout import IDS_FILE, INDEX_FILE, META_FILE, IdsWriter, index_record, result
+from .layout import IDS_FILE, INDEX_FILE, META_FILE, IdsWriter, result, write_record
+from .record import IndexRecord
 from .options import IndexConfig
 
 log = logging.getLogger(__name__)
@@ -83,12 +84,12 @@ def build(cfg: IndexConfig, budget: int) -> dict[str, Any]:
         if hold:
             index.add_with_ids(queries, q_rows)
         faiss.write_index(index, str(tmp / INDEX_FILE))
-        meta = index_record(
+        record = IndexRecord.new(
             factory=choice.factory, kind=choice.kind, reason=choice.reason, metric=cfg.metric, dim=src.dim,
-            count=index.ntotal, dtype=src.dtype, tuning=tuning.to_dict(), memory_budget=budget,
+            count=int(index.ntotal), embedding_dtype=src.dtype, tuning=tuning.to_dict(), memory_budget=budget,
             estimated_bytes=choice.estimated_bytes, source=str(Path(cfg.emb_dir).resolve()), shards=shards,
-            embedding_meta=src.meta, config=asdict(cfg), **({"auto": measured} if measured else {}),
+            embedding_meta=src.meta, config=asdict(cfg), auto=measured,
             build_seconds={"auto": measured.get("seconds", 0.0) if measured else 0.0, "train": round(train_s, 2),
                            "total": round(time.perf_counter() - t0, 2)})
-        atomic.write_json(tmp / META_FILE, meta)
-    return result(out, meta)
+        write_record(tmp, record)
+    return result(out, record)

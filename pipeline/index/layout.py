@@ -2,7 +2,7 @@
 
     INDEX/index.faiss       the FAISS index (with merged.ivfdata and trained.faiss when merged from parts)
     INDEX/ids.parquet       FAISS id -> key, shard, index, file, row (row i holds id i)
-    INDEX/index.json        what was built, from what, how it was tuned and how well it does (index_record)
+    INDEX/index.json        what was built, from what, how it was tuned and how well it does (record.IndexRecord)
     INDEX.parts/            --train-only and --parts: trained.faiss, train.json, queries.npz, part-I-of-N/
 
 A directory is built in a temporary sibling and swapped in (``atomic.staged_dir``), so it is always complete
@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +20,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .. import store
+from .. import atomic, store
 from ..errors import UserError
-from ..version import __version__
+from .record import IndexRecord
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.parquet", "index.json"
 IVFDATA, TRAINED = "merged.ivfdata", "trained.faiss"
 TRAIN_JSON, QUERIES, GT, PART_JSON = "train.json", "queries.npz", "gt.npz", "part.json"
-FORMAT = "embedpipe-index/1"
 IDS_SCHEMA = pa.schema([("id", pa.int64()), ("key", pa.string()), ("shard", pa.string()), ("index", pa.int32()),
                         ("file", pa.string()), ("row", pa.int64())])
 
@@ -45,50 +43,31 @@ def part_name(part: int, parts: int) -> str:
     return f"part-{part:05d}-of-{parts:05d}"
 
 
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def index_record(*, factory: str, kind: str, reason: str, metric: str, dim: int, count: int, dtype: str,
-                 tuning: dict[str, Any], memory_budget: int, estimated_bytes: int, source: str,
-                 shards: dict[str, Any], embedding_meta: dict[str, Any], config: dict[str, Any],
-                 on_disk: bool = False, **extra: Any) -> dict[str, Any]:
-    """The ``index.json`` record: what was built, from what, how it was tuned (``Tuning.to_dict()``) and how well
-    it does. ``shards`` maps each embedding file to its rows and first id; ``sources`` lists every embedding folder
-    the index holds shards of (``--update`` appends); ``extra`` adds keys (build times, ``auto``'s measurements...)."""
-    return {
-        "format": FORMAT, "version": __version__, "created": now(), "updated": now(),
-        "factory": factory, "kind": kind, "reason": reason, "metric": metric,
-        "dim": dim, "count": count, "next_id": count, "embedding_dtype": dtype,
-        "search_params": tuning["params"], "tuning": tuning, "tuned_at_count": count,
-        "memory_budget": memory_budget, "estimated_bytes": estimated_bytes, "on_disk": on_disk,
-        "source": source, "sources": [source], "shards": shards, "embedding_meta": embedding_meta, "config": config,
-        **extra,
-    }
-
-
-def source_dirs(meta: dict[str, Any]) -> list[str]:
-    """Every embedding folder an index holds shards of: the build's, then each ``--update``'s (older indexes recorded
-    only the first, as ``source``)."""
-    return list(meta.get("sources") or [meta["source"]])
-
-
-def read_meta(index_dir: str | Path) -> dict[str, Any]:
-    """``index.json`` of an index directory, with a clear error when it is not one."""
+def read_record(index_dir: str | Path) -> IndexRecord:
+    """``index.json`` of an index directory, with a clear error when it is not one or cannot be read."""
     p = Path(index_dir)
     f = p / META_FILE
     if not f.is_file():
         old = sorted(p.parent.glob(f".{p.name}.old-*")) if p.parent.is_dir() else []
         hint = f" (a swap was interrupted: rename {old[0]} to {p})" if old and not p.exists() else ""
         raise UserError(f"{p} is not an embedpipe index (no {META_FILE}){hint}; build it with `embedpipe index`")
-    return json.loads(f.read_text())
+    try:
+        raw = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{f} is unreadable ({e}); rebuild the index with `embedpipe index ... --overwrite`") from None
+    return IndexRecord.from_dict(raw, str(f))
 
 
-def load_faiss(index_dir: Path, meta: dict[str, Any], mmap: bool = False) -> Any:
+def write_record(index_dir: Path, record: IndexRecord) -> None:
+    """Write ``index.json`` (atomically) into an index directory being built."""
+    atomic.write_json(index_dir / META_FILE, record.to_dict())
+
+
+def load_faiss(index_dir: Path, record: IndexRecord, mmap: bool = False) -> Any:
     """Read the FAISS index of an index directory (on-disk inverted lists are found next to it)."""
     import faiss
 
-    flags = faiss.IO_FLAG_ONDISK_SAME_DIR if meta.get("on_disk") else 0
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR if record.on_disk else 0
     if mmap:
         flags |= faiss.IO_FLAG_MMAP
     return faiss.read_index(str(index_dir / INDEX_FILE), flags)
@@ -116,15 +95,14 @@ class IdsWriter:
         self.writer.close()
 
 
-def result(out: Path, meta: dict[str, Any], added: int | None = None) -> dict[str, Any]:
-    """What the CLI prints: the summary line and the key facts."""
-    t = meta["tuning"]
-    params = ", ".join(f"{k}={v}" for k, v in meta["search_params"].items()) or "no search parameters"
+def result(out: Path, rec: IndexRecord, added: int | None = None) -> dict[str, Any]:
+    """What the CLI prints: the summary line and the key facts (``meta``: index.json as written)."""
+    params = rec.params_text() or "no search parameters"
     verb = f"added {added} vectors to" if added is not None else "built"
-    summary = (f"{verb} {out}: {meta['factory']} ({meta['metric']}), {meta['count']} vectors of dim {meta['dim']} "
-               f"from {len(meta['shards'])} shards; {params}; recall@1 {t['recall@1']:.3f}, recall@10 "
-               f"{t['recall@10']:.3f} (target {t['target_recall']}), {t['latency_ms_p50']:.2f} ms/query")
-    return {"path": str(out), "summary": summary, "meta": meta}
+    summary = (f"{verb} {out}: {rec.factory} ({rec.metric}), {rec.count} vectors of dim {rec.dim} "
+               f"from {len(rec.shards)} shards; {params}; recall@1 {rec.recall_at_1:.3f}, recall@10 "
+               f"{rec.recall_at_10:.3f} (target {rec.target_recall}), {rec.latency_ms_p50:.2f} ms/query")
+    return {"path": str(out), "summary": summary, "meta": rec.to_dict(), "record": rec}
 
 
 def check_dense(ids_path: Path, ntotal: int) -> None:
@@ -139,22 +117,27 @@ class IndexReport:
     """What ``build_index`` did: the index directory, its ``index.json`` record and the summary line."""
 
     path: Path
-    meta: dict[str, Any]
+    record: IndexRecord
     summary: str
 
     @property
+    def meta(self) -> dict[str, Any]:
+        """``index.json`` as written (a plain dict, for callers that print or store it)."""
+        return self.record.to_dict()
+
+    @property
     def factory(self) -> str:
-        return self.meta["factory"]
+        return self.record.factory
 
     @property
     def count(self) -> int:
-        return int(self.meta["count"])
+        return self.record.count
 
     @property
     def recall_at_10(self) -> float:
-        return float(self.meta["tuning"]["recall@10"])
+        return self.record.recall_at_10
 
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v}" for k, v in self.meta.get("search_params", {}).items())
+        params = self.record.params_text()
         return (f"IndexReport({str(self.path)!r}: {self.factory}{' ' + params if params else ''}, {self.count} vectors, "
                 f"recall@10 {self.recall_at_10:.3f})")

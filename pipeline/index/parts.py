@@ -29,20 +29,20 @@ from .layout import (
     IDS_FILE,
     INDEX_FILE,
     IVFDATA,
-    META_FILE,
     PART_JSON,
     QUERIES,
     TRAIN_JSON,
     TRAINED,
     IdsWriter,
     check_dense,
-    index_record,
     part_name,
     parts_dir,
     result,
+    write_record,
 )
 from .merge import merge_into
 from .options import IndexConfig
+from .record import IndexRecord, TrainRecord
 
 log = logging.getLogger(__name__)
 
@@ -85,24 +85,24 @@ def train_only(cfg: IndexConfig, budget: int) -> dict[str, Any]:
     with atomic.locked_dir(pdir), atomic.staged_dir(pdir) as tmp:
         faiss.write_index(index, str(tmp / TRAINED))
         np.savez(tmp / QUERIES, queries=queries, rows=q_rows)
-        record = {"factory": choice.factory, "kind": choice.kind, "reason": choice.reason, "metric": cfg.metric,
-                  "dim": src.dim, "dtype": src.dtype, "count": n, "shards": shards, "embedding_meta": src.meta,
-                  "memory_budget": budget, "estimated_bytes": choice.estimated_bytes, "train_seconds": round(train_s, 2),
-                  "source": str(Path(cfg.emb_dir).resolve()), "trained_sha256": sha256(tmp / TRAINED),
-                  "config": asdict(cfg)}
-        atomic.write_json(tmp / TRAIN_JSON, record)
+        record = TrainRecord(
+            factory=choice.factory, kind=choice.kind, reason=choice.reason, metric=cfg.metric, dim=src.dim,
+            dtype=src.dtype, count=n, shards=shards, embedding_meta=src.meta, memory_budget=budget,
+            estimated_bytes=choice.estimated_bytes, train_seconds=round(train_s, 2),
+            source=str(Path(cfg.emb_dir).resolve()), trained_sha256=sha256(tmp / TRAINED), config=asdict(cfg))
+        atomic.write_json(tmp / TRAIN_JSON, record.to_dict())
     summary = (f"trained {choice.factory} on {len(sample)} vectors in {time.perf_counter() - t0:.1f}s; wrote {pdir}; "
                f"next: `embedpipe index {cfg.emb_dir} --out {cfg.out} --parts N --part I` for I in 0..N-1")
-    return {"path": str(pdir), "summary": summary, "meta": record}
+    return {"path": str(pdir), "summary": summary, "meta": record.to_dict()}
 
 
-def read_train(pdir: Path) -> dict[str, Any]:
+def read_train(pdir: Path) -> TrainRecord:
     f = pdir / TRAIN_JSON
     if not f.is_file():
         out = pdir.name[: -len(".parts")]
         raise UserError(f"{f} is missing; train the shared quantizer first: "
                         f"`embedpipe index EMB_DIR --out {pdir.parent / out} --train-only`")
-    return json.loads(f.read_text())
+    return TrainRecord.from_dict(json.loads(f.read_text()), str(f))
 
 
 def build_part(cfg: IndexConfig) -> dict[str, Any]:
@@ -113,7 +113,7 @@ def build_part(cfg: IndexConfig) -> dict[str, Any]:
     rec = read_train(pdir)
     src = store.scan(cfg.emb_dir, committed_files(cfg.emb_dir))
     have = {f.name: i.rows for f, i in zip(src.files, src.infos)}
-    want = {name: s["rows"] for name, s in rec["shards"].items()}
+    want = {name: s.rows for name, s in rec.shards.items()}
     if have != want:
         extra = sorted(set(have) - set(want))[:3]
         missing = sorted(set(want) - set(have))[:3]
@@ -122,19 +122,19 @@ def build_part(cfg: IndexConfig) -> dict[str, Any]:
     files = part_files(src.files, cfg.part, cfg.parts)
     index = faiss.read_index(str(pdir / TRAINED))
     q = np.load(pdir / QUERIES)
-    gt = tune.ExactKnn(q["queries"], 10 + tune.GT_EXTRA, rec["metric"])
+    gt = tune.ExactKnn(q["queries"], 10 + tune.GT_EXTRA, rec.metric)
     name = part_name(cfg.part, cfg.parts)
     t0 = time.perf_counter()
     with atomic.locked_dir(pdir / name), atomic.staged_dir(pdir / name) as tmp:
         ids_out = IdsWriter(tmp / IDS_FILE)
-        starts = [rec["shards"][f.name]["id_start"] for f in files]
+        starts = [rec.shards[f.name].id_start for f in files]
         added = add_shards(index, files, starts, ids_out, gt, cfg.batch_size, desc=name)
         ids_out.close()
         faiss.write_index(index, str(tmp / INDEX_FILE))
         d, i = gt.result()
         np.savez(tmp / GT, D=d, I=i)
         atomic.write_json(tmp / PART_JSON, {"part": cfg.part, "parts": cfg.parts, "files": [f.name for f in files],
-                                                  "count": added, "trained_sha256": rec["trained_sha256"]})
+                                                  "count": added, "trained_sha256": rec.trained_sha256})
     summary = (f"built {name}: {added} vectors from {len(files)} shards in {time.perf_counter() - t0:.1f}s; "
                f"merge with `embedpipe index-merge {cfg.out}` once all {cfg.parts} parts are done")
     return {"path": str(pdir / name), "summary": summary, "meta": {"count": added, "files": [f.name for f in files]}}
@@ -164,12 +164,12 @@ def run_merge(out: str | Path, target_recall: float = 0.95, overwrite: bool = Fa
     missing = sorted(set(range(total)) - {i["part"] for i in infos})
     if missing:
         raise UserError(f"{pdir}: parts {missing} of {total} are missing; build them with --parts {total} --part I")
-    stale = [p.name for p, i in zip(found, infos) if i["trained_sha256"] != rec["trained_sha256"]]
+    stale = [p.name for p, i in zip(found, infos) if i["trained_sha256"] != rec.trained_sha256]
     if stale:
         raise UserError(f"{stale} were built against another trained quantizer than {pdir / TRAINED}; rebuild them")
     q = np.load(pdir / QUERIES)
     gts = [np.load(p / GT) for p in found]
-    _, gt_ids = tune.merge_knn([(g["D"], g["I"]) for g in gts], 10 + tune.GT_EXTRA, rec["metric"])
+    _, gt_ids = tune.merge_knn([(g["D"], g["I"]) for g in gts], 10 + tune.GT_EXTRA, rec.metric)
     t0 = time.perf_counter()
     with atomic.locked_dir(out), atomic.staged_dir(out) as tmp:
         index = merge_into(faiss.read_index(str(pdir / TRAINED)), [p / INDEX_FILE for p in found],
@@ -182,11 +182,11 @@ def run_merge(out: str | Path, target_recall: float = 0.95, overwrite: bool = Fa
         check_dense(tmp / IDS_FILE, index.ntotal)
         tuning = tune.tune(index, q["queries"], q["rows"], gt_ids, target_recall)
         faiss.write_index(index, str(tmp / INDEX_FILE))
-        meta = index_record(
-            factory=rec["factory"], kind=rec["kind"], reason=rec["reason"], metric=rec["metric"], dim=rec["dim"],
-            count=index.ntotal, dtype=rec["dtype"], tuning=tuning.to_dict(), memory_budget=rec["memory_budget"],
-            estimated_bytes=rec["estimated_bytes"], source=rec["source"], shards=rec["shards"],
-            embedding_meta=rec["embedding_meta"], config=rec["config"], on_disk=True, merged_from_parts=total,
-            build_seconds={"merge_and_tune": round(time.perf_counter() - t0, 2)})
-        atomic.write_json(tmp / META_FILE, meta)
-    return result(out, meta)
+        record = IndexRecord.new(
+            factory=rec.factory, kind=rec.kind, reason=rec.reason, metric=rec.metric, dim=rec.dim,
+            count=int(index.ntotal), embedding_dtype=rec.dtype, tuning=tuning.to_dict(),
+            memory_budget=rec.memory_budget, estimated_bytes=rec.estimated_bytes, source=rec.source,
+            shards=rec.shards, embedding_meta=rec.embedding_meta, config=rec.config, on_disk=True,
+            merged_from_parts=total, build_seconds={"merge_and_tune": round(time.perf_counter() - t0, 2)})
+        write_record(tmp, record)
+    return result(out, record)

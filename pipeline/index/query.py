@@ -135,8 +135,7 @@ def run_search(index_dir: str | Path, query: str | None = None, keys: Sequence[s
         yield format_result(records, fmt)
     elif vectors:
         x, qkeys, qmeta = vectors_file(vectors)
-        store.check_same_model(idx.model, store.model_identity(qmeta), f"--vectors {vectors}",
-                               "query with the index's model")
+        idx.check_model(qmeta.identity if qmeta else None, f"--vectors {vectors}", "query with the index's model")
         res = idx.search(x, k, queries=qkeys, where=f"--vectors {vectors}")
         n = len(x)
         yield format_result(idx.annotate(res.records()), fmt)
@@ -150,8 +149,7 @@ def run_search(index_dir: str | Path, query: str | None = None, keys: Sequence[s
         yield format_result(records, fmt)
     else:
         src = store.scan(embeddings)
-        store.check_same_model(idx.model, store.model_identity(src.meta), str(src.files[0]),
-                               "query with the index's model")
+        idx.check_model(src.meta.identity if src.meta else None, str(src.files[0]), "query with the index's model")
         records = []  # --format json is one document; table and jsonl stream per batch
         for batch in embeddings_batches(embeddings):
             res = idx.search(batch.embeddings, k, queries=batch.keys, exclude_ids=idx.known_ids(batch.keys),
@@ -163,5 +161,5 @@ def run_search(index_dir: str | Path, query: str | None = None, keys: Sequence[s
                 yield format_result(idx.annotate(res.records()), fmt)
         if fmt == "json":
             yield json.dumps(records, indent=2)
-    p = ", ".join(f"{a}={b}" for a, b in (params or idx.meta.get("search_params", {})).items())
-    yield f"searched {idx.path} ({idx.meta['factory']}, {idx.count} vectors{', ' + p if p else ''}): {n} queries, k={k}"
+    p = ", ".join(f"{a}={b}" for a, b in params.items()) if params else idx.record.params_text()
+    yield f"searched {idx.path} ({idx.record.factory}, {idx.count} vectors{', ' + p if p else ''}): {n} queries, k={k}"

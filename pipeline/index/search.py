@@ -23,7 +23,9 @@ from .. import store
 from ..captions import caption_and_url
 from ..errors import UserError
 from . import tune
-from .layout import IDS_FILE, load_faiss, read_meta
+from ..records import ModelIdentity
+from .layout import IDS_FILE, load_faiss, read_record
+from .record import IndexRecord
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +70,14 @@ class Index:
 
     def __init__(self, path: str | Path, embeddings: str | Path | None = None, mmap: bool = False):
         self.path = Path(path)
-        self.meta = read_meta(self.path)
-        self.index = load_faiss(self.path, self.meta, mmap=mmap)
-        tune.set_params(self.index, self.meta.get("search_params", {}))
+        self.record: IndexRecord = read_record(self.path)
+        self.index = load_faiss(self.path, self.record, mmap=mmap)
+        tune.set_params(self.index, dict(self.record.search_params))
         self.ids = pq.read_table(self.path / IDS_FILE)
         if len(self.ids) != self.index.ntotal:
             raise UserError(f"{self.path / IDS_FILE} has {len(self.ids)} rows but the index holds "
                             f"{self.index.ntotal} vectors; the directory is damaged: rebuild it")
-        self.embeddings = Path(embeddings) if embeddings else Path(self.meta.get("source", ""))
+        self.embeddings = Path(embeddings) if embeddings else Path(self.record.source)
         # Columns combined once: a take on the chunked table cost more than FAISS's own search. Keys are read back
         # from one buffer by offsets (no Python object per row, no Arrow call per search); shards and files repeat,
         # so they are held as codes into small lists of names.
@@ -91,19 +93,27 @@ class Index:
         self._base: Path | None = None
 
     def __repr__(self) -> str:
-        model = self.meta.get("embedding_meta", {}).get("model", "?")
-        r10 = self.meta.get("tuning", {}).get("recall@10")
-        return (f"Index({str(self.path)!r}: {self.meta.get('factory')}, {self.count} vectors of dim {self.dim}, "
-                f"model {model}" + (f", recall@10 {r10}" if r10 is not None else "") + ")")
+        return (f"Index({str(self.path)!r}: {self.record.factory}, {self.count} vectors of dim {self.dim}, "
+                f"model {self.record.model or '?'}, recall@10 {self.record.recall_at_10})")
 
     @property
-    def model(self) -> dict[str, Any]:
-        """The identity (``store.MODEL_KEYS``) of the model whose embeddings the index holds."""
-        return store.model_identity(self.meta.get("embedding_meta", {}))
+    def meta(self) -> dict[str, Any]:
+        """``index.json`` as a plain dict (for printing or storing; code reads :attr:`record`)."""
+        return self.record.to_dict()
+
+    @property
+    def model(self) -> ModelIdentity | None:
+        """The identity of the model whose embeddings the index holds (None: the embeddings recorded none)."""
+        return self.record.embedding_meta.identity if self.record.embedding_meta else None
+
+    def check_model(self, other: ModelIdentity | None, where: str, fix: str) -> None:
+        """Refuse query vectors of another model than the index's (unknown on either side: not refused)."""
+        if self.model is not None and other is not None:
+            self.model.check_same(other, where, fix)
 
     @property
     def dim(self) -> int:
-        return int(self.meta["dim"])
+        return self.record.dim
 
     @property
     def count(self) -> int:
@@ -120,7 +130,7 @@ class Index:
         if v.ndim != 2 or v.shape[1] != self.dim:
             got = v.shape[1] if v.ndim == 2 else v.shape
             raise UserError(f"{where} has dimension {got} but the index {self.path} holds dimension {self.dim}; "
-                            f"query with embeddings from the index's model ({self.meta['embedding_meta'].get('model', '?')})")
+                            f"query with embeddings from the index's model ({self.record.model or '?'})")
         return np.ascontiguousarray(v)
 
     def search(self, vectors: np.ndarray, k: int = 10, queries: Sequence[str | None] | None = None,
@@ -267,7 +277,7 @@ class Index:
                 ivf.make_direct_map()
             return np.stack([self.index.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros((0, self.dim))
         except RuntimeError:
-            raise UserError(f"the embedding folder {self.embeddings} is gone and {self.meta['factory']} cannot return "
+            raise UserError(f"the embedding folder {self.embeddings} is gone and {self.record.factory} cannot return "
                             "stored vectors; pass the embedding folder (--embeddings-source DIR / open_index(path, "
                             "embeddings=DIR))") from None
 
@@ -279,18 +289,18 @@ class Index:
 
     def search_images(self, paths: Sequence[str | Path], k: int = 10) -> SearchResult:
         """k-NN of image files, embedded with the backbone and preprocessing recorded in the index."""
-        meta = self.meta.get("embedding_meta", {})
+        meta = self.record.embedding_meta
         for p in paths:
             if not Path(p).is_file():
                 raise UserError(f"image {p} does not exist")
-        if not meta.get("model"):
+        if meta is None:
             raise UserError("this index records no embedding model (embedding_meta.model), so images cannot be embedded "
                             "like its vectors; embed them with `embedpipe embed` and query with their vectors")
         from ..model.rebuild import embed_images
 
         x, used = embed_images([str(p) for p in paths], meta)
-        store.check_same_model(self.model, used, f"image {paths[0]}",
-                               "embed the query with the model the index was built from, or rebuild the index")
+        self.check_model(used, f"image {paths[0]}",
+                         "embed the query with the model the index was built from, or rebuild the index")
         return self.search(x, k, queries=[str(p) for p in paths], where=f"the embedding of image {paths[0]}")
 
     def known_ids(self, keys: Sequence[str]) -> np.ndarray:

@@ -19,14 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from .. import store
+from ..records import EmbeddingMeta, ModelIdentity
+from ..version import __version__
 
-META = {"model": "synthetic:embedding-like", "weights_sha256": "0" * 64, "layer": "pool",
-        "preprocess": {"input_size": 64}, "normalize": True, "version": "0.1.0"}
+# The identity of vectors this module makes: no network made them, but every reader of shards expects one.
+IDENTITY = ModelIdentity("synthetic:embedding-like", "0" * 64, "pool", {"input_size": 64})
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,9 @@ class EmbeddingLike:
 
 
 def write_shards(root: str | Path, x: np.ndarray, shards: int = 3, dtype: str = "float32", prefix: str = "shard",
-                 first: int = 0, meta: dict[str, Any] | None = None) -> list[Path]:
+                 first: int = 0, identity: ModelIdentity | None = None) -> list[Path]:
     """Split ``x`` into ``shards`` files ``root/embeddings/<prefix>-NNNNNN.parquet``; keys ``<prefix>-NNNNNN_IIIII``."""
-    meta = {**META, **(meta or {}), "dim": x.shape[1], "dtype": dtype}
+    meta = EmbeddingMeta(identity or IDENTITY, x.shape[1], dtype, version=__version__)
     paths = []
     for s, part in enumerate(np.array_split(x, shards)):
         name = f"{prefix}-{first + s:06d}"

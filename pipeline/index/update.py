@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,37 +16,26 @@ from .. import atomic, store
 from ..embedding.run_folder import committed_files
 from ..errors import UserError
 from .add import add_shards, shard_table
-from .layout import (
-    IDS_FILE,
-    INDEX_FILE,
-    IVFDATA,
-    META_FILE,
-    TRAINED,
-    IdsWriter,
-    load_faiss,
-    now,
-    read_meta,
-    result,
-    source_dirs,
-)
+from .layout import IDS_FILE, INDEX_FILE, IVFDATA, TRAINED, IdsWriter, load_faiss, read_record, result, write_record
 from .merge import merge_into
 from .options import IndexConfig
+from .record import IndexRecord, now
 
 log = logging.getLogger(__name__)
 
 
-def new_shards(meta: dict[str, Any], emb_dir: str | Path) -> list[Path]:
+def new_shards(record: IndexRecord, emb_dir: str | Path) -> list[Path]:
     """Shards under ``emb_dir`` that ``index.json`` does not list (already-indexed ones can never be re-added);
     in a run folder, only those its done records vouch for (garbage is refused, never indexed)."""
     files = committed_files(emb_dir) or store.list_shards(emb_dir)
     fresh = []
     for f in files:
-        seen = meta["shards"].get(f.name)
+        seen = record.shards.get(f.name)
         if seen is None:
             fresh.append(f)
-        elif store.shard_info(f).rows != seen["rows"]:
+        elif store.shard_info(f).rows != seen.rows:
             log.warning("%s changed since it was indexed (%d rows then, %d now); it is not re-added: rebuild the "
-                        "index to pick up the change", f, seen["rows"], store.shard_info(f).rows)
+                        "index to pick up the change", f, seen.rows, store.shard_info(f).rows)
     return fresh
 
 
@@ -72,50 +62,48 @@ def update(cfg: IndexConfig) -> dict[str, Any]:
 
     out = Path(cfg.out)
     with atomic.locked_dir(out):
-        meta = read_meta(out)
-        files = new_shards(meta, cfg.emb_dir)
+        rec = read_record(out)
+        files = new_shards(rec, cfg.emb_dir)
         if not files:
-            res = result(out, meta, added=0)
-            res["summary"] = f"nothing to add: all {len(meta['shards'])} shards under {cfg.emb_dir} are in {out}"
+            res = result(out, rec, added=0)
+            res["summary"] = f"nothing to add: all {len(rec.shards)} shards under {cfg.emb_dir} are in {out}"
             return res
         src = store.scan(cfg.emb_dir, files)
-        if src.dim != meta["dim"]:
-            raise UserError(f"{src.files[0]} has dim {src.dim} but the index {out} holds dim {meta['dim']}; "
+        if src.dim != rec.dim:
+            raise UserError(f"{src.files[0]} has dim {src.dim} but the index {out} holds dim {rec.dim}; "
                             "embed with the index's model, or build a separate index")
-        if src.dtype != meta["embedding_dtype"]:
+        if src.dtype != rec.embedding_dtype:
             raise UserError(f"mixed embedding dtypes: {src.files[0]} is {src.dtype}, the index {out} was built from "
-                            f"{meta['embedding_dtype']} shards; re-embed with --out-dtype {meta['embedding_dtype']}")
-        store.check_same_model(store.model_identity(meta["embedding_meta"]), store.model_identity(src.meta),
-                               str(src.files[0]), "embed new shards with the index's model, or build a separate index")
+                            f"{rec.embedding_dtype} shards; re-embed with --out-dtype {rec.embedding_dtype}")
+        if rec.embedding_meta is not None and src.meta is not None:
+            rec.embedding_meta.identity.check_same(src.meta.identity, str(src.files[0]),
+                                                   "embed new shards with the index's model, or build a separate index")
         check_new_keys(out, files)
         t0 = time.perf_counter()
-        shards, starts = shard_table(src, meta["next_id"])
+        shards, starts = shard_table(src, rec.next_id)
         with atomic.staged_dir(out) as tmp:  # a crash anywhere in here leaves the old index untouched
             ids_out = IdsWriter(tmp / IDS_FILE)
             ids_out.copy_from(out / IDS_FILE)
-            if meta.get("on_disk"):
+            if rec.on_disk:
                 delta = faiss.read_index(str(out / TRAINED))
                 added = add_shards(delta, src.files, starts, ids_out, None, cfg.batch_size)
-                old = load_faiss(out, meta)  # on-disk lists stay on disk (mmapped by FAISS itself)
+                old = load_faiss(out, rec)  # on-disk lists stay on disk (mmapped by FAISS itself)
                 index = merge_into(faiss.read_index(str(out / TRAINED)), [old, delta], tmp / IVFDATA)
                 shutil.copyfile(out / TRAINED, tmp / TRAINED)
             else:
-                index = load_faiss(out, meta)
+                index = load_faiss(out, rec)
                 added = add_shards(index, src.files, starts, ids_out, None, cfg.batch_size)
             ids_out.close()
             faiss.write_index(index, str(tmp / INDEX_FILE))
-            meta = dict(meta)
-            meta["shards"] = {**meta["shards"], **shards}
-            meta["count"] = int(index.ntotal)
-            meta["next_id"] = meta["next_id"] + added
-            meta["updated"] = now()
             folder = str(Path(cfg.emb_dir).resolve())  # verify checks ids against every folder's keys
-            meta["sources"] = list(dict.fromkeys([*source_dirs(meta), folder]))
-            meta.setdefault("updates", []).append({"at": now(), "added": added, "shards": sorted(shards),
-                                                   "source": folder, "seconds": round(time.perf_counter() - t0, 2)})
-            if meta["count"] != meta["next_id"]:
-                raise RuntimeError(f"index holds {meta['count']} vectors but ids run to {meta['next_id']}")
-            atomic.write_json(tmp / META_FILE, meta)
-    res = result(out, meta, added=added)
-    res["summary"] += f" (search parameters tuned at {meta['tuned_at_count']} vectors kept)"
+            rec = replace(
+                rec, shards={**rec.shards, **shards}, count=int(index.ntotal), next_id=rec.next_id + added,
+                updated=now(), sources=tuple(dict.fromkeys([*rec.source_dirs, folder])),
+                updates=(*rec.updates, {"at": now(), "added": added, "shards": sorted(shards), "source": folder,
+                                        "seconds": round(time.perf_counter() - t0, 2)}))
+            if rec.count != rec.next_id:
+                raise RuntimeError(f"index holds {rec.count} vectors but ids run to {rec.next_id}")
+            write_record(tmp, rec)
+    res = result(out, rec, added=added)
+    res["summary"] += f" (search parameters tuned at {rec.tuned_at_count} vectors kept)"
     return res

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..records import ModelIdentity
 from .deprecations import torchscript_calls
 from .preprocess import Preprocess
 from .specs import DEFAULT_MODEL, EMBEDDED_WEIGHTS, resolve_spec
@@ -43,14 +44,15 @@ class Backbone:
     layer: str | None = None
     head: dict[str, Any] = field(default_factory=dict)  # where the classifier was: {"attr": ..., "in_features": ...}
 
-    def record(self) -> dict[str, Any]:
-        """What every output records about the backbone (its identity keys are ``store.MODEL_KEYS``)."""
-        return {"model": self.spec, "weights": self.weights, "weights_sha256": self.weights_sha256,
-                "layer": self.layer, "dim": self.num_features, "preprocess": self.preprocess.to_dict()}
+    @property
+    def identity(self) -> ModelIdentity:
+        """What every output records about the backbone: its vectors are comparable with those of the same identity."""
+        return ModelIdentity(self.spec, self.weights_sha256, self.layer, self.preprocess.to_dict(), self.weights)
 
     def describe(self) -> dict[str, Any]:
-        """:meth:`record` and the parameter count (``embedpipe models SPEC``)."""
-        return {**self.record(), "parameters": sum(p.numel() for p in self.model.parameters())}
+        """The identity, the weights' source, the dimension and the parameter count (``embedpipe models SPEC``)."""
+        return {**self.identity.to_dict(), "weights": self.weights, "dim": self.num_features,
+                "parameters": sum(p.numel() for p in self.model.parameters())}
 
     def __repr__(self) -> str:
         layer = f", layer {self.layer}" if self.layer else ""

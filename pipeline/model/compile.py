@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import atomic, store
+from .. import atomic
 from ..version import __version__
 from . import micro_batch as micro_batches
 from .backbones import Backbone
@@ -101,7 +101,7 @@ def default_cache_dir() -> Path:
 
 def cache_key(bb: Backbone, precision: str, device: torch.device, channels_last: bool) -> str:
     """What a compiled module depends on: the model's identity, precision, device type, torch and embedpipe."""
-    parts = {**store.model_identity(bb.record()), "precision": precision, "device": device.type,
+    parts = {**bb.identity.to_dict(), "precision": precision, "device": device.type,
              "input": bb.preprocess.input_size, "channels_last": channels_last, "torch": torch.__version__,
              "embedpipe": __version__, "bf16_stem_rule": BF16_STEM_RULE}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]

@@ -1,51 +1,36 @@
 """The backbone that made some embeddings, rebuilt from their recorded metadata; new images embedded exactly alike."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from .. import store
 from ..errors import UserError
+from ..records import EmbeddingMeta, ModelIdentity
 from .backbones import Backbone, load_backbone, with_input_size
 from .compile import build_extractor
 from .decode import DEFAULT_MAX_PIXELS, SkipSample, decode_rgb
 from .device import resolve_device
 from .preprocess import Preprocess, resize_crop
 
-# What an embedding shard's metadata must record for its backbone to be rebuilt.
-REBUILD_KEYS = ("model", "weights", "weights_sha256", "preprocess")
 
-
-def weights_arg(meta: dict[str, Any]) -> str:
-    """The ``--weights`` value that loads the recorded ``weights`` source again (embedded weights: ``default``)."""
-    w = meta.get("weights") or "default"
-    return "default" if str(w).startswith("embedded:") else str(w)
-
-
-def missing_keys(meta: dict[str, Any]) -> list[str]:
-    """The :data:`REBUILD_KEYS` that ``meta`` lacks."""
-    return [k for k in REBUILD_KEYS if not meta.get(k)]
-
-
-def rebuild_backbone(meta: dict[str, Any]) -> Backbone:
+def rebuild_backbone(meta: EmbeddingMeta) -> Backbone:
     """The backbone recorded in ``meta`` (model, weights, layer, input size), checked by its weights' sha256.
 
     Example:
         >>> bb = rebuild_backbone(store.read_metadata("emb/embeddings/shard-000000.parquet"))  # doctest: +SKIP
     """
-    if not meta.get("model"):
-        raise UserError("the embeddings record no model (metadata key 'model'), so their backbone cannot be "
-                        "rebuilt; embed with `embedpipe embed`")
-    bb = load_backbone(meta["model"], weights_arg(meta), meta.get("layer"))
-    want = Preprocess.from_dict(meta["preprocess"]) if meta.get("preprocess") else bb.preprocess
+    ident = meta.identity
+    bb = load_backbone(ident.model, ident.weights_arg(), ident.layer)
+    want = Preprocess.from_dict(ident.preprocess) if ident.preprocess else bb.preprocess
     if want.input_size != bb.preprocess.input_size:
         bb = with_input_size(bb, want.input_size)
-    if meta.get("weights_sha256") and meta["weights_sha256"] != bb.weights_sha256:
-        raise UserError(f"the weights {meta.get('weights')} of {meta['model']} loaded here differ from those that made "
-                        f"the embeddings (sha256 {bb.weights_sha256[:12]} vs {meta['weights_sha256'][:12]}); pass the "
+    if ident.weights_sha256 and ident.weights_sha256 != bb.weights_sha256:
+        raise UserError(f"the weights {ident.weights} of {ident.model} loaded here differ from those that made "
+                        f"the embeddings (sha256 {bb.weights_sha256[:12]} vs {ident.weights_sha256[:12]}); pass the "
                         "same weights file")
     return bb
 
@@ -58,22 +43,23 @@ class ImageEmbedder:
     good ones from several requests go through the model as one batch.
 
     Example:
-        >>> emb = ImageEmbedder(open_index("idx").meta["embedding_meta"])  # doctest: +SKIP
+        >>> emb = ImageEmbedder(open_index("idx").record.embedding_meta)  # doctest: +SKIP
         >>> emb.embed([emb.prepare(open("cat.jpg", "rb").read(), "cat.jpg")]).shape  # doctest: +SKIP
         (1, 1280)
     """
 
-    def __init__(self, meta: dict[str, Any], device: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, meta: EmbeddingMeta, device: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS):
         bb = rebuild_backbone(meta)
-        self.preprocess = Preprocess.from_dict(meta["preprocess"]) if meta.get("preprocess") else bb.preprocess
-        precision = meta.get("precision", "auto")
+        recorded = meta.identity.preprocess
+        self.preprocess = Preprocess.from_dict(recorded) if recorded else bb.preprocess
+        precision = meta.precision or "auto"
         if precision == "fp16" and resolve_device(device).type == "cpu":
             precision = "fp32"  # GPU-made fp16 embeddings, queried from a CPU: fp32 is the closest CPU can do
         self.extractor = build_extractor(bb, device, precision, "eager")
-        self.normalize = bool(meta.get("normalize", True))
+        self.normalize = meta.normalize
         self.max_pixels = max_pixels
-        # What the vectors made here are comparable with (store.MODEL_KEYS).
-        self.identity = store.model_identity({**bb.record(), "preprocess": self.preprocess.to_dict()})
+        # What the vectors made here are comparable with.
+        self.identity: ModelIdentity = replace(bb.identity, preprocess=self.preprocess.to_dict())
 
     def prepare(self, data: bytes, name: str) -> torch.Tensor:
         """Encoded image bytes -> the uint8 ``[3, S, S]`` model input; a bad or oversized image is a UserError."""
@@ -87,11 +73,11 @@ class ImageEmbedder:
         return self.extractor.embed(torch.stack(list(images)), self.normalize, "float32")
 
 
-def embed_images(paths: Sequence[str], meta: dict[str, Any], device: str = "auto") -> tuple[np.ndarray, dict[str, Any]]:
+def embed_images(paths: Sequence[str], meta: EmbeddingMeta, device: str = "auto") -> tuple[np.ndarray, ModelIdentity]:
     """Embed image files exactly as the embed stage did for ``meta`` (an embedding shard's metadata).
 
-    Returns the float32 ``[N, D]`` embeddings and the model identity used (:data:`store.MODEL_KEYS`), so
-    callers can refuse to compare embeddings of different models.
+    Returns the float32 ``[N, D]`` embeddings and the identity of the model used, so callers can refuse to
+    compare embeddings of different models.
     """
     emb = ImageEmbedder(meta, device)
     return emb.embed([emb.prepare(Path(p).read_bytes(), p) for p in paths]), emb.identity

@@ -18,7 +18,8 @@ from ..errors import UserError
 from ..model.backbones import Backbone
 from ..model.deprecations import torchscript_calls
 from ..model.preprocess import Preprocess, UInt8Normalize
-from ..model.rebuild import missing_keys, rebuild_backbone
+from ..model.rebuild import rebuild_backbone
+from ..records import EmbeddingMeta
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +93,14 @@ class RawImageClassifier(nn.Module):
         return self.net(torch.cat([self.preprocess(im) for im in images], dim=0))
 
 
-def check_exportable(emb_dir: str | Path) -> dict[str, Any]:
+def check_exportable(emb_dir: str | Path) -> EmbeddingMeta:
     """Fail before training when the embeddings do not say which backbone made them."""
     meta = store.shard_info(store.list_shards(emb_dir)[0]).metadata
-    missing = missing_keys(meta)
-    if missing:
+    missing = meta.identity.missing_for_rebuild() if meta else ["model"]
+    if meta is None or missing:
         raise UserError(f"{emb_dir}: embedding metadata lacks {', '.join(missing)}, so the backbone cannot be "
                         "rebuilt for --export-classifier; embed with `embedpipe embed`")
-    if str(meta["model"]).startswith("torchscript:"):
+    if meta.model.startswith("torchscript:"):
         raise UserError("--export-classifier needs a timm:/torchvision: backbone; a torchscript: model has no "
                         "classifier to replace")
     return meta
@@ -147,17 +148,17 @@ def export_classifier(probe_dir: str | Path, path: str | Path) -> Path:
 
     head = load_head(probe_dir)
     spec = head.feature_spec
-    missing = missing_keys(spec)
-    if missing:
+    missing = spec.identity.missing_for_rebuild() if spec else ["model"]
+    if spec is None or missing:
         raise UserError(f"{probe_dir}: the probe's feature spec lacks {', '.join(missing)}; retrain it on embeddings "
                         "made by `embedpipe embed`")
     bb = rebuild_backbone(spec)
-    pre = Preprocess.from_dict(spec["preprocess"])
-    fh = FeatureHead(head.linear(), bool(spec.get("normalize")), spec.get("dtype") == "float16")
+    pre = Preprocess.from_dict(spec.identity.preprocess)
+    fh = FeatureHead(head.linear(), spec.normalize, spec.dtype == "float16")
     model = attach_head(bb, fh)
     module = build_classifier(model, pre, head.class_names)
-    info = {"kind": "probe", "classes": head.class_names, "preprocess": pre.to_dict(), "feature_spec": spec,
+    info = {"kind": "probe", "classes": head.class_names, "preprocess": pre.to_dict(), "feature_spec": spec.to_dict(),
             "input": "uint8 RGB [B,3,H,W] or [3,H,W]; output logits [B,C]; .predict() -> (class ids, probs)"}
     save_scripted(module, path, info)
-    log.info("exported %s classifier (%d classes) to %s", spec["model"], len(head.class_names), path)
+    log.info("exported %s classifier (%d classes) to %s", spec.model, len(head.class_names), path)
     return Path(path)

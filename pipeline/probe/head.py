@@ -13,6 +13,7 @@ import torch
 
 from .. import atomic, store
 from ..errors import UserError
+from ..records import EmbeddingMeta
 from .evaluate import confusion_title, plot_confusion, report
 
 log = logging.getLogger(__name__)
@@ -20,8 +21,6 @@ log = logging.getLogger(__name__)
 HEAD_FORMAT = "embedpipe-probe/1"
 HEAD_FILE, METRICS_FILE, REPORT_FILE, CONFUSION_FILE = "head.pt", "metrics.json", "report.txt", "confusion.png"
 PROBE_FILES = (HEAD_FILE, METRICS_FILE, REPORT_FILE, CONFUSION_FILE)  # one set: a new probe replaces them all
-# Besides the model identity, the head needs features normalised as in training.
-FEATURE_KEYS = (*store.MODEL_KEYS, "normalize")
 
 
 @dataclass(repr=False)
@@ -32,7 +31,7 @@ class Head:
     bias: torch.Tensor  # [C]
     classes: list[Any]  # label values, index = class id
     label_source: dict[str, Any]
-    feature_spec: dict[str, Any]  # embedding metadata: model, weights_sha256, normalize, dim, ...
+    feature_spec: EmbeddingMeta | None  # the metadata of the embeddings it was trained on (None: they had none)
 
     @property
     def class_names(self) -> list[str]:
@@ -41,7 +40,7 @@ class Head:
     def __repr__(self) -> str:
         shown = ", ".join(self.class_names[:5]) + (", ..." if len(self.classes) > 5 else "")
         return (f"Head({self.weight.shape[0]} classes [{shown}] on dim {self.weight.shape[1]} features of "
-                f"{self.feature_spec.get('model', '?')})")
+                f"{self.feature_spec.model if self.feature_spec else '?'})")
 
     def predict(self, x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Class ids and their softmax probability for embeddings ``x`` ``[N, D]`` (as stored)."""
@@ -57,7 +56,8 @@ class Head:
     def to_dict(self) -> dict[str, Any]:
         return {"format": HEAD_FORMAT, "weight": self.weight.contiguous(), "bias": self.bias.contiguous(),
                 "classes": list(self.classes), "class_names": self.class_names,
-                "label_source": self.label_source, "feature_spec": self.feature_spec}
+                "label_source": self.label_source,
+                "feature_spec": self.feature_spec.to_dict() if self.feature_spec else {"dim": self.weight.shape[1]}}
 
     def linear(self) -> torch.nn.Linear:
         """The head as ``nn.Linear(D, C)`` (what replaces a backbone's classifier)."""
@@ -79,7 +79,9 @@ def load_head(probe_dir: str | Path) -> Head:
     d = torch.load(f, map_location="cpu", weights_only=True)
     if not isinstance(d, dict) or d.get("format") != HEAD_FORMAT:
         raise UserError(f"{f} is not an embedpipe probe head (expected format {HEAD_FORMAT!r})")
-    return Head(d["weight"].float(), d["bias"].float(), d["classes"], d["label_source"], d["feature_spec"])
+    spec = d["feature_spec"]  # {"dim": D} alone when the embeddings recorded no model
+    meta = EmbeddingMeta.from_dict(spec, f"{f}: feature_spec") if "model" in spec else None
+    return Head(d["weight"].float(), d["bias"].float(), d["classes"], d["label_source"], meta)
 
 
 def save_probe(out: Path, head: Head, metrics: dict[str, Any], plots: bool = False) -> None:
@@ -108,11 +110,15 @@ def save_probe(out: Path, head: Head, metrics: dict[str, Any], plots: bool = Fal
 
 def check_features(head: Head, info: store.ShardInfo) -> None:
     """The embeddings must come from the model the head was trained on."""
-    spec = head.feature_spec
-    if info.dim != spec.get("dim"):
-        raise UserError(f"{info.path}: embeddings have dim {info.dim}, the probe expects {spec.get('dim')}; "
+    dim = int(head.weight.shape[1])
+    if info.dim != dim:
+        raise UserError(f"{info.path}: embeddings have dim {info.dim}, the probe expects {dim}; "
                         "embed with the model the probe was trained on")
-    for k in FEATURE_KEYS:
-        if k in spec and k in info.metadata and spec[k] != info.metadata[k]:
-            raise UserError(f"{info.path}: embeddings have {k}={info.metadata[k]!r}, the probe was trained on "
-                            f"{k}={spec[k]!r}; re-embed with the probe's model or train a new probe")
+    spec, got = head.feature_spec, info.metadata
+    if spec is None or got is None:
+        return
+    spec.identity.check_same(got.identity, str(info.path), "re-embed with the probe's model or train a new probe",
+                             theirs="the probe")
+    if spec.normalize != got.normalize:  # besides the model, the head needs features normalised as in training
+        raise UserError(f"{info.path}: embeddings have normalize={got.normalize!r}, the probe was trained on "
+                        f"normalize={spec.normalize!r}; re-embed with the probe's settings or train a new probe")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import store
+from ..records import EmbeddingMeta
 from .evaluate import evaluate
 from .head import Head, save_probe
 from .labels import Labeled, LabelSource, StreamSet, load_split, plan_stream
@@ -266,7 +267,7 @@ def run_probe(emb_dir: str | Path, out: str | Path, opts: ProbeOptions | None = 
     best = choose(scores)
     w, b = std.fold(grid.weight[best], grid.bias[best])
     head = Head(weight=w, bias=b, classes=cmap.classes, label_source=source.to_dict(),
-                feature_spec=_feature_spec(emb_dir, dim))
+                feature_spec=_feature_spec(emb_dir))
     val_iter = [(val.x, val.y)] if isinstance(val, Labeled) else val.batches()
     metrics = evaluate(head, val_iter, cmap.names)
     metrics.update(
@@ -287,11 +288,9 @@ def _stream_standardizer(train: StreamSet, dim: int) -> Standardizer:
     return Standardizer.from_sums(s1, s2, n)
 
 
-def _feature_spec(emb_dir: str | Path, dim: int) -> dict[str, Any]:
+def _feature_spec(emb_dir: str | Path) -> EmbeddingMeta | None:
     """What the head expects as input: the embedding run's metadata (model, weights, normalize, ...)."""
-    meta = store.shard_info(store.list_shards(emb_dir)[0]).metadata
-    return {**{k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, list, dict)) or v is None},
-            "dim": dim}
+    return store.shard_info(store.list_shards(emb_dir)[0]).metadata
 
 
 @dataclass(frozen=True, repr=False)

@@ -27,8 +27,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from .. import store
 from ..errors import UserError
+from ..records import EmbeddingMeta
 from . import queries, wire
 from .answer import answer, answer_together
 from .batcher import Batcher
@@ -66,7 +66,7 @@ class Service:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.model_thread.shutdown(wait=False, cancel_futures=True)
 
-    def _embedder(self, model: str, meta: dict[str, Any]) -> Any:
+    def _embedder(self, model: str, meta: EmbeddingMeta) -> Any:
         """On the model thread (so one build at a time): the embedder of this model, built on first use."""
         if model not in self.embedders:
             import torch
@@ -76,26 +76,21 @@ class Service:
             if self.options.workers > 1:  # N processes each running the model on every core would thrash
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.options.workers))
 
-            log.warning("building the image model %s for queries (first image query)", meta.get("model"))
+            log.warning("building the image model %s for queries (first image query)", meta.model)
             self.embedders[model] = ImageEmbedder(meta, self.options.device, self.options.max_pixels)
         return self.embedders[model]
 
     async def embed(self, served: Served, images: Sequence[tuple[str, bytes]]) -> np.ndarray:
         """Embeddings of uploaded images with the index's model, batched with other requests' images."""
-        from ..model.rebuild import (
-            REBUILD_KEYS,  # torch: imported with the first image query
-        )
-
-        meta = served.index.meta.get("embedding_meta", {})
-        if not meta.get("model"):
+        meta = served.index.record.embedding_meta
+        if meta is None:
             raise UserError(f"the index {served.name} records no embedding model, so images cannot be embedded "
                             "like its vectors; query it with vectors or keys")
-        model = json.dumps({k: meta.get(k) for k in (*REBUILD_KEYS, "layer", "precision", "normalize")},
-                           sort_keys=True, default=str)
+        model = meta.rebuild_key()
         loop = asyncio.get_running_loop()
         emb = await loop.run_in_executor(self.model_thread, self._embedder, model, meta)
-        store.check_same_model(served.index.model, emb.identity, f"the model rebuilt for {served.name}",
-                               "rebuild the index with the model installed here")
+        served.index.check_model(emb.identity, f"the model rebuilt for {served.name}",
+                                 "rebuild the index with the model installed here")
         prepared = await self.run(lambda: [emb.prepare(data, name) for name, data in images])
         key = (model, id(loop))
         if key not in self.batchers:

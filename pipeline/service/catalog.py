@@ -49,14 +49,15 @@ class Served:
 
     def info(self) -> dict[str, Any]:
         """What ``GET /indexes`` says about it: from ``index.json``, never a filesystem path."""
-        meta, tuning = self.index.meta, self.index.meta.get("tuning", {})
-        emb = meta.get("embedding_meta", {})
-        return {"name": self.name, "count": self.index.count, "dim": self.index.dim, "kind": meta.get("kind"),
-                "factory": meta.get("factory"), "metric": meta.get("metric"), "model": emb.get("model"),
-                "weights": emb.get("weights"), "input_size": (emb.get("preprocess") or {}).get("input_size"),
-                "recall@1": tuning.get("recall@1"), "recall@10": tuning.get("recall@10"),
-                "search_params": meta.get("search_params", {}), "updated": meta.get("updated"),
-                "images": bool(emb.get("model")), "generation": self.generation,
+        rec = self.index.record
+        ident = rec.embedding_meta.identity if rec.embedding_meta else None
+        return {"name": self.name, "count": self.index.count, "dim": self.index.dim, "kind": rec.kind,
+                "factory": rec.factory, "metric": rec.metric, "model": rec.model,
+                "weights": ident.weights if ident else None,
+                "input_size": (ident.preprocess or {}).get("input_size") if ident else None,
+                "recall@1": rec.recall_at_1, "recall@10": rec.recall_at_10,
+                "search_params": dict(rec.search_params), "updated": rec.updated,
+                "images": ident is not None, "generation": self.generation,
                 "loaded_at": round(self.loaded_at, 3)}
 
 

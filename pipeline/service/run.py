@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import UserError
-from ..index.layout import read_meta
+from ..index.layout import read_record
 from .options import WORKERS_ENV, ServeOptions, index_names
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def serve(indexes: Sequence[str | Path], ready: Callable[[str], None] | None = N
             from uvicorn.supervisors import Multiprocess
 
             for path in dirs.values():
-                read_meta(path)  # a bad directory stops the service here, before any worker starts
+                read_record(path)  # a bad directory stops the service here, before any worker starts
             os.environ[WORKERS_ENV] = json.dumps({"indexes": {n: str(p) for n, p in dirs.items()},
                                                   "options": asdict(opts)})
             config = uvicorn.Config("pipeline.service.app:from_env", factory=True, workers=opts.workers, **common)

@@ -56,8 +56,8 @@ def test_output_contract(digits_run, digits_shards):
     emb = store.embedding_matrix(table.column("embedding"))
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     meta = store.read_metadata(out / "embeddings" / f"{digits_shards[0].stem}.parquet")
-    assert {"model", "weights", "weights_sha256", "dim", "dtype", "precision", "compile", "preprocess", "version"} <= set(meta)
-    assert meta["dim"] == 512 and meta["compile"] == "torchscript" and meta["preprocess"]["input_size"] == 64
+    assert {"model", "weights", "weights_sha256", "dim", "dtype", "precision", "compile", "preprocess", "version"} <= set(meta.to_dict())
+    assert meta.dim == 512 and meta.compile == "torchscript" and meta.identity.preprocess["input_size"] == 64
     record = json.loads((out / "_state" / f"{digits_shards[0].stem}.json").read_text())
     assert record["seen"] == record["embedded"] == len(samples) and record["skipped"] == []
 
@@ -172,7 +172,7 @@ def test_different_model_refused_unless_overwrite(digits_shards, tmp_path):
     with pytest.raises(UserError, match="different settings.*--overwrite"):
         embed(one, tmp_path, compile="eager", **{**FAST, "input_size": 96})
     s = embed(one, tmp_path, compile="eager", overwrite=True, **{**FAST, "input_size": 96})
-    assert s.embedded == 100 and store.read_metadata(next((tmp_path / "embeddings").iterdir()))["preprocess"]["input_size"] == 96
+    assert s.embedded == 100 and store.read_metadata(next((tmp_path / "embeddings").iterdir())).identity.preprocess["input_size"] == 96
 
 
 def test_live_lock_refuses_and_stale_lock_is_taken_over(digits_shards, tmp_path):

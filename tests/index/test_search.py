@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from index_data import brute_force, clustered, embedding_like, write_shards
+from index_data import brute_force, clustered, embedding_like, meta, write_shards
 from pipeline import open_index, store
 from pipeline.errors import UserError
 from pipeline.index.build import run_index
@@ -44,9 +44,10 @@ def cli():
     return group
 
 
-def write_vectors(path: Path, x: np.ndarray, meta: dict | None = None, keys: list[str] | None = None) -> Path:
+def write_vectors(path: Path, x: np.ndarray, identity: dict | None = None, keys: list[str] | None = None) -> Path:
+    """Query vectors in a Parquet file; ``identity`` (fields of the model identity) records a model."""
     t = store.embedding_table(keys or [f"q{i}" for i in range(len(x))], "q.tar", range(len(x)), [None] * len(x), x,
-                              dtype="float32", metadata=meta)
+                              dtype="float32", metadata=meta(x.shape[1], **identity) if identity else None)
     store.write_table(path, t)
     return path
 
@@ -161,7 +162,7 @@ def test_bad_queries_are_clear_errors(built, data, tmp_path):
         open_index(flat).search_keys(["shard-000000_00001", "nope"])
     with pytest.raises(UserError, match="q16.parquet has dimension 8 .* dimension 16"):
         list(run_search(flat, vectors=str(write_vectors(tmp_path / "q16.parquet", clustered(3, 8)))))
-    other = write_vectors(tmp_path / "other.parquet", data[:2], meta={"model": "timm:vit_small", "layer": "pool"})
+    other = write_vectors(tmp_path / "other.parquet", data[:2], identity={"model": "timm:vit_small", "layer": "pool"})
     with pytest.raises(UserError, match="another model .*model: index has 'synthetic:clusters'"):
         list(run_search(flat, vectors=str(other)))
     with pytest.raises(UserError, match="exactly one kind of query"):
@@ -212,7 +213,7 @@ def test_real_embeddings_each_kind(real_emb, tmp_path):
     for kind in ("flat", "ivf", "ivfpq", "hnsw", "fastscan"):
         res = run_index(IndexConfig(str(real_emb), out=str(tmp_path / kind), kind=kind, queries=100))
         meta = res["meta"]
-        assert meta["embedding_meta"]["weights_sha256"] == meta0["weights_sha256"]
+        assert meta["embedding_meta"]["weights_sha256"] == meta0.identity.weights_sha256
         assert meta["tuning"]["recall@10"] >= 0.95, (kind, meta["tuning"])
         idx = open_index(tmp_path / kind)
         keys = store.read_all(real_emb).keys[:3]

@@ -23,7 +23,7 @@ from pipeline.service.options import index_names
 from pipeline.service.run import serve
 from pipeline.service.thumbs import ShardImages
 
-from index_data import META, clustered, write_shards
+from index_data import clustered, meta, write_shards
 from serve_helpers import post_json, running
 
 
@@ -118,7 +118,7 @@ def captioned(tmp_path_factory):
     extra = {"txt": [f"caption {i}" if i % 2 == 0 else None for i in range(200)],
              "json": [f'{{"url": "https://example.com/{i}.jpg"}}' if i % 3 == 0 else "{}" for i in range(200)]}
     t = store.embedding_table(keys, "cap.tar", range(200), [None] * 200, x[100:], dtype="float32", extra=extra,
-                              metadata={**META, "dim": 16, "dtype": "float32"})
+                              metadata=meta(16))
     store.write_table(tmp / "emb" / "embeddings" / "cap-000000.parquet", t)
     run_index(IndexConfig(str(tmp / "emb"), out=str(tmp / "idx"), kind="flat"))
     return tmp, x

@@ -1,0 +1,171 @@
+"""The ``index.json`` record: what an index holds, from where, how it was built and tuned, and how well it does.
+
+The one place that knows its field names. ``from_dict`` refuses unknown and missing fields and reads every
+``index.json`` an older release wrote (``sources``, ``reason`` and the optional sections have defaults).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+from ..errors import UserError
+from ..records import EmbeddingMeta, strict_fields
+from ..version import __version__
+
+FORMAT = "embedpipe-index/1"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One embedding file an index holds: its rows, the id of its first row, when it was added."""
+
+    rows: int
+    id_start: int
+    added: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class IndexRecord:
+    """``index.json``: built by ``build``/``run_merge``, extended by ``update``, read by search, serve and verify."""
+
+    factory: str
+    kind: str
+    metric: str
+    dim: int
+    count: int
+    embedding_dtype: str
+    tuning: Mapping[str, Any]  # ``tune.Tuning.to_dict()``: params, recall@1/@10, target, latency, method...
+    source: str  # the embedding folder of the build
+    shards: Mapping[str, ShardEntry]
+    embedding_meta: EmbeddingMeta | None  # the shards' metadata (None: they recorded none)
+    config: Mapping[str, Any]  # the IndexConfig of the build
+    memory_budget: int
+    estimated_bytes: int
+    next_id: int
+    tuned_at_count: int
+    created: str
+    updated: str
+    search_params: Mapping[str, int] = field(default_factory=dict)
+    reason: str = ""
+    on_disk: bool = False
+    sources: tuple[str, ...] = ()  # every embedding folder it holds shards of (older releases: only ``source``)
+    updates: tuple[Mapping[str, Any], ...] = ()  # one entry per ``--update`` that added shards
+    auto: Mapping[str, Any] | None = None  # what ``--kind auto`` measured
+    build_seconds: Mapping[str, float] | None = None
+    merged_from_parts: int | None = None
+    format: str = FORMAT
+    version: str = __version__  # the embedpipe that built it
+
+    @classmethod
+    def new(cls, **fields: Any) -> "IndexRecord":
+        """A fresh record: created/updated now, ``next_id`` and ``tuned_at_count`` at ``count``, its search
+        parameters from the tuning, its one source."""
+        stamp = now()
+        return cls(**{"created": stamp, "updated": stamp, "next_id": fields["count"],
+                      "tuned_at_count": fields["count"], "search_params": dict(fields["tuning"]["params"]),
+                      "sources": (fields["source"],), **fields})
+
+    @property
+    def source_dirs(self) -> list[str]:
+        """Every embedding folder the index holds shards of: the build's, then each ``--update``'s."""
+        return list(self.sources or (self.source,))
+
+    @property
+    def model(self) -> str | None:
+        return self.embedding_meta.model if self.embedding_meta else None
+
+    @property
+    def recall_at_1(self) -> float:
+        return float(self.tuning.get("recall@1", 1.0))
+
+    @property
+    def recall_at_10(self) -> float:
+        return float(self.tuning.get("recall@10", 1.0))
+
+    @property
+    def target_recall(self) -> float | None:
+        value = self.tuning.get("target_recall")
+        return None if value is None else float(value)
+
+    @property
+    def latency_ms_p50(self) -> float:
+        return float(self.tuning.get("latency_ms_p50", 0.0))
+
+    def params_text(self) -> str:
+        """``nprobe=12, k_factor_rf=4``, or an empty string for an index with no search parameters."""
+        return ", ".join(f"{k}={v}" for k, v in self.search_params.items())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object ``index.json`` holds (the same keys every release wrote; empty optional sections left out)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["shards"] = {name: s.to_dict() for name, s in self.shards.items()}
+        d["embedding_meta"] = self.embedding_meta.to_dict() if self.embedding_meta else {}
+        d["sources"] = self.source_dirs
+        d["updates"] = [dict(u) for u in self.updates]
+        for optional in ("updates", "auto", "build_seconds", "merged_from_parts"):
+            if not d[optional]:
+                del d[optional]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "index record") -> "IndexRecord":
+        values = strict_fields(cls, d, where)
+        values["shards"] = _shard_entries(values["shards"], where)
+        meta = values["embedding_meta"]
+        values["embedding_meta"] = EmbeddingMeta.from_dict(meta, f"{where}: embedding_meta") if meta else None
+        values["sources"] = tuple(values.get("sources") or ())
+        values["updates"] = tuple(values.get("updates") or ())
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class TrainRecord:
+    """``<OUT>.parts/train.json``: the shared trained quantizer of a parted build and the shard -> id table, so
+    parts need no coordination; the merge turns it into the :class:`IndexRecord`."""
+
+    factory: str
+    kind: str
+    reason: str
+    metric: str
+    dim: int
+    dtype: str
+    count: int
+    shards: Mapping[str, ShardEntry]
+    embedding_meta: EmbeddingMeta | None
+    memory_budget: int
+    estimated_bytes: int
+    train_seconds: float
+    source: str
+    trained_sha256: str
+    config: Mapping[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["shards"] = {name: s.to_dict() for name, s in self.shards.items()}
+        d["embedding_meta"] = self.embedding_meta.to_dict() if self.embedding_meta else {}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "train record") -> "TrainRecord":
+        values = strict_fields(cls, d, where)
+        values["shards"] = _shard_entries(values["shards"], where)
+        meta = values["embedding_meta"]
+        values["embedding_meta"] = EmbeddingMeta.from_dict(meta, f"{where}: embedding_meta") if meta else None
+        return cls(**values)
+
+
+def _shard_entries(raw: Mapping[str, Any], where: str) -> dict[str, ShardEntry]:
+    try:
+        return {name: ShardEntry(**entry) for name, entry in raw.items()}
+    except (TypeError, AttributeError) as e:
+        raise UserError(f"{where}: a 'shards' entry is not {{rows, id_start, added}} ({e}); the file is damaged: "
+                        "rebuild the index with --overwrite") from None
