@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .. import store
 from ..errors import UserError
-from ..model.decode import DEFAULT_MAX_PIXELS
+from ..model.image_header import DEFAULT_MAX_PIXELS
 from ..model.device import DEFAULT_COMPILE, DEVICE_AUTO
 from ..model.specs import DEFAULT_MODEL
 from .tar import KEEPABLE
