@@ -91,14 +91,13 @@ def decode_rate(urls: list[str], bb: Backbone, limit: int) -> tuple[float, float
     from concurrent.futures import ThreadPoolExecutor
 
     from .embedding.tar import iter_tar_samples
-    from .model.decode import decode_rgb
-    from .model.preprocess import resize_crop
+    from .model.decoders.cpu import decode_one
 
     raw = [s["jpg"] for u in urls for s in iter_tar_samples(u)][:limit]
     pre = bb.preprocess
 
     def one(data: bytes) -> torch.Tensor:
-        return resize_crop(decode_rgb(data, pre.resize_size), pre)
+        return decode_one(data, pre)
 
     C = usable_cores()
     with ThreadPoolExecutor(C, thread_name_prefix="decode") as pool:

@@ -7,10 +7,10 @@ from typing import Any
 
 from .. import store
 from ..errors import UserError
-from ..records import ModelIdentity
-from ..model.decode import DEFAULT_MAX_PIXELS
 from ..model.device import DEFAULT_COMPILE, DEVICE_AUTO
+from ..model.image_header import DEFAULT_MAX_PIXELS
 from ..model.specs import DEFAULT_MODEL
+from ..records import ModelIdentity
 from .tar import KEEPABLE
 
 ENGINES = ("local", "ray")

@@ -1,4 +1,5 @@
-"""Tar shards -> decoded, resized, centre-cropped uint8 batches (``Piece``), split across DataLoader workers."""
+"""Tar shards -> header-checked samples, decoded (resized, centre-cropped uint8 ``Piece``) in the DataLoader workers
+or, for a decoder that runs in the main process, handed over encoded; split across the workers."""
 from __future__ import annotations
 
 import logging
@@ -10,8 +11,9 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..model.decode import DEFAULT_MAX_PIXELS, SkipSample, decode_rgb
-from ..model.preprocess import Preprocess, resize_crop
+from ..model.decoders import DEFAULT_DECODER, get_decoder
+from ..model.image_header import DEFAULT_MAX_PIXELS, Header, SkipSample, read_header
+from ..model.preprocess import Preprocess
 from . import tar
 from .tar import IMAGE_EXTS, KEEPABLE
 
@@ -20,11 +22,16 @@ log = logging.getLogger(__name__)
 # Errors that mean a bug in our code, never bad data: they must crash, not be recorded as a skipped sample.
 PROGRAMMING_ERRORS = (TypeError, AttributeError, NameError, AssertionError, ImportError)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the label column is int64
+CPU = torch.device("cpu")
 
 
 @dataclass
 class Piece:
-    """What a worker sends: a batch of one shard's samples, and at the shard's end, the worker's tally."""
+    """What a worker sends: a batch of one shard's samples, and at the shard's end, the worker's tally.
+
+    With a decoder that runs in the main process, the rows come with their images still encoded (``encoded``,
+    ``headers``) and ``images`` empty, until :meth:`ShardSamples.decode_encoded` decodes them there.
+    """
 
     url: str
     images: torch.Tensor  # uint8 [B, 3, S, S]
@@ -34,6 +41,8 @@ class Piece:
     extra: dict[str, list[str | None]] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[tuple[str, str]] = field(default_factory=list)  # embedded, but a field was stored differently
+    encoded: list[bytes] = field(default_factory=list)  # one per row, when the main process decodes
+    headers: list[Header] = field(default_factory=list)
     seen: int = 0
     end: bool = False
     failed: str | None = None
@@ -57,17 +66,20 @@ def _label(sample: dict[str, Any]) -> tuple[int | None, str | None]:
 
 
 class ShardSamples(IterableDataset):
-    """Iterates shards in order; each DataLoader worker decodes every ``num_workers``-th sample of every shard.
+    """Iterates shards in order; each DataLoader worker reads every ``num_workers``-th sample of every shard.
 
     Splitting samples (not shards) keeps all workers busy when there are fewer shards than workers.
+    Each worker checks every image's header; with a decoder that runs in workers (``cpu``) it decodes there too,
+    else it hands the encoded bytes over for :meth:`decode_encoded` in the main process.
     Each worker ends each shard with a ``Piece(end=True)`` carrying its counts and skipped keys, or
     ``failed=reason`` when the shard itself cannot be read.
     """
 
     def __init__(self, urls: Sequence[str], pre: Preprocess, batch_size: int, keep: Sequence[str] = KEEPABLE,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, decode_threads: int = 1):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, decode_threads: int = 1, decoder: str = DEFAULT_DECODER):
         self.urls = list(urls)
         self.decode_threads = decode_threads
+        self.decoder = get_decoder(decoder)
         self.pre = pre
         self.batch_size = batch_size
         self.keep = [k for k in keep if k in KEEPABLE]
@@ -86,27 +98,52 @@ class ShardSamples(IterableDataset):
         s = self.pre.input_size
         return Piece(url, torch.empty(0, 3, s, s, dtype=torch.uint8), extra={k: [] for k in self.keep})
 
-    def _decode_one(self, data: bytes) -> torch.Tensor | SkipSample:
+    def _decode(self, data: list[bytes], headers: list[Header],
+                device: torch.device) -> list[torch.Tensor | SkipSample]:
+        """The decoder's results, one per image; a failure on the batch is retried image by image, so it costs
+        only the images that fail."""
         try:
-            return resize_crop(decode_rgb(data, self.pre.resize_size, self.max_pixels), self.pre)
-        except SkipSample as e:
-            return e
+            out = self.decoder.decode(data, headers, self.pre, device)
         except PROGRAMMING_ERRORS:
             raise
         except Exception as e:  # noqa: BLE001  a decoder's own failure on one input (RuntimeError, MemoryError...)
             # is a problem of that sample: it is recorded with its reason, and the shard and the run go on.
-            return SkipSample(f"cannot decode: {type(e).__name__}: {e}")
+            if len(data) > 1:
+                return [self._decode([d], [h], device)[0] for d, h in zip(data, headers)]
+            return [e if isinstance(e, SkipSample) else SkipSample(f"cannot decode: {type(e).__name__}: {e}")]
+        if len(out) != len(data):
+            raise AssertionError(f"decoder {self.decoder.name!r} returned {len(out)} results for {len(data)} images; "
+                                 "a decoder returns one result per image, in order")
+        return out
 
-    def _decode_batch(self, url: str, raw: list[tuple[int, dict[str, Any], Any]], piece: Piece) -> Piece:
-        """Fill ``piece`` with a batch of samples, in order: each third item is a decode already submitted to the
-        thread pool (in-process decoding), or the image field's name, decoded here."""
+    def _prepare_one(self, data: bytes) -> torch.Tensor | Header | SkipSample:
+        """One image's bytes -> its crop (a decoder that runs here), its header (one that runs in the main
+        process), or why it is skipped."""
+        try:
+            header = read_header(data, self.pre.resize_size, self.max_pixels)
+        except SkipSample as e:
+            return e
+        except PROGRAMMING_ERRORS:
+            raise
+        except Exception as e:  # noqa: BLE001  (as in _decode: PIL's own failure to parse this one header)
+            return SkipSample(f"cannot decode: {type(e).__name__}: {e}")
+        return self._decode([data], [header], CPU)[0] if self.decoder.in_workers else header
+
+    def _decode_batch(self, url: str, raw: list[tuple[int, dict[str, Any], str, Future | None]],
+                      piece: Piece) -> Piece:
+        """Fill ``piece`` with a batch of samples, in order: each is its index, the sample, its image field's name
+        and its job already submitted to the thread pool (in-process decoding), or None to prepare it here."""
         images = []
-        for i, sample, job in raw:
-            img = job.result() if isinstance(job, Future) else self._decode_one(sample[job])
-            if isinstance(img, SkipSample):
-                piece.skipped.append((sample["__key__"], str(img)))
+        for i, sample, ext, job in raw:
+            got = job.result() if job is not None else self._prepare_one(sample[ext])
+            if isinstance(got, SkipSample):
+                piece.skipped.append((sample["__key__"], str(got)))
                 continue
-            images.append(img)
+            if isinstance(got, Header):
+                piece.encoded.append(sample[ext])
+                piece.headers.append(got)
+            else:
+                images.append(got)
             key = sample["__key__"]
             piece.keys.append(key)
             piece.indices.append(i)
@@ -121,6 +158,24 @@ class ShardSamples(IterableDataset):
                 piece.extra[k].append(v.decode("utf-8", "replace") if v is not None else None)
         if images:
             piece.images = torch.stack(images)
+        return piece
+
+    def decode_encoded(self, piece: Piece, device: torch.device) -> Piece:
+        """Decode a piece's encoded images in this process, in one call on ``device`` (a decoder that does not run
+        in workers); a row whose image cannot be decoded moves to the skipped keys."""
+        results = self._decode(piece.encoded, piece.headers, device)
+        ok = [j for j, r in enumerate(results) if not isinstance(r, SkipSample)]
+        bad = {piece.keys[j]: str(r) for j, r in enumerate(results) if isinstance(r, SkipSample)}
+        if bad:
+            piece.skipped.extend(bad.items())
+            piece.warnings = [(k, w) for k, w in piece.warnings if k not in bad]  # as for one skipped in a worker
+            piece.keys = [piece.keys[j] for j in ok]
+            piece.indices = [piece.indices[j] for j in ok]
+            piece.labels = [piece.labels[j] for j in ok]
+            piece.extra = {k: [v[j] for j in ok] for k, v in piece.extra.items()}
+        if ok:
+            piece.images = torch.stack([results[j] for j in ok])
+        piece.encoded, piece.headers = [], []
         return piece
 
     def _pool(self) -> ThreadPoolExecutor | None:
@@ -152,7 +207,7 @@ class ShardSamples(IterableDataset):
                     piece.skipped.append((key, f"no image field (has: {have}; expected one of {', '.join(IMAGE_EXTS)})"))
                     continue
                 # Submitted as soon as read, so the pool decodes while this thread reads on through the tar.
-                raw.append((i, sample, pool.submit(self._decode_one, sample[ext]) if pool else ext))
+                raw.append((i, sample, ext, pool.submit(self._prepare_one, sample[ext]) if pool else None))
                 if len(raw) == self.batch_size:
                     yield self._decode_batch(url, raw, piece)
                     piece, raw = self._empty(url), []

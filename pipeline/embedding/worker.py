@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from ..model.backbones import Backbone, load_backbone, with_input_size
 from ..model.compile import Extractor, build_extractor
+from ..model.decoders import DEFAULT_DECODER
 from ..model.device import FIXED_BATCH_MODES, usable_cores
 from ..records import EmbeddingMeta
 from ..version import __version__
@@ -161,12 +162,14 @@ def quiet_worker_handoffs() -> None:
 
 
 def iter_embedded(pending: list[str], names: dict[str, str], state: RunState, bb: Backbone, ex: Extractor,
-                  cfg: EmbedConfig, workers: int, bar: Any = None) -> Iterator[tuple[str, ShardRecord | None, str | None]]:
+                  cfg: EmbedConfig, workers: int, bar: Any = None,
+                  decoder: str = DEFAULT_DECODER) -> Iterator[tuple[str, ShardRecord | None, str | None]]:
     """Stream ``pending`` shards through the DataLoader and the model; yield each shard once it is committed."""
     threads = torch.get_num_threads() if workers == 0 else 1
     if workers:
         quiet_worker_handoffs()
-    data = ShardSamples(pending, bb.preprocess, cfg.batch_size, cfg.keep, cfg.max_pixels, decode_threads=threads)
+    data = ShardSamples(pending, bb.preprocess, cfg.batch_size, cfg.keep, cfg.max_pixels, decode_threads=threads,
+                        decoder=decoder)
     loader = DataLoader(data, batch_size=None, num_workers=workers, pin_memory=ex.device.type == "cuda",
                         prefetch_factor=4 if workers else None, persistent_workers=False,
                         multiprocessing_context="fork" if workers and os.name == "posix" else None,
@@ -188,6 +191,8 @@ def iter_embedded(pending: list[str], names: dict[str, str], state: RunState, bb
 
     try:
         for piece in loader:
+            if piece.encoded:  # its decoder runs here, in one call on the model's device, not in the workers
+                piece = data.decode_encoded(piece, ex.device)
             buf = buffers.setdefault(piece.url, _ShardBuffer())
             emb = ex.embed(piece.images, cfg.normalize, cfg.out_dtype) if len(piece.keys) else None
             buf.add(piece, emb)

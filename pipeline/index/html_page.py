@@ -12,7 +12,7 @@ from .. import atomic
 from ..captions import is_web_link
 from ..embedding import tar
 from ..embedding.tar import IMAGE_EXTS
-from ..model.decode import DEFAULT_MAX_PIXELS
+from ..model.image_header import DEFAULT_MAX_PIXELS
 
 THUMB = 160
 log = logging.getLogger(__name__)

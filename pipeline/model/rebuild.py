@@ -12,9 +12,10 @@ from ..errors import UserError
 from ..records import EmbeddingMeta, ModelIdentity
 from .backbones import Backbone, load_backbone, with_input_size
 from .compile import build_extractor
-from .decode import DEFAULT_MAX_PIXELS, SkipSample, decode_rgb
+from .decoders.cpu import decode_one
 from .device import resolve_device
-from .preprocess import Preprocess, resize_crop
+from .image_header import DEFAULT_MAX_PIXELS, SkipSample
+from .preprocess import Preprocess
 
 
 def rebuild_backbone(meta: EmbeddingMeta) -> Backbone:
@@ -64,7 +65,7 @@ class ImageEmbedder:
     def prepare(self, data: bytes, name: str) -> torch.Tensor:
         """Encoded image bytes -> the uint8 ``[3, S, S]`` model input; a bad or oversized image is a UserError."""
         try:
-            return resize_crop(decode_rgb(data, self.preprocess.resize_size, self.max_pixels), self.preprocess)
+            return decode_one(data, self.preprocess, self.max_pixels)
         except SkipSample as e:
             raise UserError(f"cannot use image {name}: {e}") from None
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..model.decode import DEFAULT_MAX_PIXELS
+from ..model.image_header import DEFAULT_MAX_PIXELS
 
 TOKEN_ENV = "EMBEDPIPE_SERVE_TOKEN"  # where --token is read from when not given (keeps it out of `ps`)
 WORKERS_ENV = "EMBEDPIPE_SERVE_WORKER"  # how --workers N hands the indexes and options to each worker process

@@ -18,8 +18,7 @@ from pipeline.embedding.runner import embed
 from pipeline.errors import UserError
 from pipeline.model.backbones import load_backbone, with_input_size
 from pipeline.model.compile import build_extractor
-from pipeline.model.decode import decode_rgb
-from pipeline.model.preprocess import resize_crop
+from pipeline.model.decoders.cpu import decode_one
 from campaign import cases
 from shards import UNDECODABLE, jpeg_bytes, read_tar, sample_image, write_tar
 
@@ -67,7 +66,7 @@ def test_torchscript_embeddings_equal_eager_fp32(digits_run, digits_shards):
     bb = with_input_size(load_backbone("torchvision:resnet18", "none"), 64)
     eager = build_extractor(bb, "cpu", "fp32", "eager")
     samples = read_tar(digits_shards[1])
-    x = torch.stack([resize_crop(decode_rgb(s["jpg"], bb.preprocess.resize_size), bb.preprocess) for s in samples])
+    x = torch.stack([decode_one(s["jpg"], bb.preprocess) for s in samples])
     ref = torch.nn.functional.normalize(eager(x), dim=1).numpy()
     got = store.embedding_matrix(pq.read_table(out / "embeddings" / f"{digits_shards[1].stem}.parquet").column("embedding"))
     cos = (ref * got).sum(1)

@@ -1,4 +1,4 @@
-"""Decoding real encoded images of every awkward kind into uint8 RGB crops."""
+"""Decoding real encoded images of every awkward kind into uint8 RGB crops (header checks, then the cpu decoder)."""
 import io
 
 import numpy as np
@@ -7,11 +7,18 @@ import torch
 from PIL import Image
 
 from pipeline.embedding.tar import iter_tar_samples
-from pipeline.model.decode import SkipSample, decode_rgb
+from pipeline.model.decoders.cpu import decode_one
+from pipeline.model.decoders.cpu import decode_rgb as decode_checked
+from pipeline.model.image_header import DEFAULT_MAX_PIXELS, SkipSample, read_header
 from pipeline.model.preprocess import Preprocess, resize_crop
 from shards import (FAULTS, UNDECODABLE, jpeg_bytes, palette_png_bytes, sample_image, write_tar)
 
 PRE = Preprocess(input_size=32, resize_size=36)
+
+
+def decode_rgb(data: bytes, target_short: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """The image as the reader decodes it before resizing: its header checked, then the cpu decoder's decode."""
+    return decode_checked(data, read_header(data, target_short, max_pixels), target_short)
 
 
 @pytest.mark.parametrize("name", sorted(set(FAULTS) - set(UNDECODABLE)))
@@ -64,6 +71,13 @@ def test_large_jpeg_uses_scaled_decode_close_to_full_decode():
     assert decode_rgb(data, 36).shape[2] < 1200  # DCT-scaled: never decoded at full size
     full = resize_crop(decode_rgb(data, 2000), PRE).float()
     assert (scaled - full).abs().mean() < 4.0
+
+
+def test_decode_one_is_header_check_decode_and_crop():
+    data = jpeg_bytes(sample_image((90, 70)))
+    assert torch.equal(decode_one(data, PRE), resize_crop(decode_rgb(data, PRE.resize_size), PRE))
+    with pytest.raises(SkipSample, match="90x70 pixels"):
+        decode_one(data, PRE, max_pixels=1000)
 
 
 def test_tar_samples_grouped_by_key_with_dots_and_dirs(tmp_path):

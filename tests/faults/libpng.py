@@ -3,26 +3,28 @@ whose filter byte is invalid then kills the process (SIGSEGV), the native crash 
 
     python tests/faults/libpng.py embed SHARDS... --out OUT ...
 
-The decoder is replaced when this file is imported, so the processes multiprocessing spawns from it (which import
-the main script again) and the DataLoader workers it forks decode the same way. Not collected: no ``test_`` prefix.
+The cpu decoder's per-image decode is replaced when this file is imported, so the processes multiprocessing spawns
+from it (which import the main script again) and the DataLoader workers it forks decode the same way. Not collected:
+no ``test_`` prefix.
 """
 import sys
 
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
-import pipeline.embedding.reader as reader
+from pipeline.model.decoders import cpu
+from pipeline.model.image_header import Header
 
-_pil_path = reader.decode_rgb
+_pil_path = cpu.decode_rgb
 
 
-def libpng_first(data: bytes, target_short: int, max_pixels: int) -> torch.Tensor:
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
+def libpng_first(data: bytes, header: Header, target_short: int) -> torch.Tensor:
+    if header.format == "PNG":
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    return _pil_path(data, target_short, max_pixels)
+    return _pil_path(data, header, target_short)
 
 
-reader.decode_rgb = libpng_first
+cpu.decode_rgb = libpng_first  # the function the cpu decoder calls for each image (after the header checks)
 
 if __name__ == "__main__":
     from pipeline.cli import main

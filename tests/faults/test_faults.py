@@ -244,7 +244,7 @@ def test_max_pixels_above_pils_own_limit_is_honoured():
     from PIL import Image as PILImage
 
     from pipeline.embedding.reader import ShardSamples
-    from pipeline.model.decode import SkipSample, decode_rgb
+    from pipeline.model.image_header import SkipSample, read_header
     from pipeline.model.preprocess import Preprocess
 
     saved = PILImage.MAX_IMAGE_PIXELS
@@ -252,6 +252,6 @@ def test_max_pixels_above_pils_own_limit_is_honoured():
         ShardSamples([], Preprocess(), 8, max_pixels=200_000_000)
         assert PILImage.MAX_IMAGE_PIXELS == 200_000_000
         with pytest.raises(SkipSample, match=r"15000x15000 pixels, above the limit of 200000000 \(--max-pixels\)"):
-            decode_rgb(bomb_png_bytes(15_000, 15_000), 64, max_pixels=200_000_000)  # PIL alone: refused on open
+            read_header(bomb_png_bytes(15_000, 15_000), 64, max_pixels=200_000_000)  # PIL alone: refused on open
     finally:
         PILImage.MAX_IMAGE_PIXELS = saved

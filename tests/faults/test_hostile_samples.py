@@ -19,7 +19,8 @@ from PIL import Image
 
 from pipeline import store
 from pipeline.cli import cli
-from pipeline.model.decode import SkipSample, decode_rgb
+from pipeline.model.decoders.cpu import decode_rgb
+from pipeline.model.image_header import SkipSample, read_header
 from pipeline.verify import run_verify
 from shards import (bad_filter_png_bytes, jpeg_bytes, png16_rgb_bytes, png_bytes, sample_image, wide_png_bytes,
                     write_raw_tar, write_tar)
@@ -123,8 +124,9 @@ def test_key_that_is_not_utf8_kept_escaped_with_its_bytes_recorded(hostile_run):
 
 def test_decoder_bounds_memory_from_the_header():
     with pytest.raises(SkipSample, match="200000x1: resizing its shorter side to 256 px"):
-        decode_rgb(wide_png_bytes(200_000, 1), 256)
-    assert decode_rgb(wide_png_bytes(500, 1), 256).shape == (3, 1, 500)  # 128000x256 once resized: affordable
+        read_header(wide_png_bytes(200_000, 1), 256)
+    affordable = wide_png_bytes(500, 1)  # 128000x256 once resized
+    assert decode_rgb(affordable, read_header(affordable, 256), 256).shape == (3, 1, 500)
 
 
 @pytest.mark.slow
@@ -144,17 +146,19 @@ def test_peak_memory_of_a_run_over_the_wide_png_stays_flat(hostile_run, tmp_path
                                            (TypeError("a bug of ours"), False)])
 def test_any_decoder_error_skips_its_sample_but_a_programming_error_stops(tmp_path, monkeypatch, error, skipped):
     from pipeline.embedding import reader
+    from pipeline.model.decoders import cpu
     from pipeline.model.preprocess import Preprocess
 
-    url = between(tmp_path, "s", {"__key__": "bad", "png": b"\x89PNG\r\n\x1a\n odd"})
-    real = reader.decode_rgb
+    # A PNG whose header passes the checks, so the error comes from the decoder itself.
+    url = between(tmp_path, "s", {"__key__": "bad", "png": png_bytes(sample_image((40, 30), seed=9))})
+    real = cpu.decode_rgb
 
-    def decode(data, *args):
-        if data.startswith(b"\x89PNG"):
+    def decode(data, header, target_short):
+        if header.format == "PNG":
             raise error
-        return real(data, *args)
+        return real(data, header, target_short)
 
-    monkeypatch.setattr(reader, "decode_rgb", decode)
+    monkeypatch.setattr(cpu, "decode_rgb", decode)  # the function the cpu decoder calls for each image
     pieces = reader.ShardSamples([url], Preprocess(input_size=32, resize_size=36), 8)
     if not skipped:
         with pytest.raises(TypeError, match="a bug of ours"):

@@ -12,7 +12,8 @@ from pipeline.cli import cli
 from pipeline.embedding.runner import embed
 from pipeline.embedding.tar import iter_tar_samples
 from pipeline.model.backbones import load_backbone
-from pipeline.model.decode import decode_rgb
+from pipeline.model.decoders.cpu import decode_rgb
+from pipeline.model.image_header import read_header
 from pipeline.probe.export import FeatureHead, attach_head, export_classifier
 from pipeline.probe.linear import run_probe
 from pipeline.probe.options import ProbeOptions
@@ -34,7 +35,7 @@ def raw_images(shards):
     for s in shards:
         for sample in iter_tar_samples(str(s)):
             keys.append(sample["__key__"])
-            images.append(decode_rgb(sample["jpg"], 64))
+            images.append(decode_rgb(sample["jpg"], read_header(sample["jpg"], 64), 64))
     return keys, images
 
 
