@@ -115,10 +115,10 @@ def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
                 members += 1
                 if not member.isfile():
                     continue
-                m = _KEY_EXT.match(member.name)
-                if not m:
+                split = member_key(member.name)
+                if split is None:
                     continue
-                (key, raw), ext = _text(m.group(1)), _text(m.group(2).lower())[0]
+                key, ext, raw = split
                 data = tf.extractfile(member).read()  # type: ignore[union-attr]
                 # A member whose key and extension repeat the current sample's starts a new sample (with a
                 # duplicate key, skipped downstream with a reason) instead of silently replacing the first.
@@ -134,6 +134,17 @@ def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
             _check_tar_end(tap, tf.offset, members)
     finally:
         _close(stream)
+
+
+def member_key(name: str) -> tuple[str, str, bytes | None] | None:
+    """A tar member's sample key, its lower-cased extension and the key's raw bytes when they are not UTF-8 (the
+    key is then escaped); None for a name without an extension. webdataset's rule: the key ends at the first dot
+    of the file name. Every reader of shards (embed, thumbnails) names samples with this one function."""
+    m = _KEY_EXT.match(name)
+    if not m:
+        return None
+    (key, raw), ext = _text(m.group(1)), _text(m.group(2).lower())[0]
+    return key, ext, raw
 
 
 def _text(name: str) -> tuple[str, bytes | None]:

@@ -13,7 +13,7 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from ..embedding.tar import IMAGE_EXTS
+from ..embedding.tar import IMAGE_EXTS, member_key
 from ..index.html_page import images_by_key, thumbnail_jpeg
 
 log = logging.getLogger(__name__)
@@ -35,11 +35,9 @@ def _members(path: Path) -> dict[str, tuple[int, int]]:
         for m in tf:
             if not m.isfile():
                 continue
-            folder, _, base = m.name.rpartition("/")
-            stem, dot, ext = base.partition(".")  # webdataset's rule (as the embed stage reads it): key ends at the first dot
-            if dot and ext.lower() in IMAGE_EXTS:
-                key = f"{folder}/{stem}" if folder else stem
-                found.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
+            split = member_key(m.name)  # the key as the embed stage stored it (escaped when not UTF-8)
+            if split is not None and split[1] in IMAGE_EXTS:
+                found.setdefault(split[0], {})[split[1]] = (m.offset_data, m.size)
     return {key: next(exts[e] for e in IMAGE_EXTS if e in exts) for key, exts in found.items()}
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline import store
+from pipeline.embedding.tar import iter_tar_samples
 from pipeline.errors import UserError
 from pipeline.index.build import run_index
 from pipeline.index.html_page import images_by_key
@@ -24,6 +25,7 @@ from pipeline.service.run import serve
 from pipeline.service.thumbs import ShardImages
 
 from index_data import clustered, meta, write_shards
+from shards import jpeg_bytes, sample_image, write_raw_tar
 from serve_helpers import post_json, running
 
 
@@ -87,6 +89,18 @@ def test_thumbnails_from_plain_and_gzipped_shards_match_the_streamed_reader(digi
     assert images.image(str(tmp_path / "gone.tar"), keys[0]) is None
     assert images.thumbnail(plain, keys[0])[:2] == b"\xff\xd8"
     assert ShardImages(max_pixels=100).thumbnail(plain, keys[0]) is None  # above the pixel limit: not decoded
+
+
+def test_thumbnail_of_a_key_stored_escaped_is_found(tmp_path):
+    """A non-UTF-8 member name is stored escaped (``bad_\\xff``); the thumbnail reader must use the same key rule."""
+    good = jpeg_bytes(sample_image((40, 32), seed=1))
+    url = str(write_raw_tar(tmp_path / "raw.tar", [(b"ok.jpg", jpeg_bytes(sample_image((40, 32)))),
+                                                   (b"sub/bad_\xff.x.jpg", b"not this one"), (b"bad_\xff.jpg", good)]))
+    stored = [s["__key__"] for s in iter_tar_samples(url)]  # the keys embed writes to the Parquet files
+    assert stored == ["ok", "sub/bad_\\xff", "bad_\\xff"]
+    images = ShardImages(max_pixels=10 ** 8)
+    assert images.image(url, "bad_\\xff") == good
+    assert images.image(url, "sub/bad_\\xff") is None  # its extension is x.jpg, not an image extension
 
 
 def test_pipe_urls_recorded_in_an_index_are_never_run(tmp_path):
