@@ -66,6 +66,24 @@ def check_new_keys(index_dir: Path, files: list[Path]) -> None:
         seen_new.update(keys.to_pylist())
 
 
+def kept_target(cfg: IndexConfig, meta: dict[str, Any]) -> str:
+    """What to say when ``--target-recall`` differs from the target the index was tuned at: ``--update`` keeps it.
+
+    Retuning needs fresh queries and their exact neighbours among every indexed vector; a build measures them while it
+    adds the vectors and keeps neither, so an update could only get them back by reading every indexed folder again.
+    """
+    recorded = meta["tuning"]["target_recall"]
+    if cfg.target_recall is None or cfg.target_recall == recorded:
+        return ""
+    folders = len(source_dirs(meta))
+    msg = (f"--target-recall {cfg.target_recall} is not applied: --update keeps the search parameters tuned at the "
+           f"recorded target {recorded}; to tune at {cfg.target_recall}, rebuild: `embedpipe index {cfg.emb_dir} --out "
+           f"{cfg.out} --overwrite --target-recall {cfg.target_recall}`"
+           + (f" (the index holds shards of {folders} embedding folders, a rebuild reads one)" if folders > 1 else ""))
+    log.warning(msg)
+    return msg
+
+
 def update(cfg: IndexConfig) -> dict[str, Any]:
     """Add new shards to the index at ``cfg.out`` (same quantizer, same search parameters); all or nothing."""
     import faiss
@@ -73,10 +91,12 @@ def update(cfg: IndexConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     with atomic.locked_dir(out):
         meta = read_meta(out)
+        note = kept_target(cfg, meta)
         files = new_shards(meta, cfg.emb_dir)
         if not files:
             res = result(out, meta, added=0)
             res["summary"] = f"nothing to add: all {len(meta['shards'])} shards under {cfg.emb_dir} are in {out}"
+            res["summary"] += f"; {note}" if note else ""
             return res
         src = store.scan(cfg.emb_dir, files)
         if src.dim != meta["dim"]:
@@ -118,4 +138,5 @@ def update(cfg: IndexConfig) -> dict[str, Any]:
             atomic.write_json(tmp / META_FILE, meta)
     res = result(out, meta, added=added)
     res["summary"] += f" (search parameters tuned at {meta['tuned_at_count']} vectors kept)"
+    res["summary"] += f"; {note}" if note else ""
     return res
