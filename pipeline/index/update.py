@@ -75,11 +75,13 @@ def kept_target(cfg: IndexConfig, meta: dict[str, Any]) -> str:
     recorded = meta["tuning"]["target_recall"]
     if cfg.target_recall is None or cfg.target_recall == recorded:
         return ""
-    folders = len(source_dirs(meta))
+    folders = len({*source_dirs(meta), str(Path(cfg.emb_dir).resolve())})
     msg = (f"--target-recall {cfg.target_recall} is not applied: --update keeps the search parameters tuned at the "
            f"recorded target {recorded}; to tune at {cfg.target_recall}, rebuild: `embedpipe index {cfg.emb_dir} --out "
            f"{cfg.out} --overwrite --target-recall {cfg.target_recall}`"
-           + (f" (the index holds shards of {folders} embedding folders, a rebuild reads one)" if folders > 1 else ""))
+           + (" (or, built in parts: --train-only --overwrite, the parts, then index-merge --target-recall)"
+              if meta.get("on_disk") else "")
+           + (f" (the index holds shards of {folders} embedding folders; a rebuild reads one)" if folders > 1 else ""))
     log.warning(msg)
     return msg
 

@@ -93,8 +93,8 @@ def _registry() -> dict[str, KindSpec]:
         module = importlib.import_module(f"{__name__}.{info.name}")
         spec = getattr(module, "SPEC", None)
         if not isinstance(spec, KindSpec) or spec.name != info.name:
-            raise RuntimeError(f"{module.__file__} must define SPEC = KindSpec(name={info.name!r}, ...): one index kind "
-                               "per module of pipeline/index/kinds/, named as its module")
+            raise RuntimeError(f"{module.__file__} must define SPEC = KindSpec(name={info.name!r}, ...): one index "
+                               "kind per module of pipeline/index/kinds/, named as its module")
         found[spec.name] = spec
     return found
 

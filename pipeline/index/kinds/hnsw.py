@@ -13,7 +13,8 @@ def estimate(n: int, dim: int, nlist: int = 0, m: int = 0) -> int:
 
 def choose(n: int, dim: int, budget: int, parts: bool) -> Choice:
     est = estimate(n, dim)
-    return Choice("hnsw", f"{IDS}HNSW{HNSW_M},Flat", f"{n} vectors: HNSW graph, {est / 1e9:.2f} GB", estimated_bytes=est)
+    return Choice("hnsw", f"{IDS}HNSW{HNSW_M},Flat", f"{n} vectors: HNSW graph, {est / 1e9:.2f} GB",
+                  estimated_bytes=est)
 
 
 def knobs(factory: str) -> tuple[Knob, ...]:
