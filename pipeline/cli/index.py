@@ -7,7 +7,7 @@ import click
 
 from ..config import config_option
 from ..index.choose import KINDS, METRICS
-from ..index.options import IndexConfig
+from ..index.options import DEFAULT_TARGET_RECALL, IndexConfig
 from ..index.query import FORMATS
 from .group import cli
 from .logs import quiet_option
@@ -39,7 +39,7 @@ def _params(ctx: click.Context, param: click.Parameter, value: Any) -> dict[str,
 @click.option("--factory", default=None, help="Any FAISS index_factory string (e.g. 'OPQ32,IVF4096,PQ32'); overrides --kind.")
 @click.option("--metric", type=click.Choice(METRICS), default=D.metric, show_default=True, help="ip matches normalised embeddings.")
 @click.option("--memory", default=D.memory, show_default=True, help="Memory budget for the index, e.g. 8GB, 512MB.")
-@click.option("--target-recall", type=float, default=D.target_recall, show_default=True, help="recall@10 vs exact search the tuned nprobe/efSearch must reach.")
+@click.option("--target-recall", type=float, default=None, help=f"recall@10 vs exact search the tuned nprobe/efSearch must reach.  [default: {DEFAULT_TARGET_RECALL}; --update keeps the index's recorded target]")
 @click.option("--queries", type=int, default=D.queries, show_default=True, help="Held-out rows used as tuning queries (at most a fifth of the set).")
 @click.option("--update", is_flag=True, help="Add shards not indexed yet to the existing index (no retraining).")
 @click.option("--overwrite", is_flag=True, help="Rebuild OUT (or retrain with --train-only) even if it exists.")
@@ -69,7 +69,7 @@ def index(**options: Any) -> None:
 
 @cli.command("index-merge")
 @click.argument("index_dir", type=click.Path(file_okay=False))
-@click.option("--target-recall", type=float, default=D.target_recall, show_default=True, help="recall@10 the tuned nprobe must reach.")
+@click.option("--target-recall", type=float, default=DEFAULT_TARGET_RECALL, show_default=True, help="recall@10 the tuned nprobe must reach.")
 @click.option("--overwrite", is_flag=True, help="Replace INDEX_DIR if it exists.")
 @quiet_option()
 @config_option

@@ -19,18 +19,19 @@ from . import tune
 from .add import new_index, train
 from .choose import Choice, candidates, choose
 from .options import IndexConfig
+from .tune import TUNE_K as K
 
 log = logging.getLogger(__name__)
 
 SAMPLE_ROWS = 100_000
-K = 10
 
 
 def pick(src: store.Source, cfg: IndexConfig, budget: int) -> tuple[Choice, dict[str, Any]]:
     """Measure each candidate kind on a sample of ``src``; returns the fastest at ``cfg.target_recall`` and the record.
 
     Example:
-        >>> choice, record = pick(store.scan("runs/a"), IndexConfig("runs/a", out="idx"), 8 * 10**9)  # doctest: +SKIP
+        >>> cfg = IndexConfig("runs/a", out="idx").resolved()  # the default target recall filled in
+        >>> choice, record = pick(store.scan("runs/a"), cfg, 8 * 10**9)  # doctest: +SKIP
         >>> record["chosen"], [c["qps"] for c in record["candidates"]]  # doctest: +SKIP
     """
     n, dim = src.rows, src.dim
@@ -74,7 +75,8 @@ def _measure(kind: str, sample: np.ndarray, queries: np.ndarray, gt_ids: np.ndar
     else:
         index.add(sample)
     build_s = time.perf_counter() - t0
-    t = tune.tune(index, queries, np.full(len(queries), -1), gt_ids, cfg.target_recall, K, held_out=True)
+    space = tune.search_space(index, c.kind, c.factory)
+    t = tune.tune(index, queries, np.full(len(queries), -1), gt_ids, cfg.target_recall, space=space, k=K, held_out=True)
     qps = len(queries) / tune.batch_seconds(index, queries, K, t.params)
     log.info("auto: %s on %d vectors: %s recall@%d %.4f, %.0f queries/s, built in %.1fs", c.factory, len(sample),
              t.params, K, t.recall_at_10, qps, build_s)

@@ -14,6 +14,7 @@ from . import tune
 from .add import add_shards, new_index, shard_table, train, warn_duplicate_keys
 from .auto import pick
 from .choose import choose
+from .kinds import get_kind
 from .layout import IDS_FILE, INDEX_FILE, META_FILE, IdsWriter, result, write_record
 from .record import IndexRecord
 from .options import IndexConfig
@@ -28,22 +29,23 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
         >>> run_index(IndexConfig("runs/a", out="runs/a/index"))  # doctest: +SKIP
     """
     budget = cfg.validate()
+    full = cfg.resolved()  # builds tune at the given target or the default; --update compares a given one
     if cfg.train_only:
         from .parts import train_only
 
-        return train_only(cfg, budget)
+        return train_only(full, budget)
     if cfg.parts is not None:
         from .parts import build_part
 
-        return build_part(cfg)
+        return build_part(full)
     if cfg.update:
         if not (Path(cfg.out) / META_FILE).exists() and not Path(cfg.out).exists():
             log.info("%s does not exist yet: --update builds it", cfg.out)  # a cron job's first run
-            return build(cfg, budget)
+            return build(full, budget)
         from .update import update
 
         return update(cfg)
-    return build(cfg, budget)
+    return build(full, budget)
 
 
 def build(cfg: IndexConfig, budget: int) -> dict[str, Any]:
@@ -59,7 +61,7 @@ def build(cfg: IndexConfig, budget: int) -> dict[str, Any]:
         raise UserError(f"embedding shards under {cfg.emb_dir} hold no rows; did `embedpipe embed` skip everything?")
     t0 = time.perf_counter()
     choice, measured = choose(cfg.kind, n, src.dim, budget, cfg.factory), None
-    if cfg.kind == "auto" and not cfg.factory and choice.kind != "flat":
+    if cfg.kind == "auto" and not cfg.factory and not get_kind(choice.kind).exact:
         choice, measured = pick(src, cfg, budget)
     if choice.estimated_bytes > budget:
         log.warning("%s needs ~%.2f GB, over --memory %.2f GB", choice.factory, choice.estimated_bytes / 1e9,
@@ -70,17 +72,18 @@ def build(cfg: IndexConfig, budget: int) -> dict[str, Any]:
     queries, sample = tune.read_rows(src.files, [q_rows, t_rows], cfg.batch_size)
     train_s = train(index, sample, choice.factory)
     del sample
-    gt = tune.ExactKnn(queries, 10 + tune.GT_EXTRA, cfg.metric)
+    gt = tune.ExactKnn(queries, tune.TUNE_K + tune.GT_EXTRA, cfg.metric)
     shards, starts = shard_table(src, 0)
     # The tuning queries stay out of the index until it is tuned, so that they are fresh queries (an HNSW graph
     # finds the neighbours of its own points more easily); indexes numbering vectors in add order cannot.
-    hold = tune.takes_ids(index) and bool(tune.search_params(index))
+    space = tune.search_space(index, choice.kind, choice.factory)
+    hold = tune.takes_ids(index) and bool(space)
     with atomic.locked_dir(out), atomic.staged_dir(out) as tmp:
         ids_out = IdsWriter(tmp / IDS_FILE)
         add_shards(index, src.files, starts, ids_out, gt, cfg.batch_size, hold_out=q_rows if hold else None)
         ids_out.close()
         _, gt_ids = gt.result()
-        tuning = tune.tune(index, queries, q_rows, gt_ids, cfg.target_recall, held_out=hold)
+        tuning = tune.tune(index, queries, q_rows, gt_ids, cfg.target_recall, space=space, held_out=hold)
         if hold:
             index.add_with_ids(queries, q_rows)
         faiss.write_index(index, str(tmp / INDEX_FILE))

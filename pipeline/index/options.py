@@ -1,10 +1,13 @@
 """The options of ``embedpipe index`` (one frozen record that build, parts and update all read), checked up front."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import UserError
-from .choose import KINDS, METRICS, parse_memory
+from .choose import METRICS, parse_memory
+from .kinds import kind_names
+
+DEFAULT_TARGET_RECALL = 0.95  # recall@10 against exact search that tuning aims at, unless --target-recall is given
 
 
 @dataclass(frozen=True)
@@ -17,7 +20,7 @@ class IndexConfig:
     factory: str | None = None
     metric: str = "ip"
     memory: str = "8GB"
-    target_recall: float = 0.95
+    target_recall: float | None = None  # None: DEFAULT_TARGET_RECALL for a build, the recorded target for --update
     update: bool = False
     overwrite: bool = False
     parts: int | None = None
@@ -29,13 +32,15 @@ class IndexConfig:
 
     def validate(self) -> int:
         """Check every option; returns the memory budget in bytes."""
-        if self.kind not in KINDS:
-            raise UserError(f"--kind {self.kind!r} is unknown; use one of {', '.join(KINDS)}")
+        if self.kind != "auto" and self.kind not in kind_names():
+            raise UserError(f"--kind {self.kind!r} is unknown; use one of auto, {', '.join(kind_names())} (or give any "
+                            "FAISS index_factory string with --factory)")
         if self.factory and self.kind != "auto":
             raise UserError("give either --kind or --factory, not both")
         if self.metric not in METRICS:
             raise UserError(f"--metric {self.metric!r} is unknown; use ip (normalised embeddings) or l2")
-        check_target_recall(self.target_recall)
+        if self.target_recall is not None:
+            check_target_recall(self.target_recall)
         if self.queries < 1 or self.batch_size < 1:
             raise UserError("--queries and --batch-size must be positive")
         if (self.parts is None) != (self.part is None) and not self.train_only:
@@ -47,6 +52,11 @@ class IndexConfig:
                             "--parts/--train-only/--overwrite")
         return parse_memory(self.memory)
 
+    def resolved(self) -> IndexConfig:
+        """These options with the recall target given, or else the default: what a build tunes at (``--update``
+        reads the unresolved options, to tell a given target from none)."""
+        return self if self.target_recall is not None else replace(self, target_recall=DEFAULT_TARGET_RECALL)
+
     def n_queries(self, n: int) -> int:
         """Held-out tuning queries: ``--queries``, but at most a fifth of the set."""
         return min(self.queries, max(1, n // 5))
@@ -54,4 +64,4 @@ class IndexConfig:
 
 def check_target_recall(target: float) -> None:
     if not 0 < target <= 1:
-        raise UserError(f"--target-recall {target} must be in (0, 1], e.g. 0.95")
+        raise UserError(f"--target-recall {target} must be in (0, 1], e.g. {DEFAULT_TARGET_RECALL}")

@@ -7,7 +7,6 @@ with the exact k-NN of the queries over that part); ``embedpipe index-merge OUT`
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -41,18 +40,10 @@ from .layout import (
     write_record,
 )
 from .merge import merge_into
-from .options import IndexConfig
+from .options import DEFAULT_TARGET_RECALL, IndexConfig
 from .record import IndexRecord, TrainRecord
 
 log = logging.getLogger(__name__)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def part_files(files: Sequence[Path], part: int, parts: int) -> list[Path]:
@@ -89,7 +80,7 @@ def train_only(cfg: IndexConfig, budget: int) -> dict[str, Any]:
             factory=choice.factory, kind=choice.kind, reason=choice.reason, metric=cfg.metric, dim=src.dim,
             dtype=src.dtype, count=n, shards=shards, embedding_meta=src.meta, memory_budget=budget,
             estimated_bytes=choice.estimated_bytes, train_seconds=round(train_s, 2),
-            source=str(Path(cfg.emb_dir).resolve()), trained_sha256=sha256(tmp / TRAINED), config=asdict(cfg))
+            source=str(Path(cfg.emb_dir).resolve()), trained_sha256=atomic.file_sha256(tmp / TRAINED), config=asdict(cfg))
         atomic.write_json(tmp / TRAIN_JSON, record.to_dict())
     summary = (f"trained {choice.factory} on {len(sample)} vectors in {time.perf_counter() - t0:.1f}s; wrote {pdir}; "
                f"next: `embedpipe index {cfg.emb_dir} --out {cfg.out} --parts N --part I` for I in 0..N-1")
@@ -122,7 +113,7 @@ def build_part(cfg: IndexConfig) -> dict[str, Any]:
     files = part_files(src.files, cfg.part, cfg.parts)
     index = faiss.read_index(str(pdir / TRAINED))
     q = np.load(pdir / QUERIES)
-    gt = tune.ExactKnn(q["queries"], 10 + tune.GT_EXTRA, rec.metric)
+    gt = tune.ExactKnn(q["queries"], tune.TUNE_K + tune.GT_EXTRA, rec.metric)
     name = part_name(cfg.part, cfg.parts)
     t0 = time.perf_counter()
     with atomic.locked_dir(pdir / name), atomic.staged_dir(pdir / name) as tmp:
@@ -140,7 +131,7 @@ def build_part(cfg: IndexConfig) -> dict[str, Any]:
     return {"path": str(pdir / name), "summary": summary, "meta": {"count": added, "files": [f.name for f in files]}}
 
 
-def run_merge(out: str | Path, target_recall: float = 0.95, overwrite: bool = False) -> dict[str, Any]:
+def run_merge(out: str | Path, target_recall: float = DEFAULT_TARGET_RECALL, overwrite: bool = False) -> dict[str, Any]:
     """Merge every part in ``<out>.parts`` into the index directory ``out`` (on-disk inverted lists), then tune.
 
     Example:
@@ -169,7 +160,7 @@ def run_merge(out: str | Path, target_recall: float = 0.95, overwrite: bool = Fa
         raise UserError(f"{stale} were built against another trained quantizer than {pdir / TRAINED}; rebuild them")
     q = np.load(pdir / QUERIES)
     gts = [np.load(p / GT) for p in found]
-    _, gt_ids = tune.merge_knn([(g["D"], g["I"]) for g in gts], 10 + tune.GT_EXTRA, rec.metric)
+    _, gt_ids = tune.merge_knn([(g["D"], g["I"]) for g in gts], tune.TUNE_K + tune.GT_EXTRA, rec.metric)
     t0 = time.perf_counter()
     with atomic.locked_dir(out), atomic.staged_dir(out) as tmp:
         index = merge_into(faiss.read_index(str(pdir / TRAINED)), [p / INDEX_FILE for p in found],
@@ -180,7 +171,8 @@ def run_merge(out: str | Path, target_recall: float = 0.95, overwrite: bool = Fa
             ids_out.copy_from(p / IDS_FILE)
         ids_out.close()
         check_dense(tmp / IDS_FILE, index.ntotal)
-        tuning = tune.tune(index, q["queries"], q["rows"], gt_ids, target_recall)
+        space = tune.search_space(index, rec.kind, rec.factory)
+        tuning = tune.tune(index, q["queries"], q["rows"], gt_ids, target_recall, space=space)
         faiss.write_index(index, str(tmp / INDEX_FILE))
         record = IndexRecord.new(
             factory=rec.factory, kind=rec.kind, reason=rec.reason, metric=rec.metric, dim=rec.dim,

@@ -13,10 +13,13 @@ import numpy as np
 from .. import store
 from ..errors import UserError
 from .choose import faiss_metric
+from .kinds import get_kind, kind_names
+from .options import DEFAULT_TARGET_RECALL
 
 log = logging.getLogger(__name__)
 
 GT_EXTRA = 1  # the query itself is in the data: search k+1 and drop it
+TUNE_K = 10  # every tuning measures recall@10 (index.json's tuning record names it so)
 
 
 def pick_rows(n: int, n_queries: int, n_train: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +118,7 @@ class Tuning:
     params: dict[str, int] = field(default_factory=dict)
     recall_at_1: float = 1.0
     recall_at_10: float = 1.0
-    target_recall: float = 0.95
+    target_recall: float = DEFAULT_TARGET_RECALL
     target_reached: bool = True
     queries: int = 0
     held_out: bool = False  # the queries were not in the index while it was tuned (else: in it, self excluded)
@@ -151,8 +154,16 @@ def takes_ids(index: Any) -> bool:
     return faiss.try_extract_index_ivf(index) is not None and not isinstance(top, faiss.IndexRefine)
 
 
+def search_space(index: Any, kind: str, factory: str) -> list[tuple[str, list[int]]]:
+    """The parameters that trade speed for recall on ``index``, main one first, each with ascending candidates: the
+    knobs its kind declares (``kinds/``), or, for a ``--factory`` index (no registered kind), :func:`search_params`."""
+    if kind in kind_names():
+        return [(knob.name, list(knob.values)) for knob in get_kind(kind).knobs(factory)]
+    return search_params(index)
+
+
 def search_params(index: Any) -> list[tuple[str, list[int]]]:
-    """The parameters that trade speed for recall on ``index``, main one first, each with ascending candidates.
+    """The speed/recall parameters of any FAISS index, found by inspecting it (for ``--factory`` strings).
 
     ``nprobe`` (IVF) or ``efSearch`` (HNSW); then ``k_factor_rf`` when a refine stage re-ranks a shortlist.
     """
@@ -185,7 +196,7 @@ def set_params(index: Any, params: dict[str, int]) -> None:
             raise UserError(f"search parameter {name}={value} does not apply to this index: {e}") from None
 
 
-def measure(index: Any, queries: np.ndarray, self_ids: np.ndarray, truth: np.ndarray, k: int = 10,
+def measure(index: Any, queries: np.ndarray, self_ids: np.ndarray, truth: np.ndarray, k: int = TUNE_K,
             extra: int = GT_EXTRA) -> tuple[float, np.ndarray]:
     """recall@1 and each query's recall@k of ``index`` against exact ``truth``, searching ``k + extra`` to drop self
     (``extra`` 0 for queries not in the index: a refine stage's shortlist is ``k_factor_rf``·k, so k must be k)."""
@@ -195,9 +206,10 @@ def measure(index: Any, queries: np.ndarray, self_ids: np.ndarray, truth: np.nda
     return r1, per_query_recall(found, truth, k)
 
 
-def tune(index: Any, queries: np.ndarray, self_ids: np.ndarray, gt_ids: np.ndarray, target: float, k: int = 10,
-         held_out: bool = False) -> Tuning:
-    """The fastest search parameters whose recall@k reaches ``target`` (plus a margin) against exact search.
+def tune(index: Any, queries: np.ndarray, self_ids: np.ndarray, gt_ids: np.ndarray, target: float, *,
+         space: list[tuple[str, list[int]]], k: int = TUNE_K, held_out: bool = False) -> Tuning:
+    """The fastest search parameters in ``space`` (:func:`search_space`) whose recall@k reaches ``target`` (plus a
+    margin) against exact search.
 
     The main parameter (``nprobe``/``efSearch``) is doubled until the target is met, then bisected down to the
     smallest value that meets it; a refine factor is then bisected the same way, at that value and at 1.5x and 2x
@@ -207,7 +219,7 @@ def tune(index: Any, queries: np.ndarray, self_ids: np.ndarray, gt_ids: np.ndarr
     t0 = time.perf_counter()
     truth = drop_self(gt_ids, self_ids, k)
     t = Tuning(target_recall=target, queries=len(queries), held_out=held_out)
-    space = search_params(index) if len(queries) else []
+    space = space if len(queries) else []
     cache: dict[tuple[tuple[str, int], ...], tuple[float, np.ndarray]] = {}
     extra = 0 if held_out else GT_EXTRA
 
@@ -292,7 +304,7 @@ def batch_seconds(index: Any, queries: np.ndarray, k: int, params: dict[str, int
     return best
 
 
-def speed(index: Any, queries: np.ndarray, k: int = 10, budget_s: float = 2.0) -> tuple[float, float]:
+def speed(index: Any, queries: np.ndarray, k: int = TUNE_K, budget_s: float = 2.0) -> tuple[float, float]:
     """Median single-query latency (ms; up to 200 queries or ``budget_s``) and batch throughput (queries/s)."""
     if len(queries) == 0:
         return 0.0, 0.0

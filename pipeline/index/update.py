@@ -56,6 +56,26 @@ def check_new_keys(index_dir: Path, files: list[Path]) -> None:
         seen_new.update(keys.to_pylist())
 
 
+def kept_target(cfg: IndexConfig, rec: IndexRecord) -> str:
+    """What to say when ``--target-recall`` differs from the target the index was tuned at: ``--update`` keeps it.
+
+    Retuning needs fresh queries and their exact neighbours among every indexed vector; a build measures them while it
+    adds the vectors and keeps neither, so an update could only get them back by reading every indexed folder again.
+    """
+    recorded = rec.target_recall
+    if cfg.target_recall is None or cfg.target_recall == recorded:
+        return ""
+    folders = len({*rec.source_dirs, str(Path(cfg.emb_dir).resolve())})
+    msg = (f"--target-recall {cfg.target_recall} is not applied: --update keeps the search parameters tuned at the "
+           f"recorded target {recorded}; to tune at {cfg.target_recall}, rebuild: `embedpipe index {cfg.emb_dir} --out "
+           f"{cfg.out} --overwrite --target-recall {cfg.target_recall}`"
+           + (" (or, built in parts: --train-only --overwrite, the parts, then index-merge --target-recall)"
+              if rec.on_disk else "")
+           + (f" (the index holds shards of {folders} embedding folders; a rebuild reads one)" if folders > 1 else ""))
+    log.warning(msg)
+    return msg
+
+
 def update(cfg: IndexConfig) -> dict[str, Any]:
     """Add new shards to the index at ``cfg.out`` (same quantizer, same search parameters); all or nothing."""
     import faiss
@@ -63,10 +83,12 @@ def update(cfg: IndexConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     with atomic.locked_dir(out):
         rec = read_record(out)
+        note = kept_target(cfg, rec)
         files = new_shards(rec, cfg.emb_dir)
         if not files:
             res = result(out, rec, added=0)
             res["summary"] = f"nothing to add: all {len(rec.shards)} shards under {cfg.emb_dir} are in {out}"
+            res["summary"] += f"; {note}" if note else ""
             return res
         src = store.scan(cfg.emb_dir, files)
         if src.dim != rec.dim:
@@ -106,4 +128,5 @@ def update(cfg: IndexConfig) -> dict[str, Any]:
             write_record(tmp, rec)
     res = result(out, rec, added=added)
     res["summary"] += f" (search parameters tuned at {rec.tuned_at_count} vectors kept)"
+    res["summary"] += f"; {note}" if note else ""
     return res

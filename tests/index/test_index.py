@@ -15,7 +15,7 @@ import pytest
 from index_data import brute_force, clustered, embedding_like, recall_at, write_shards
 from pipeline import open_index
 from pipeline.errors import UserError
-from pipeline.index import auto, choose
+from pipeline.index import auto, choose, kinds
 from pipeline.index.add import CRASH_ENV
 from pipeline.index.build import run_index
 from pipeline.index.options import IndexConfig
@@ -24,7 +24,7 @@ from pipeline.verify import run_verify
 
 N, DIM = 4000, 32
 REAL_N = 20_000  # embedding-like rows: IVF and HNSW need some size before recall is hard
-TUNED = ("ivf", "ivfpq", "hnsw", "fastscan")
+TUNED = tuple(s.name for s in kinds.specs() if not s.exact)  # every kind of the registry with knobs to tune
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_every_kind_reaches_the_target_on_fresh_queries(tmp_path, like, fresh, e
     t = meta["tuning"]
     assert t["target_reached"] and t["queries_held_out"] and t["recall@10"] >= t["aimed_at"] > 0.95, t
     assert 0 < t["margin"] < 0.02 and t["latency_ms_p50"] > 0 and t["qps"] > 0
-    param = {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "efSearch", "fastscan": "nprobe"}[kind]
+    param = kinds.get_kind(kind).knobs(meta["factory"])[0].name  # the main knob: nprobe, efSearch
     assert param in meta["search_params"] and f"{param}=" in res["summary"]
     # no smaller main parameter (the others as chosen) was measured to reach the aim
     curve = {tuple(sorted(p.items())): r for p, r in t["curve"]}
@@ -204,7 +204,7 @@ def test_any_factory_string_and_honest_recall(tmp_path, emb32):
 
 
 def test_self_query_returns_itself_first(tmp_path, emb32):
-    for kind in ("flat", "ivf", "hnsw", "ivfpq", "fastscan"):
+    for kind in kinds.kind_names():
         build(emb32, tmp_path / kind, kind=kind)
         idx = open_index(tmp_path / kind)
         keys = ["shard-000000_00003", "shard-000002_00500", "shard-000003_00999"]
@@ -272,7 +272,7 @@ def test_update_crash_leaves_index_intact_then_resumes(tmp_path, monkeypatch):
     assert clean["count"] == meta["count"]
 
 
-@pytest.mark.parametrize("kind", ("flat", *TUNED))
+@pytest.mark.parametrize("kind", kinds.kind_names())
 def test_update_from_another_folder_for_every_kind(tmp_path, kind):
     x = embedding_like(3000, DIM, seed=6)
     first, second = tmp_path / "run-a", tmp_path / "run-b"
