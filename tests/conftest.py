@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.sample_data import write_sample_shards
 
+import tiny
 from shards import fault_samples, write_tar
 
 DIGITS_FIXTURE = {"limit": 300, "shard_size": 100, "image_size": 64, "fmt": "jpg"}
@@ -32,6 +33,20 @@ def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """3 shards x 100 real digit JPEGs (64 px RGB) with ``.cls`` and ``.json``: ``digits-00000{0,1,2}.tar``."""
     return write_sample_shards(tmp_path_factory.mktemp("digits"), "digits", **DIGITS_FIXTURE)
+
+
+@pytest.fixture(scope="session")
+def tiny_index(digits_shards: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding ``emb/`` (the first two digit shards embedded with the tiny model, ``tests/tiny.py``) and
+    ``idx/`` (a flat index of them). Shared by the whole session: read it, or copy it before changing anything."""
+    from pipeline.embedding.runner import embed
+    from pipeline.index.build import run_index
+    from pipeline.index.options import IndexConfig
+
+    root = tmp_path_factory.mktemp("tiny-index")
+    embed([str(p) for p in digits_shards[:2]], root / "emb", **tiny.options())
+    run_index(IndexConfig(str(root / "emb"), out=str(root / "idx"), kind="flat"))
+    return root
 
 
 @pytest.fixture(scope="session")

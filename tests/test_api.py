@@ -16,10 +16,10 @@ from index_data import clustered
 from index_data import write_shards as write_vectors
 from probe_fixtures import blobs
 from probe_fixtures import write_shards as write_labelled
+import tiny
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-TINY = {"model": "torchvision:resnet18", "weights": "none", "input_size": 64, "compile": "eager", "workers": 0,
-        "quiet": True}
+TINY = tiny.options()
 
 
 def test_dir_lists_the_public_api_and_each_entry_has_an_example():

@@ -16,9 +16,9 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
+import tiny
 
-TINY = ["--model", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "--compile", "eager",
-        "--workers", "0"]
+TINY = tiny.cli_args(quiet=False)
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
 
 
@@ -84,7 +84,7 @@ def test_a_rerun_with_every_shard_done_loads_no_model(digits_shards, tmp_path, m
     import pipeline
     from pipeline.embedding import worker
 
-    opts = dict(model="torchvision:resnet18", weights="none", input_size=64, compile="eager", workers=0, quiet=True)
+    opts = tiny.options()
     pipeline.embed([str(digits_shards[0])], tmp_path, **opts)
     (tmp_path / "_SUCCESS").unlink()
 

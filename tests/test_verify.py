@@ -9,19 +9,12 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.embedding.runner import embed
-from pipeline.index.build import run_index
-from pipeline.index.options import IndexConfig
 
-FAST = dict(model="torchvision:resnet18", weights="none", input_size=64, quiet=True, compile="eager", workers=0)
 
 
 @pytest.fixture(scope="module")
-def sound(digits_shards, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("verify")
-    embed([str(p) for p in digits_shards[:2]], tmp / "emb", **FAST)
-    run_index(IndexConfig(str(tmp / "emb"), out=str(tmp / "idx"), kind="flat"))
-    return tmp
+def sound(tiny_index):
+    return tiny_index
 
 
 def run(*paths):

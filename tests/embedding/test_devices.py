@@ -7,9 +7,9 @@ from pipeline import store
 from pipeline.embedding.devices import parse_devices
 from pipeline.embedding.runner import embed
 from pipeline.errors import UserError
+import tiny
 
-FAST = dict(model="torchvision:resnet18", weights="none", input_size=64, quiet=True, batch_size=32,
-            out_dtype="float32", workers=0)
+FAST = tiny.options(batch_size=32, out_dtype="float32", compile=None)
 
 
 def test_parse_devices():

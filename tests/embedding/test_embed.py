@@ -21,8 +21,9 @@ from pipeline.model.compile import build_extractor
 from pipeline.model.decoders.cpu import decode_one
 from campaign import cases
 from shards import UNDECODABLE, jpeg_bytes, read_tar, sample_image, write_tar
+import tiny
 
-FAST = dict(model="torchvision:resnet18", weights="none", input_size=64, quiet=True, batch_size=32)
+FAST = tiny.options(batch_size=32, compile=None, workers=None)
 
 
 def rows(out: Path) -> dict[str, tuple]:
@@ -99,8 +100,7 @@ def test_bf16_close_to_fp32_on_real_photos(photo_shards, tmp_path):
 def test_crash_mid_shard_then_resume_equals_clean_run(digits_shards, digits_run, tmp_path, crash_at):
     clean, _ = digits_run
     args = [sys.executable, "-m", "pipeline", "embed", *map(str, digits_shards), "--out", str(tmp_path),
-            "--model", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "--out-dtype", "float32",
-            "--batch-size", "32", "--workers", "2", "-q", "--cache-dir", str(clean / "cache")]
+            *tiny.cli_args(out_dtype="float32", batch_size=32, workers=2, compile=None), "--cache-dir", str(clean / "cache")]
     crashed = subprocess.run(args, env={**os.environ, "EMBEDPIPE_CRASH_AT": str(crash_at)}, capture_output=True)
     assert crashed.returncode == -9, crashed.stderr.decode()[-2000:]
     done_before = sorted(p.name for p in (tmp_path / "_state").glob("*.json")) if (tmp_path / "_state").exists() else []
@@ -127,8 +127,7 @@ def test_faults_are_recorded_and_good_samples_embedded(fault_shard, tmp_path):
     (shards / "corrupt-000000.tar.gz").write_bytes(gzip.compress(good)[:200])
     urls = [str(fault_shard), *(str(p) for p in sorted(shards.iterdir())), str(tmp_path / "missing.tar")]
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["embed", *urls, "--out", str(out), "--model", "torchvision:resnet18",
-                                      "--weights", "none", "--input-size", "64", "-q", "--compile", "eager"])
+    result = CliRunner().invoke(cli, ["embed", *urls, "--out", str(out), *tiny.cli_args(workers=None)])
     assert result.exit_code == 1, result.output
     st = json.loads((out / "_state" / "faults-000000.json").read_text())
     skipped = {s["key"]: s["reason"] for s in st["skipped"]}
@@ -147,8 +146,7 @@ def test_faults_are_recorded_and_good_samples_embedded(fault_shard, tmp_path):
     (shards / "truncated-000000.tar").write_bytes(good)
     (shards / "corrupt-000000.tar.gz").write_bytes(gzip.compress(good))
     write_tar(tmp_path / "missing.tar", [{"__key__": "late", "jpg": jpeg_bytes(sample_image())}])
-    again = CliRunner().invoke(cli, ["embed", *urls, "--out", str(out), "--model", "torchvision:resnet18",
-                                     "--weights", "none", "--input-size", "64", "-q", "--compile", "eager"])
+    again = CliRunner().invoke(cli, ["embed", *urls, "--out", str(out), *tiny.cli_args(workers=None)])
     assert again.exit_code == 0, again.output
     assert "3 already done" in again.output and (out / "_SUCCESS").is_file()
     assert not list((out / "_state").glob("*.failed.json"))
@@ -212,8 +210,7 @@ def test_sigterm_releases_the_lock(digits_shards, tmp_path):
     import time
 
     args = [sys.executable, "-m", "pipeline", "embed", *map(str, digits_shards), "--out", str(tmp_path),
-            "--model", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "--batch-size", "1",
-            "--compile", "eager", "--workers", "0", "-q"]
+            *tiny.cli_args(batch_size=1)]
     proc = subprocess.Popen(args, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while not (tmp_path / "_lock").exists() and time.time() < deadline:

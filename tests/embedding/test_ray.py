@@ -4,11 +4,11 @@ import pytest
 
 from pipeline import store
 from pipeline.embedding.runner import embed
+import tiny
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'embedpipe[ray]'")
 
-FAST = dict(model="torchvision:resnet18", weights="none", input_size=64, quiet=True, batch_size=32,
-            out_dtype="float32", compile="eager", workers=0)
+FAST = tiny.options(batch_size=32, out_dtype="float32")
 
 
 @pytest.mark.slow

@@ -15,13 +15,13 @@ import time
 import pytest
 
 from shards import tiny_shards
+import tiny
 
 
 pytestmark = pytest.mark.slow  # real processes and files: in `make test`, not in the fast subset
 
 
-ARGS = ["--model", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "--compile", "eager",
-        "--batch-size", "4", "-q"]
+ARGS = tiny.cli_args(batch_size=4, workers=None)
 
 
 def test_out_under_a_regular_file_is_one_line(tmp_path, embedpipe):

@@ -14,12 +14,12 @@ import pytest
 
 from pipeline import store
 from pipeline.embedding.runner import embed
+import tiny
 
 pytestmark = pytest.mark.slow  # real processes racing for one folder, one of them killed
 
 KILLER = str(Path(__file__).with_name("killer.py"))
-EMBED = ["--model", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "--compile", "eager",
-         "--batch-size", "64", "--workers", "0", "-q"]
+EMBED = tiny.cli_args(batch_size=64)
 
 
 def test_second_run_refused_then_dead_owners_lock_taken_over(digits_shards, tmp_path, caplog):
@@ -43,8 +43,7 @@ def test_second_run_refused_then_dead_owners_lock_taken_over(digits_shards, tmp_
         first.wait(timeout=30)
     assert (out / "_lock").exists() and not list((out / "embeddings").glob("*.parquet"))
     with caplog.at_level(logging.WARNING, logger="pipeline.embedding.run_folder"):
-        s = embed(shards, out, model="torchvision:resnet18", weights="none", input_size=64, compile="eager",
-                  batch_size=64, workers=0, quiet=True)
+        s = embed(shards, out, **tiny.options(batch_size=64))
     assert f"taking over the stale lock {out / '_lock'} of dead pid {first.pid}" in caplog.text
     assert s.failed == {} and s.shards_done == 2 and len(store.read_all(out).keys) == 200
     assert not (out / "_lock").exists() and not list(out.rglob("*.tmp")) and os.listdir(out / "_state")

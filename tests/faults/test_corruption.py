@@ -21,13 +21,13 @@ from pipeline.cli import cli
 from pipeline.embedding.run_folder import file_check
 from pipeline.verify import run_verify
 from shards import jpeg_bytes, sample_image, write_tar
+import tiny
 
 
 pytestmark = pytest.mark.slow  # real processes and files: in `make test`, not in the fast subset
 
 
-ARGS = ["--model", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "--compile", "eager",
-        "--out-dtype", "float32", "--batch-size", "8", "--workers", "0", "-q"]
+ARGS = tiny.cli_args(out_dtype="float32", batch_size=8)
 
 
 def samples(prefix: str, n: int = 4, seed: int = 0) -> list[dict]:

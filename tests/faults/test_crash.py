@@ -23,12 +23,13 @@ from pipeline import atomic, store
 from pipeline.verify import run_verify
 from campaign import cases
 from shards import jpeg_bytes, sample_image, write_tar
+import tiny
 
 pytestmark = pytest.mark.slow  # a crash campaign: real processes killed and rerun
 
 KILLER = str(Path(__file__).with_name("killer.py"))
-EMBED = ["--model", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "--compile", "eager",
-         "--out-dtype", "float32", "--batch-size", "8", "--workers", "0", "-q"]
+OPTIONS = tiny.options(out_dtype="float32", batch_size=8)
+EMBED = tiny.cli_args(out_dtype="float32", batch_size=8)
 SHARDS, PER_SHARD = 3, 20
 
 
@@ -63,8 +64,7 @@ def clean(small_shards, tmp_path_factory):
     from pipeline.embedding.runner import embed
 
     out = tmp_path_factory.mktemp("crash-clean") / "emb"
-    embed(small_shards, out, model="torchvision:resnet18", weights="none", input_size=64, compile="eager",
-          out_dtype="float32", batch_size=8, workers=0, quiet=True)
+    embed(small_shards, out, **OPTIONS)
     return out
 
 
@@ -104,8 +104,7 @@ def test_killed_between_parquet_and_done_record_redoes_the_shard(small_shards, t
     assert problems == [] and info["pending_without_record"] == [name]  # pending, not corrupt
     from pipeline.embedding.runner import embed
 
-    again = embed(small_shards[:1], out, model="torchvision:resnet18", weights="none", input_size=64, compile="eager",
-                  out_dtype="float32", batch_size=8, workers=0, quiet=True)
+    again = embed(small_shards[:1], out, **OPTIONS)
     assert again.shards_done == 1 and again.shards_skipped == 0  # redone, not taken as done
     assert leftovers(out) == [] and json.loads((out / "_state" / f"{name}.json").read_text())["embedded"] == PER_SHARD
 

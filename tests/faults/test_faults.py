@@ -24,13 +24,13 @@ from pipeline.cli import cli
 from shards import (bomb_png_bytes, cmyk_jpeg_bytes, exif_rotated_jpeg_bytes, grayscale_jpeg_bytes, jpeg_bytes,
                     not_image_bytes, one_pixel_jpeg_bytes, palette_png_bytes, png16_bytes, png_bytes, sample_image,
                     truncated_jpeg_bytes, write_tar)
+import tiny
 
 
 pytestmark = pytest.mark.slow  # real processes and files: in `make test`, not in the fast subset
 
 
-ARGS = ["--model", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "--compile", "eager",
-        "--out-dtype", "float32", "--batch-size", "16", "--workers", "0", "-q"]
+ARGS = tiny.cli_args(out_dtype="float32", batch_size=16)
 
 
 def good(i: int) -> dict:

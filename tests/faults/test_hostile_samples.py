@@ -24,13 +24,13 @@ from pipeline.model.image_header import SkipSample, read_header
 from pipeline.verify import run_verify
 from shards import (bad_filter_png_bytes, jpeg_bytes, png16_rgb_bytes, png_bytes, sample_image, wide_png_bytes,
                     write_raw_tar, write_tar)
+import tiny
 
 
 pytestmark = pytest.mark.slow  # real processes and files: in `make test`, not in the fast subset
 
 
-ARGS = ["--model", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "--compile", "eager",
-        "--out-dtype", "float32", "--batch-size", "16", "--workers", "0", "-q"]
+ARGS = tiny.cli_args(out_dtype="float32", batch_size=16)
 GOOD = ["good_0", "good_1"]
 
 

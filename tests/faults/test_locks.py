@@ -23,14 +23,14 @@ from pipeline.errors import UserError
 from pipeline.verify import run_verify
 from campaign import cases
 from shards import tiny_shards
+import tiny
 
 
 pytestmark = pytest.mark.slow  # real processes and files: in `make test`, not in the fast subset
 
 
 HERE = Path(__file__).parent
-ARGS = ["--model", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "--compile", "eager",
-        "--batch-size", "4", "--workers", "0", "-q"]
+ARGS = tiny.cli_args(batch_size=4)
 
 
 def dead_pid() -> int:

@@ -19,12 +19,12 @@ from pipeline import store
 from pipeline.verify import run_verify
 from campaign import FULL
 from shards import bad_filter_png_bytes, jpeg_bytes, sample_image, write_tar
+import tiny
 
 pytestmark = pytest.mark.slow  # real processes that segfault, and reruns
 
 LIBPNG = str(Path(__file__).with_name("libpng.py"))
-ARGS = ["--model", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "--compile", "eager",
-        "--out-dtype", "float32", "--batch-size", "4", "-q"]
+ARGS = tiny.cli_args(out_dtype="float32", batch_size=4, workers=None)
 
 
 def good(i: int) -> dict:

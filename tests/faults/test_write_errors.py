@@ -11,13 +11,13 @@ from click.testing import CliRunner
 from pipeline import atomic, store
 from pipeline.cli import cli
 from pipeline.verify import run_verify
+import tiny
 
 
 pytestmark = pytest.mark.slow  # real processes and files: in `make test`, not in the fast subset
 
 
-ARGS = ["--model", "torchvision:resnet18", "--weights", "none", "--input-size", "64", "--compile", "eager",
-        "--workers", "0", "-q"]
+ARGS = tiny.cli_args()
 
 
 def full_disk_for(monkeypatch, victim: str, what: str) -> list[str]:

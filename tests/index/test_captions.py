@@ -14,8 +14,9 @@ from pipeline.index.options import IndexConfig
 from pipeline.index.query import run_search
 
 from shards import jpeg_bytes, sample_image, write_tar
+import tiny
 
-FAST = dict(model="torchvision:resnet18", weights="none", input_size=64, quiet=True, compile="eager", workers=0)
+FAST = tiny.options()
 
 
 def test_caption_and_url_rules():

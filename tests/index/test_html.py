@@ -8,12 +8,8 @@ from html.parser import HTMLParser
 import pytest
 from PIL import Image
 
-from pipeline.embedding.runner import embed
-from pipeline.index.build import run_index
-from pipeline.index.options import IndexConfig
 from pipeline.index.query import run_search
 
-FAST = dict(model="torchvision:resnet18", weights="none", input_size=64, quiet=True, compile="eager", workers=0)
 
 
 class Figures(HTMLParser):
@@ -33,11 +29,10 @@ class Figures(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def page(digits_shards, tmp_path_factory):
+def page(tiny_index, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("html")
-    embed([str(p) for p in digits_shards[:2]], tmp / "emb", **FAST)
-    run_index(IndexConfig(str(tmp / "emb"), out=str(tmp / "idx"), kind="flat"))
-    out = list(run_search(tmp / "idx", keys=["digits_000360", "digits_001773"], k=4, html=str(tmp / "page.html")))
+    out = list(run_search(tiny_index / "idx", keys=["digits_000360", "digits_001773"], k=4,
+                          html=str(tmp / "page.html")))
     return tmp / "page.html", out
 
 

@@ -21,8 +21,9 @@ from pipeline.model import decoders
 from pipeline.model.decoders import cpu, decoder_names, get_decoder
 from pipeline.model.image_header import Header, SkipSample, read_header
 from pipeline.model.preprocess import Preprocess
+import tiny
 from shards import (bad_filter_png_bytes, fault_samples, jpeg_bytes, palette_png_bytes, png_bytes, sample_image,
-                    truncated_jpeg_bytes, write_tar)
+                    write_tar)
 
 PRE = Preprocess(input_size=32, resize_size=36)
 
@@ -167,8 +168,8 @@ def test_a_batch_the_decoder_fails_on_is_retried_image_by_image(tmp_path, use, e
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    cfg = EmbedConfig(model="torchvision:resnet18", weights="none", input_size=64, compile="eager", device="cpu",
-                      precision="fp32", out_dtype="float32", batch_size=8, keep=("txt",))
+    cfg = EmbedConfig(**tiny.options(workers=None, quiet=None), device="cpu", precision="fp32", out_dtype="float32",
+                      batch_size=8, keep=("txt",))
     return cfg, *prepare_model(cfg)
 
 

@@ -18,8 +18,9 @@ from pipeline.probe.export import FeatureHead, attach_head, export_classifier
 from pipeline.probe.linear import run_probe
 from pipeline.probe.options import ProbeOptions
 from pipeline.probe.predict import run_predict
+import tiny
 
-TINY = dict(model="torchvision:resnet18", weights="none", input_size=64, device="cpu", workers=0, quiet=True)
+TINY = tiny.options(device="cpu", compile=None)
 
 
 @pytest.fixture(scope="module")

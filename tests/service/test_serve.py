@@ -22,7 +22,6 @@ import pytest
 from PIL import Image
 
 from pipeline import store
-from pipeline.embedding.runner import embed
 from pipeline.index.build import run_index
 from pipeline.index.options import IndexConfig
 from pipeline.index.search import open_index
@@ -30,7 +29,6 @@ from pipeline.service import create_app
 
 from serve_helpers import call, post_form, post_json, running
 
-FAST = dict(model="torchvision:resnet18", weights="none", input_size=64, quiet=True, compile="eager", workers=0)
 KEY = "digits_000360"  # the first sample of digits-000000.tar
 
 
@@ -44,16 +42,14 @@ def keys_of(parquet: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def data(digits_shards, tmp_path_factory):
+def data(digits_shards, tiny_index, tmp_path_factory):
     """Two shards embedded (tiny model) and indexed: ``idx``; and ``idx0`` holding only the first of them."""
     tmp = tmp_path_factory.mktemp("serve")
-    embed([str(p) for p in digits_shards[:2]], tmp / "emb", **FAST)
-    run_index(IndexConfig(str(tmp / "emb"), out=str(tmp / "idx"), kind="flat"))
-    files = store.list_shards(tmp / "emb")
+    files = store.list_shards(tiny_index / "emb")
     (tmp / "emb0" / "embeddings").mkdir(parents=True)
     shutil.copy(files[0], tmp / "emb0" / "embeddings" / files[0].name)
     run_index(IndexConfig(str(tmp / "emb0"), out=str(tmp / "idx0"), kind="flat"))
-    return SimpleNamespace(tmp=tmp, shards=digits_shards, files=files, idx=tmp / "idx", idx0=tmp / "idx0")
+    return SimpleNamespace(tmp=tmp, shards=digits_shards, files=files, idx=tiny_index / "idx", idx0=tmp / "idx0")
 
 
 @pytest.fixture(scope="module")
