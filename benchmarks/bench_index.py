@@ -147,11 +147,10 @@ def bench_size(n: int, kinds: list[str], args: argparse.Namespace, work: Path, d
                       work / f"{kind}-{n}.log")
         idx = open_index(out)
         s = speed(lambda v: idx.search(v, K), lambda b: idx.search(b, K).ids, q, args.singles)
-        meta = idx.meta
-        save(row(n, kind, meta["factory"], ",".join(f"{a}={b}" for a, b in meta["search_params"].items()), build, s,
-                 truth, exact, tuned_recall=meta["tuning"]["recall@10"],
-                 api_us=api_overhead_us(idx, q[:args.singles]),
-                 **({"auto": meta["auto"]} if "auto" in meta else {})))
+        rec = idx.record
+        save(row(n, kind, rec.factory, ",".join(f"{a}={b}" for a, b in rec.search_params.items()), build, s,
+                 truth, exact, tuned_recall=rec.recall_at_10, api_us=api_overhead_us(idx, q[:args.singles]),
+                 **({"auto": dict(rec.auto)} if rec.auto else {})))
         idx = None  # frees the index before the next build
         shutil.rmtree(out)
     if args.autofaiss_python:

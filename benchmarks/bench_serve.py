@@ -61,7 +61,7 @@ def prepare(root: Path, n: int, model: str, weights: str, input_size: int | None
     rng = np.random.default_rng(0)
     # Embedding-like padding: a mixture of Gaussians in 64 dims mapped up, plus noise. Random unit vectors in
     # ~1000 dims have no neighbour structure at all: an approximate index then needs near-exhaustive search.
-    dim = meta["dim"]
+    dim = meta.dim
     lift = rng.normal(size=(64, dim)).astype(np.float32)
     centres, spread = rng.normal(size=(2000, 64)), rng.lognormal(-0.7, 0.6, 2000)
     left, s = n - len(keys), 0
@@ -304,8 +304,10 @@ def bench(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     if a.cli_runs > 0 and "image" in a.queries:
         (workdir / "q.jpg").write_bytes(jpegs[0])
         rows.append(cli_per_query(index, ["--image", str(workdir / "q.jpg")], max(1, a.cli_runs // 2)))
-    meta = json.loads((index / "index.json").read_text())
-    return {"n": a.n, "model": a.model, "factory": meta["factory"], "search_params": meta["search_params"],
+    from pipeline.index.layout import read_record
+
+    rec = read_record(index)
+    return {"n": a.n, "model": a.model, "factory": rec.factory, "search_params": dict(rec.search_params),
             "workers": a.workers, "client": a.client, "seconds": a.seconds, "cores": os.cpu_count(), "rows": rows,
             "ratios": ratios(rows)}
 
