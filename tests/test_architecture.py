@@ -171,3 +171,79 @@ def test_help_imports_neither_torch_nor_faiss():
             "print(sorted(m for m in ('torch', 'faiss', 'timm', 'torchvision', 'webdataset') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+# ------------------------------------------------------------------ registries name their own entries
+
+def registry_comparisons(source: str, names: set[str], subject: str) -> list[int]:
+    """Lines of ``source`` that compare a value whose code matches ``subject`` (``choice.kind``, ``cfg.engine``)
+    with an entry's name (``==``, ``!=``, ``in`` a tuple, ``case``), or test a spec with ``.startswith("name:")``."""
+    import re
+
+    def named(node: ast.AST) -> bool:
+        if isinstance(node, ast.Constant):
+            return node.value in names or (isinstance(node.value, str) and node.value.rstrip(":") in names
+                                           and node.value.endswith(":"))
+        return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(named(e) for e in node.elts)
+
+    def about(node: ast.AST) -> bool:
+        return not isinstance(node, ast.Constant) and re.search(subject, ast.unparse(node)) is not None
+
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            sides = (node.left, *node.comparators)
+            if any(named(x) for x in sides) and any(about(x) for x in sides):
+                lines.append(node.lineno)
+        elif isinstance(node, ast.Match) and about(node.subject):
+            lines += [c.pattern.lineno for c in node.cases if isinstance(c.pattern, ast.MatchValue)
+                      and named(c.pattern.value)]
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "startswith"
+              and node.args and named(node.args[0])):
+            lines.append(node.lineno)
+    return sorted(lines)
+
+
+def _kinds() -> set[str]:
+    from pipeline.index.kinds import kind_names
+
+    return set(kind_names())
+
+
+def _decoders() -> set[str]:
+    from pipeline.model.decoders import decoder_names
+
+    return set(decoder_names())
+
+
+# (the registry's package, its entry names, what a value naming an entry is called in code)
+REGISTRIES = {
+    "index kinds": ("pipeline/index/kinds", _kinds, r"kind"),
+    "decoders": ("pipeline/model/decoders", _decoders, r"decod"),
+}
+
+
+@pytest.mark.parametrize("registry", sorted(REGISTRIES))
+def test_each_registry_is_the_only_place_that_names_its_entries(registry):
+    """Adding an entry is one file: no ``if kind == "hnsw"`` (ask the entry's spec) outside its registry."""
+    folder, names, subject = REGISTRIES[registry]
+    entries = names()
+    assert entries, f"the {registry} registry found no entries"
+    home = PACKAGE.parent / folder
+    found = {str(p.relative_to(PACKAGE.parent)): lines for p in sorted(PACKAGE.rglob("*.py"))
+             if home not in p.parents and (lines := registry_comparisons(p.read_text(), entries, subject))}
+    assert found == {}, f"ask the {registry} registry's entry instead of comparing names: {found}"
+
+
+def test_the_registry_check_sees_the_comparisons_of_the_code_before_the_registries():
+    old = (  # lines of the code before the registries (choose.py, build.py, runner.py, export.py, bench.py)
+        'if cfg.kind == "auto" and choice.kind != "flat":\n    pass\n'
+        'if parts and kind not in ("ivf", "ivfpq"):\n    pass\n'
+        'if pending and cfg.engine == "ray":\n    pass\n'
+        'if str(meta["model"]).startswith("torchscript:"):\n    pass\n'
+        'if device.type == "cpu" and decoder.name == "cpu":\n    pass\n'
+        'match kind:\n    case "hnsw":\n        pass\n')
+    assert registry_comparisons(old, {"flat", "ivf", "ivfpq", "hnsw"}, r"kind") == [1, 3, 12]
+    assert registry_comparisons(old, {"ray", "local"}, r"engine") == [5]
+    assert registry_comparisons(old, {"torchscript", "timm"}, r"model|spec|kind") == [7]
+    assert registry_comparisons(old, {"cpu"}, r"decod") == [9]  # the device's "cpu" is not the decoder's

@@ -169,50 +169,6 @@ def test_tuned_knobs_are_those_the_faiss_object_had():
         assert [[p, v[0], v[-1], len(v)] for p, v in tune.search_params(index)] == want[name], name
 
 
-# ------------------------------------------------------------------ no kind name compared outside the registry
-
-
-def kind_comparisons(source: str, names: set[str]) -> list[int]:
-    """Lines of ``source`` that compare something with a kind name (``==``, ``!=``, ``in`` a tuple, ``case``)."""
-    def named(node: ast.AST) -> bool:
-        if isinstance(node, ast.Constant):
-            return node.value in names
-        return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(named(e) for e in node.elts)
-
-    lines = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Compare) and any(named(x) for x in (node.left, *node.comparators)):
-            lines.append(node.lineno)
-        elif isinstance(node, ast.MatchValue) and named(node.value):
-            lines.append(node.lineno)
-    return sorted(lines)
-
-
-def test_no_kind_name_is_compared_outside_the_registry():
-    names = set(kinds.kind_names())
-    found = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        if KIND_DIR not in path.parents:
-            if lines := kind_comparisons(path.read_text(), names):
-                found[str(path.relative_to(ROOT))] = lines
-    assert found == {}, "ask the kind's spec (kinds.get_kind(name).exact, .parts, ...) instead of naming the kind"
-
-
-def test_the_check_sees_the_comparisons_the_old_code_made():
-    old = textwrap.dedent('''
-        if cfg.kind == "auto" and choice.kind != "flat":
-            pass
-        if parts and kind not in ("ivf", "ivfpq"):
-            pass
-        if "hnsw" == kind:
-            pass
-        match kind:
-            case "fastscan":
-                pass
-    ''')
-    assert kind_comparisons(old, set(kinds.kind_names())) == [2, 4, 6, 9]
-
-
 # ------------------------------------------------------------------ one home per default
 
 
