@@ -3,9 +3,9 @@
 A source turns the name after its prefix in a model spec (``timm:resnet50``, ``torchscript:/models/feat.pt``)
 into a frozen feature extractor, a :class:`~pipeline.model.backbones.Backbone`: the model with its head
 replaced by Identity (or the pooled output of ``layer``), its preprocessing, its checked dimension and the
-identity every output records. A source that holds classifiers (timm, torchvision) also loads the full model
-with its head, for fine-tuning, exported classifiers and the bench's baseline; one that does not (a TorchScript
-file of features, an image-text model) says so and those callers refuse it before loading anything.
+identity every output records. A source of classifiers (timm, torchvision) also loads the full model with its
+head, and fine-tuning and exported classifiers put their head where that one was; a source without a head (a
+TorchScript file of features, an image-text model) says so, and those callers refuse it before reading data.
 
 Adding a source is one module defining ``SOURCE`` plus its tests; no list elsewhere names the sources. Listing
 the names (:func:`source_names`) imports nothing; a source's module is imported on first use.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import pkgutil
-from typing import Collection, Iterable, Protocol
+from typing import Iterable, Protocol
 
 from ...errors import UserError
 from ..specs import ALIASES
@@ -34,12 +34,13 @@ class ModelSource(Protocol):
     name: str  # the spec prefix, which is the module's name
     argument: str  # what follows the prefix in a spec, for help and errors: "<name>" or "<path>"
     about: str  # one line for `embedpipe models`
-    # Place in the lookup of bare names ("resnet18": timm first, then torchvision); None: only ever named with
+    # Place in the lookup of bare names ("mobilenetv3_small_050": timm first, then torchvision); None: only with
     # its prefix (a TorchScript file runs code, so a bare name never loads one).
     bare_order: int | None
-    has_classifier: bool  # classifier() gives the full model with its classification head
+    # classifier() gives the full model with its classification head; fine-tuning and --export-classifier need one
+    has_classifier: bool
 
-    def names(self) -> Collection[str]:
+    def names(self) -> frozenset[str]:
         """The model names a bare spec can mean (built once per process); empty when names are paths."""
         ...
 
