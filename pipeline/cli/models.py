@@ -47,4 +47,3 @@ def models(spec: str | None, weights: str, layer: str | None, nodes: bool, as_js
     click.echo(f"{info['model']}: dim {info['dim']}, {info['parameters'] / 1e6:.2f}M parameters, weights {info['weights']}")
     click.echo(f"  input {pre['input_size']}px (resize {pre['resize_size']}, {pre['interpolation']}), "
                f"mean {pre['mean']}, std {pre['std']}" + (f", layer {info['layer']}" if info["layer"] else ""))
-
