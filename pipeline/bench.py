@@ -168,18 +168,16 @@ def matmul_peak(dtype: torch.dtype, min_seconds: float = 1.0) -> float:
 
 def baseline(urls: list[str], spec: str, weights: str, batch_size: int = 32,
              limit: int | None = None) -> tuple[float, dict[str, np.ndarray]]:
-    """The loop a tutorial would write: webdataset + PIL + torchvision transforms + eager fp32, fc = Identity."""
+    """The loop a tutorial would write: webdataset + PIL + torchvision transforms + eager fp32, fc = Identity.
+
+    The model is loaded again, as its source gives features (the head replaced by Identity, or reset), so the
+    baseline differs from ours in the loop only.
+    """
     import torchvision.transforms as T
     import webdataset as wds
 
-    from .model.backbones import load_classifier, remove_head
-
-    _, model, pre, _, _ = load_classifier(spec, weights)
-    if spec.startswith("timm:") or "efficientnet_lite0" in spec or spec == "default":
-        model.reset_classifier(0)
-    else:
-        model, _ = remove_head(model, spec)
-    model.eval()
+    bb = load_backbone(spec, weights)
+    model, pre = bb.model, bb.preprocess
     tf = T.Compose([T.Resize(pre.resize_size, interpolation=T.InterpolationMode(pre.interpolation)),
                     T.CenterCrop(pre.input_size), T.ToTensor(), T.Normalize(pre.mean, pre.std)])
     ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil").to_tuple("__key__", "jpg")

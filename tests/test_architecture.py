@@ -198,8 +198,8 @@ def registry_comparisons(source: str, names: set[str], subject: str) -> list[int
         elif isinstance(node, ast.Match) and about(node.subject):
             lines += [c.pattern.lineno for c in node.cases if isinstance(c.pattern, ast.MatchValue)
                       and named(c.pattern.value)]
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "startswith"
-              and node.args and named(node.args[0])):
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in ("startswith", "removeprefix") and node.args and named(node.args[0])):
             lines.append(node.lineno)
     return sorted(lines)
 
@@ -208,6 +208,12 @@ def _kinds() -> set[str]:
     from pipeline.index.kinds import kind_names
 
     return set(kind_names())
+
+
+def _sources() -> set[str]:
+    from pipeline.model.sources import source_names
+
+    return {*source_names(), "open_clip"}  # open_clip: the next source, named only by its module too
 
 
 def _decoders() -> set[str]:
@@ -220,6 +226,7 @@ def _decoders() -> set[str]:
 REGISTRIES = {
     "index kinds": ("pipeline/index/kinds", _kinds, r"kind"),
     "decoders": ("pipeline/model/decoders", _decoders, r"decod"),
+    "model sources": ("pipeline/model/sources", _sources, r"kind|spec|model|source|name"),
 }
 
 

@@ -17,10 +17,15 @@ from .group import cli
 def models(spec: str | None, weights: str, layer: str | None, nodes: bool, as_json: bool) -> None:
     """List model aliases, or describe one model spec (dim, preprocessing, parameters)."""
     from ..model.backbones import load_backbone
-    from ..model.specs import ALIASES, DEFAULT_MODEL, EMBEDDED_WEIGHTS, resolve_spec
+    from ..model.sources import all_sources, resolve_spec
+    from ..model.specs import ALIASES, DEFAULT_MODEL, EMBEDDED_WEIGHTS
 
     if spec is None:
-        click.echo("Model specs: timm:<name>, torchvision:<name>, torchscript:<path> (runs code: trusted files only)")
+        listed = all_sources()
+        bare = ", then ".join(s.name for s in listed if s.bare_order is not None)
+        click.echo(f"Model specs (a bare name is looked up in {bare}):")
+        for source in listed:
+            click.echo(f"  {source.name + ':' + source.argument:<20} {source.about}")
         click.echo(f"Default: {DEFAULT_MODEL} (ImageNet weights embedded, works offline)\nAliases:")
         for alias, target in ALIASES.items():
             note = " (embedded weights)" if target in EMBEDDED_WEIGHTS else ""

@@ -19,6 +19,7 @@ from ..model.backbones import Backbone
 from ..model.deprecations import torchscript_calls
 from ..model.preprocess import Preprocess, UInt8Normalize
 from ..model.rebuild import rebuild_backbone
+from ..model.sources import classifier_source
 from ..records import EmbeddingMeta
 
 log = logging.getLogger(__name__)
@@ -100,9 +101,7 @@ def check_exportable(emb_dir: str | Path) -> EmbeddingMeta:
     if meta is None or missing:
         raise UserError(f"{emb_dir}: embedding metadata lacks {', '.join(missing)}, so the backbone cannot be "
                         "rebuilt for --export-classifier; embed with `embedpipe embed`")
-    if meta.model.startswith("torchscript:"):
-        raise UserError("--export-classifier needs a timm:/torchvision: backbone; a torchscript: model has no "
-                        "classifier to replace")
+    classifier_source(meta.model, "--export-classifier")  # the probe's head goes where the classifier was
     return meta
 
 

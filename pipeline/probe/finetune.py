@@ -20,6 +20,7 @@ from .. import atomic
 from ..errors import UserError
 from ..model.backbones import Backbone, load_backbone, with_input_size
 from ..model.preprocess import UInt8Normalize
+from ..model.sources import classifier_source
 from ..progress import Progress
 from .export import attach_head, build_classifier, save_scripted
 from .labels import ClassMap, LabelSource
@@ -260,6 +261,7 @@ def run_finetune(shards: Sequence[str], val_shards: Sequence[str], out: str | Pa
 
     opts = opts or FinetuneOptions()
     opts.check()
+    classifier_source(opts.model, "finetune")  # the new head goes where the classifier was: refused before any data
     urls, val_urls = expand(list(shards)), expand(list(val_shards))
     if not urls or not val_urls:
         raise UserError("finetune needs training SHARDS and --val SHARDS")

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.embedding.shards import output_names, stem
 from pipeline.errors import UserError
-from pipeline.model.specs import resolve_spec
+from pipeline.model.sources import resolve_spec
 from pipeline.model.weights import read_weights_file
 
 

@@ -10,7 +10,7 @@ from pipeline.errors import UserError
 from pipeline.model.backbones import load_backbone, load_classifier
 from pipeline.model.compile import build_extractor
 from pipeline.model.preprocess import resize_crop
-from pipeline.model.specs import resolve_spec
+from pipeline.model.sources import resolve_spec
 
 
 def photo_batch(pre, names=("chelsea", "coffee", "astronaut", "rocket")) -> torch.Tensor:
@@ -72,8 +72,9 @@ def test_torchscript_file_spec(tmp_path: Path):
 
 
 def test_default_pretrained_classifies_real_photos():
-    _, model, pre, _, source = load_classifier("default")
-    assert source.startswith("embedded:")
+    clf = load_classifier("default")
+    model, pre = clf.model, clf.preprocess
+    assert clf.weights.startswith("embedded:")
     x = photo_batch(pre, ("chelsea", "coffee")).float() / 255
     x = (x - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(1, 3, 1, 1)
     with torch.inference_mode():
@@ -125,7 +126,7 @@ def test_default_weights_offline_fail_at_once_with_fix(monkeypatch):
 
 def test_weights_file_of_other_architecture_names_the_tensor(tmp_path: Path):
     path = tmp_path / "resnet18.pt"
-    torch.save(load_classifier("torchvision:resnet18", "none")[1].state_dict(), path)
+    torch.save(load_classifier("torchvision:resnet18", "none").model.state_dict(), path)
     with pytest.raises(UserError, match=r"tensor 'conv_stem.weight'|'conv1.weight'"):
         load_backbone("timm:efficientnet_lite0", weights=str(path))
     loaded = load_backbone("torchvision:resnet18", weights=str(path))
@@ -135,7 +136,7 @@ def test_weights_file_of_other_architecture_names_the_tensor(tmp_path: Path):
 def test_safetensors_weights_and_missing_file(tmp_path: Path):
     from safetensors.torch import save_file
 
-    sd = {k: v.contiguous() for k, v in load_classifier("torchvision:resnet18", "none")[1].state_dict().items()}
+    sd = {k: v.contiguous() for k, v in load_classifier("torchvision:resnet18", "none").model.state_dict().items()}
     save_file(sd, str(tmp_path / "w.safetensors"))
     assert load_backbone("torchvision:resnet18", str(tmp_path / "w.safetensors")).num_features == 512
     with pytest.raises(UserError, match="does not exist"):

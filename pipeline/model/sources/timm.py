@@ -1,0 +1,85 @@
+"""The ``timm`` source: ``timm:<name>`` (and bare names, looked up here first), with the classifier reset to none."""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ...errors import UserError
+from ..backbones import Backbone, Classifier, classifier_with_weights, features_of
+from ..preprocess import Preprocess
+from ..weights import check_online
+from . import did_you_mean
+
+
+@functools.lru_cache(maxsize=None)
+def model_names() -> frozenset[str]:
+    """timm's model names, built once per process: ``timm.list_models()`` walks every registered model.
+
+    A model registered with timm after the first call is not seen; register plugins' models before resolving specs.
+    """
+    import timm
+
+    return frozenset(timm.list_models())
+
+
+def _create(name: str, pretrained: bool) -> tuple[nn.Module, Preprocess, dict[str, Any]]:
+    import timm
+    from timm.data import resolve_data_config
+
+    if pretrained:
+        cfg = timm.models.get_pretrained_cfg(name)
+        hub_id = getattr(cfg, "hf_hub_id", None) if cfg else None
+        cached = hub_id and (Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub" /
+                             f"models--{hub_id.replace('/', '--')}").is_dir()
+        if not cached:
+            check_online("huggingface.co", f"timm weights for {name}")
+    model = timm.create_model(name, pretrained=pretrained)
+    dc = resolve_data_config({}, model=model)
+    size = dc["input_size"][-1]
+    pre = Preprocess(size, int(round(size / dc.get("crop_pct", 0.875))), dc.get("interpolation", "bicubic"),
+                     tuple(dc["mean"]), tuple(dc["std"]))
+    # head_hidden_size: models with a pre-logits layer after pooling (MobileNetV3: 960 -> 1280) feed that to the head
+    dim = getattr(model, "head_hidden_size", None) or model.num_features
+    head = {"attr": model.pretrained_cfg.get("classifier", "classifier"), "in_features": dim}
+    return model, pre, head
+
+
+def _reset_classifier(clf: Classifier) -> tuple[nn.Module, dict[str, Any]]:
+    # timm's own way: also drops pre-logits dropout and keeps the pooling (remove_head would miss both)
+    clf.model.reset_classifier(0)
+    return clf.model, clf.head
+
+
+@dataclass(frozen=True)
+class TimmSource:
+    """timm's models; pretrained weights from the Hugging Face hub, or embedded in a package (the default)."""
+
+    name: str = "timm"
+    argument: str = "<name>"
+    about: str = "timm's image models (`timm.list_models()` lists them)"
+    bare_order: int | None = 0
+    has_classifier: bool = True
+
+    def names(self) -> frozenset[str]:
+        return model_names()
+
+    def check(self, name: str) -> None:
+        if name.split(".", 1)[0] not in model_names():  # "resnet50.a1_in1k": a model and its pretrained tag
+            raise UserError(f"timm has no model {name!r}.{did_you_mean(name, model_names(), f'{self.name}:')} "
+                            "`timm.list_models()` lists them all")
+
+    def load(self, name: str, weights: str = "default", layer: str | None = None,
+             input_size: int | None = None) -> Backbone:
+        return features_of(self.classifier(name, weights), layer, input_size, _reset_classifier)
+
+    def classifier(self, name: str, weights: str = "default") -> Classifier:
+        self.check(name)
+        return classifier_with_weights(f"{self.name}:{name}", weights, lambda pretrained: _create(name, pretrained))
+
+
+SOURCE = TimmSource()

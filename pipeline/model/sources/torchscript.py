@@ -1,0 +1,61 @@
+"""The ``torchscript`` source: ``torchscript:<path>``, a TorchScript file that already returns features.
+
+Loading one runs its code, so only an explicit ``torchscript:`` spec reaches this source (``bare_order`` None:
+a bare name that happens to be a file is never loaded).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ...errors import UserError
+from ..backbones import Backbone, Classifier, check_dim, freeze, sized
+from ..deprecations import torchscript_calls
+from ..preprocess import Preprocess
+
+
+@dataclass(frozen=True)
+class TorchScriptSource:
+    """A traced or scripted feature extractor; preprocessing from its ``preprocess.json`` extra file, if any."""
+
+    name: str = "torchscript"
+    argument: str = "<path>"
+    about: str = "a TorchScript file returning [B, D] features (loading runs its code: trusted files only)"
+    bare_order: int | None = None
+    has_classifier: bool = False
+
+    def names(self) -> frozenset[str]:
+        return frozenset()  # names are paths
+
+    def check(self, name: str) -> None:
+        pass  # a path: loading says whether the file is there
+
+    def load(self, name: str, weights: str = "default", layer: str | None = None,
+             input_size: int | None = None) -> Backbone:
+        # `weights` is not used: the file holds them (a rebuild passes the recorded path back; the sha256 checks it)
+        p = Path(name)
+        if layer:
+            raise UserError("--layer cannot be used with torchscript: models (their graph is already fixed)")
+        if not p.is_file():
+            raise UserError(f"TorchScript file {p} does not exist")
+        extra = {"preprocess.json": ""}
+        try:
+            with torchscript_calls():
+                model = torch.jit.load(str(p), map_location="cpu", _extra_files=extra)
+        except Exception as e:
+            raise UserError(f"cannot load TorchScript file {p}: {e}") from None
+        pre = Preprocess.from_dict(json.loads(extra["preprocess.json"])) if extra["preprocess.json"] else Preprocess()
+        model = freeze(model)
+        dim = check_dim(model, pre, None, f"{self.name}:{p}")
+        sha = hashlib.sha256(p.read_bytes()).hexdigest()
+        return sized(Backbone(f"{self.name}:{p.resolve()}", model, dim, pre, str(p.resolve()), sha), input_size)
+
+    def classifier(self, name: str, weights: str = "default") -> Classifier:
+        raise UserError(f"{self.name}:{name} has no classification head: TorchScript models give features only")
+
+
+SOURCE = TorchScriptSource()
