@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline import store
-from pipeline.embedding.devices import parse_devices
+from pipeline.embedding.options import parse_devices
 from pipeline.embedding.runner import embed
 from pipeline.errors import UserError
 import tiny
