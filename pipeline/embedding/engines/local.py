@@ -31,7 +31,7 @@ def run(job: EngineJob, summary: EmbedSummary) -> list[str]:
     except RuntimeError as e:
         if not decode_worker_died(e):
             raise
-        log.error("%s; the %d unfinished shard(s) are left to a child process", e, len(left))
+        log.error("%s; the %d unfinished shard(s) go to a child process", e, len(left))
     finally:
         shards.close()  # the DataLoader's workers are shut down (and unwatched) before any child starts
     return list(left)
