@@ -122,9 +122,11 @@ def test_imports_point_down():
 
 def test_engines_import_the_worker_never_the_runner():
     g = graph()
-    for engine in ("pipeline.embedding.devices", "pipeline.embedding.ray_engine"):
-        assert "pipeline.embedding.worker" in g[engine]
-        assert "pipeline.embedding.runner" not in g[engine]
+    engines = [m for m in g if m.startswith("pipeline.embedding.engines.")]
+    assert len(engines) >= 3  # local, devices, ray: the modules were really found
+    for engine in engines:
+        assert "pipeline.embedding.worker" in g[engine], engine
+        assert "pipeline.embedding.runner" not in g[engine], engine
     assert not any("pipeline.embedding.runner" in g[m] for m in g if m.startswith("pipeline.embedding."))
 
 
@@ -216,6 +218,12 @@ def _sources() -> set[str]:
     return {*source_names(), "open_clip"}  # open_clip: the next source, named only by its module too
 
 
+def _engines() -> set[str]:
+    from pipeline.embedding.engines import engine_names
+
+    return set(engine_names())
+
+
 def _decoders() -> set[str]:
     from pipeline.model.decoders import decoder_names
 
@@ -227,6 +235,7 @@ REGISTRIES = {
     "index kinds": ("pipeline/index/kinds", _kinds, r"kind"),
     "decoders": ("pipeline/model/decoders", _decoders, r"decod"),
     "model sources": ("pipeline/model/sources", _sources, r"kind|spec|model|source|name"),
+    "engines": ("pipeline/embedding/engines", _engines, r"engine"),
 }
 
 

@@ -6,7 +6,8 @@ import json
 import click
 
 from ..config import config_option
-from ..embedding.options import ENGINES, OUT_DTYPES, EmbedConfig
+from ..embedding.engines import engine_names
+from ..embedding.options import OUT_DTYPES, EmbedConfig
 from ..embedding.tar import KEEPABLE
 from ..model.device import COMPILE_MODES, PRECISION_CHOICES
 from .group import cli
@@ -26,7 +27,7 @@ D = EmbedConfig  # the defaults shown here are the embed stage's own
 @click.option("--precision", type=click.Choice(PRECISION_CHOICES), default=D.precision, show_default=True, help="auto: fp16 on CUDA, fp32 on CPU.")
 @click.option("--device", default=D.device, show_default=True, help="auto, cpu, cuda or cuda:N (one process).")
 @click.option("--devices", default=None, help="One worker process per device: auto, cuda, N, cuda:0,cuda:2, cpu,cpu.")
-@click.option("--engine", type=click.Choice(ENGINES), default=D.engine, show_default=True, help="ray: a Ray Data actor pool (pip install 'embedpipe[ray]').")
+@click.option("--engine", type=click.Choice(engine_names()), default=D.engine, show_default=True, help="local: this process; ray: a Ray Data actor pool (pip install 'embedpipe[ray]'); devices: what --devices with several devices runs.")
 @click.option("--address", "ray_address", default=None, help="Ray cluster address (with --engine ray; default: start a local instance).")
 @click.option("--rank", type=int, default=None, help="This task's part of the shards (default: SLURM_ARRAY_TASK_ID [x SLURM_NTASKS + SLURM_PROCID], RANK, SLURM_PROCID, JOB_COMPLETION_INDEX).")
 @click.option("--world-size", type=int, default=None, help="Number of parts (default: SLURM_ARRAY_TASK_COUNT [x SLURM_NTASKS], WORLD_SIZE, SLURM_NTASKS, EMBEDPIPE_WORLD_SIZE).")

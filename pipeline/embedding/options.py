@@ -7,13 +7,13 @@ from typing import Any
 
 from .. import store
 from ..errors import UserError
-from ..model.device import DEFAULT_COMPILE, DEVICE_AUTO
+from ..model.device import (CPU_PRECISIONS, DEFAULT_COMPILE, DEVICE_AUTO, check_compile_mode, resolve_device,
+                            resolve_precision)
 from ..model.image_header import DEFAULT_MAX_PIXELS
 from ..model.specs import DEFAULT_MODEL
 from ..records import ModelIdentity
 from .tar import KEEPABLE
 
-ENGINES = ("local", "ray")
 OUT_DTYPES = tuple(store.DTYPES)
 
 
@@ -64,7 +64,7 @@ class EmbedConfig:
     overwrite: bool = False
     quiet: bool = False
     devices: str | None = None
-    engine: str = "local"
+    engine: str = "local"  # a name in the engine registry (embedding/engines/), which checks it
     ray_address: str | None = None
     rank: int | None = None
     world_size: int | None = None
@@ -80,6 +80,8 @@ class EmbedConfig:
         return rank, world
 
     def validate(self) -> None:
+        """Every option but ``engine``, whose names and rules the engine registry owns (``engines.engine_for``,
+        which the runner calls right after this: engines build on these options, so this module cannot ask them)."""
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.micro_batch is not None and self.micro_batch < 0:
@@ -93,12 +95,58 @@ class EmbedConfig:
             raise UserError(f"--keep accepts {', '.join(KEEPABLE)}; got {', '.join(bad)}")
         if self.input_size is not None and not 16 <= self.input_size <= 2048:
             raise UserError(f"--input-size must be between 16 and 2048 pixels, got {self.input_size}")
-        if self.engine not in ENGINES:
-            raise UserError(f"--engine must be {' or '.join(ENGINES)}, got {self.engine!r}")
-        if self.engine == "ray" and self.devices:
-            raise UserError("--engine ray places work itself (one actor per GPU); drop --devices")
         if self.max_pixels < 1:
             raise UserError("--max-pixels must be positive")
+        self._check_placement()
+
+    def device_list(self) -> list[str] | None:
+        """``--devices`` as torch device strings (None without it)."""
+        return parse_devices(self.devices) if self.devices else None
+
+    def _check_placement(self) -> None:
+        """The compile mode, and the precision on each device the model will run on, with the messages of
+        ``model/device.py``. Here, before the lock and the model, so that a bad choice costs nothing. torch is
+        imported only where the answer depends on the machine (a CUDA device, fp16) or to raise the error: a
+        rerun with nothing to do (the defaults, or ``--device cpu``) stays without it."""
+        check_compile_mode(self.compile)
+        for device in self.device_list() or [self.device]:
+            if device in (DEVICE_AUTO, "cpu") and self.precision in ("auto", *CPU_PRECISIONS):
+                continue  # valid on any machine
+            resolve_precision(self.precision, resolve_device(device))
+
+
+def parse_devices(spec: str) -> list[str]:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:0,cuda:2`` | ``cpu,cpu`` | ``N`` -> a list of torch device strings.
+
+    Example:
+        >>> parse_devices("cpu,cpu")
+        ['cpu', 'cpu']
+    """
+    import torch  # the CUDA devices this machine has
+
+    spec = spec.strip()
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if spec == "auto":
+        return [f"cuda:{i}" for i in range(n_cuda)] or ["cpu"]
+    if spec == "cuda":
+        if not n_cuda:
+            raise UserError("--devices cuda: no CUDA device is visible here; use --devices cpu")
+        return [f"cuda:{i}" for i in range(n_cuda)]
+    if spec.isdigit():
+        n = int(spec)
+        if n < 1 or n > n_cuda:
+            raise UserError(f"--devices {n}: {n_cuda} CUDA device(s) visible; use a number from 1 to {n_cuda} "
+                            "or --devices cpu,cpu for CPU workers")
+        return [f"cuda:{i}" for i in range(n)]
+    out = [d.strip() for d in spec.split(",") if d.strip()]
+    for d in out:
+        if d != "cpu" and not (d.startswith("cuda:") and d[5:].isdigit()):
+            raise UserError(f"--devices: {d!r} is not a device; use cpu, cuda, cuda:N, a list of these, N, or auto")
+        if d.startswith("cuda:") and int(d[5:]) >= n_cuda:
+            raise UserError(f"--devices: {d} does not exist ({n_cuda} CUDA device(s) visible)")
+    if not out:
+        raise UserError("--devices is empty")
+    return out
 
 
 @dataclass

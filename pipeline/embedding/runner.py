@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from ..errors import UserError
 from ..model.device import resolve_device, resolve_precision
 from ..version import __version__
+from .engines import Engine, EngineJob, contain, engine_for
 from .options import EMBEDDING_OPTIONS, EmbedConfig, EmbedSummary
 from .progress import EmbedProgress
 from .run_folder import RunState
@@ -36,6 +37,8 @@ def embed(shards: Sequence[str] | str, out: str | Path, **options: Any) -> Embed
     t0 = time.time()
     cfg = EmbedConfig(**options)
     cfg.validate()
+    devices = cfg.device_list()
+    engine = engine_for(cfg.engine, devices)
     all_urls = expand([shards] if isinstance(shards, str) else shards)
     if not all_urls:
         raise UserError("no shards given; pass paths, globs, brace ranges or @list.txt")
@@ -46,13 +49,9 @@ def embed(shards: Sequence[str] | str, out: str | Path, **options: Any) -> Embed
 
         log.info("rank %d of %d (%s): %d of %d shards", rank, world, describe_source(cfg.rank, cfg.world_size),
                  len(urls), len(all_urls))
-    devices = None
-    if cfg.devices:
-        from .devices import parse_devices
-
-        devices = parse_devices(cfg.devices)
     if devices and len(devices) == 1:
         cfg, devices = replace(cfg, device=devices[0], devices=None), None
+    devices = devices or [cfg.device]
     state = RunState(Path(out), rank, world)
     # From the full list and the folder's records: every rank, and every later run, names every shard alike.
     names = output_names(all_urls, state.recorded_urls())
@@ -69,18 +68,17 @@ def embed(shards: Sequence[str] | str, out: str | Path, **options: Any) -> Embed
         pending = [u for u in urls if not state.is_done(u, names[u])]
         # The model runs in other processes (devices, Ray, or a child for shards that killed their last run): here
         # only the fingerprint is needed, so the backbone is loaded without building, compiling or measuring it.
-        elsewhere = bool(devices) or cfg.engine == "ray" or bool(pending) and all(
-            state.died_on(u, names[u]) for u in pending)
+        elsewhere = not engine.runs_model_here or bool(pending) and all(state.died_on(u, names[u]) for u in pending)
         log.info("loading %s (weights %s)%s", cfg.model, cfg.weights, "" if elsewhere else f" for device {cfg.device}")
         if elsewhere:
-            bb, ex = load_configured_backbone(cfg), None
-            precision = resolve_precision(cfg.precision, resolve_device(devices[0] if devices else cfg.device))
+            bb, model = load_configured_backbone(cfg), None
+            precision = resolve_precision(cfg.precision, resolve_device(devices[0]))
         else:
-            bb, ex = prepare_model(cfg)
-            precision = ex.precision
+            model = prepare_model(cfg)
+            bb, precision = model[0], model[1].precision
         state.check_run(fingerprint(bb, precision, cfg), {**asdict(cfg), "shards": len(all_urls), "version": __version__},
                         cfg.overwrite)
-        summary = _run(all_urls, urls, names, state, bb, ex, cfg, devices, in_process=not elsewhere)
+        summary = _run(all_urls, urls, EngineJob([], names, state, cfg, devices, model=model), engine)
         summary.setup_seconds = summary.started - t0
         surprise = False
         return summary
@@ -121,13 +119,14 @@ def _exit_on_sigterm() -> Any:
     return signal.signal(signal.SIGTERM, handler)
 
 
-def _run(all_urls: list[str], urls: list[str], names: dict[str, str], state: RunState, bb: Any, ex: Any,
-         cfg: EmbedConfig, devices: list[str] | None, in_process: bool) -> EmbedSummary:
+def _run(all_urls: list[str], urls: list[str], job: EngineJob, engine: Engine) -> EmbedSummary:
+    """Claim the pending shards of ``urls`` and hand them to ``engine`` (``job``: where, with what, no shards yet)."""
+    names, state, cfg = job.names, job.state, job.cfg
     summary = EmbedSummary(state.out, shards_total=len(urls))
     pending = [u for u in urls if not state.is_done(u, names[u])]
-    crashed = {u for u in pending if state.died_on(u, names[u])}  # before claiming: then the claims are ours
+    died = {u for u in pending if state.died_on(u, names[u])}  # before claiming: then the claims are ours
     ours, held, taken = state.claim_shards({u: names[u] for u in pending})
-    contain = crashed | set(taken)
+    died |= set(taken)
     pending = [u for u in ours if not state.is_done(u, names[u])]  # the run that held it may have finished it
     state.release_claims([names[u] for u in ours if u not in pending])
     if held:
@@ -138,62 +137,19 @@ def _run(all_urls: list[str], urls: list[str], names: dict[str, str], state: Run
     summary.shards_elsewhere = len(held)
     summary.shards_skipped = len(urls) - len(pending) - len(held)
     summary.started = time.time()
-    if pending and cfg.engine == "ray":
-        from .ray_engine import run_with_ray
-
-        run_with_ray(pending, names, str(state.out), cfg, summary, cfg.ray_address)
-    elif pending:
+    if pending:
         with EmbedProgress(pending, quiet=cfg.quiet) as bar:
-            if devices:
-                from .devices import run_on_devices
-
-                run_on_devices(pending, names, str(state.out), cfg, devices, summary, bar)
+            # The model of an engine that runs it in this process gets no shard that killed a process (nor any
+            # when it was not prepared): those, and the shards it leaves, go to a child process.
+            if not engine.runs_model_here:
+                here = pending
             else:
-                here = [u for u in pending if u not in contain] if in_process else []
-                left = _in_process(here, names, state, bb, ex, cfg, summary, bar)
-                _contained([u for u in pending if u in left or u not in here], names, state, cfg, summary, bar)
+                here = [u for u in pending if u not in died] if job.model is not None else []
+            left = set(engine.run(replace(job, pending=here, progress=bar), summary)) if here else set()
+            left |= set(pending) - set(here)
+            contain(replace(job, pending=[u for u in pending if u in left], progress=bar, model=None), summary)
     summary.seconds = time.time() - summary.started
     # The last rank to finish sees every shard of the full list done and marks the folder complete.
     if not summary.failed and all(state.is_done(u, names[u]) for u in all_urls):
         state.mark_success()
     return summary
-
-
-def _in_process(urls: list[str], names: dict[str, str], state: RunState, bb: Any, ex: Any, cfg: EmbedConfig,
-                summary: EmbedSummary, bar: EmbedProgress) -> set[str]:
-    """Embed ``urls`` in this process; returns those left unfinished because a decode worker process died."""
-    if not urls:
-        return set()
-    from .worker import decode_worker_died, default_workers, iter_embedded, outcome
-
-    left = set(urls)
-    workers = cfg.workers if cfg.workers is not None else default_workers(ex.device)
-    shards = iter_embedded(urls, names, state, bb, ex, cfg, workers, bar)
-    try:
-        for url, rec, reason in shards:
-            summary.add(url, **outcome(rec, reason))
-            bar.shard_finished(summary)
-            state.release_claims([names[url]])
-            left.discard(url)
-    except RuntimeError as e:
-        if not decode_worker_died(e):
-            raise
-        log.error("%s; the %d unfinished shard(s) go to a child process", e, len(left))
-    finally:
-        shards.close()  # the DataLoader's workers are shut down (and unwatched) before any child starts
-    return left
-
-
-def _contained(urls: list[str], names: dict[str, str], state: RunState, cfg: EmbedConfig, summary: EmbedSummary,
-               bar: EmbedProgress) -> None:
-    """Embed shards that killed a process in a child process (one after another): if one kills the child again,
-    it is retried once in a new child and then recorded failed with the signal, and the others complete. The
-    child decodes in its own threads: a crash in a decoder is then the child's death, caught here."""
-    if not urls:
-        return
-    from .devices import run_on_devices
-
-    log.warning("embedding %d shard(s) in a child process, as their last attempt died: %s", len(urls),
-                ", ".join(urls[:3]) + (", ..." if len(urls) > 3 else ""))
-    run_on_devices(urls, names, str(state.out), replace(cfg, workers=0), [cfg.device], summary, bar,
-                   respawns=2 * len(urls))

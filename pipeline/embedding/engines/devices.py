@@ -1,4 +1,6 @@
-"""Engine: one worker process per device, pulling shards from one shared queue; dead workers' shards retried once."""
+"""Engine ``devices``: one worker process per device, pulling shards from one shared queue; dead workers' shards
+retried once. ``--devices`` with several devices chooses it; with one worker it is also the child that embeds the
+shards that killed their last run (``engines.contain``)."""
 from __future__ import annotations
 
 import logging
@@ -11,55 +13,24 @@ from collections import deque
 from dataclasses import replace
 from typing import Any
 
-import torch
-
-from ..errors import UserError
-from ..model.device import usable_cores
-from .options import EmbedConfig, EmbedSummary
+from ...errors import UserError
+from ...model.device import usable_cores
+from ..options import EmbedConfig, EmbedSummary
+from . import Engine, EngineJob
 
 log = logging.getLogger(__name__)
 
 RESPAWNS_PER_DEVICE = 3
 
 
-def parse_devices(spec: str) -> list[str]:
-    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:0,cuda:2`` | ``cpu,cpu`` | ``N`` -> a list of torch device strings.
-
-    Example:
-        >>> parse_devices("cpu,cpu")
-        ['cpu', 'cpu']
-    """
-    spec = spec.strip()
-    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if spec == "auto":
-        return [f"cuda:{i}" for i in range(n_cuda)] or ["cpu"]
-    if spec == "cuda":
-        if not n_cuda:
-            raise UserError("--devices cuda: no CUDA device is visible here; use --devices cpu")
-        return [f"cuda:{i}" for i in range(n_cuda)]
-    if spec.isdigit():
-        n = int(spec)
-        if n < 1 or n > n_cuda:
-            raise UserError(f"--devices {n}: {n_cuda} CUDA device(s) visible; use a number from 1 to {n_cuda} "
-                            "or --devices cpu,cpu for CPU workers")
-        return [f"cuda:{i}" for i in range(n)]
-    out = [d.strip() for d in spec.split(",") if d.strip()]
-    for d in out:
-        if d != "cpu" and not (d.startswith("cuda:") and d[5:].isdigit()):
-            raise UserError(f"--devices: {d!r} is not a device; use cpu, cuda, cuda:N, a list of these, N, or auto")
-        if d.startswith("cuda:") and int(d[5:]) >= n_cuda:
-            raise UserError(f"--devices: {d} does not exist ({n_cuda} CUDA device(s) visible)")
-    if not out:
-        raise UserError("--devices is empty")
-    return out
-
-
 def _worker(wid: int, device: str, cfg: EmbedConfig, out: str, tasks: Any, results: Any) -> None:
     """Runs in a child process: build the model on ``device`` once, then embed shards until told to stop."""
     from pathlib import Path
 
-    from .run_folder import RunState
-    from .worker import default_workers, embed_one_shard, outcome, prepare_model
+    import torch
+
+    from ..run_folder import RunState
+    from ..worker import default_workers, embed_one_shard, outcome, prepare_model
 
     cpu_workers = int(os.environ.get("EMBEDPIPE_CPU_WORKERS", "1"))
     if device == "cpu":  # share the cores between the CPU workers instead of oversubscribing them
@@ -94,44 +65,45 @@ class _Progress:
         self.results.put(("progress", self.wid, self.url, n))
 
 
-def run_on_devices(pending: list[str], names: dict[str, str], out: str, cfg: EmbedConfig, devices: list[str],
-                   summary: EmbedSummary, progress: Any = None, respawns: int = RESPAWNS_PER_DEVICE) -> None:
-    """Embed ``pending`` shards with one process per device; fills ``summary`` like the single-process path.
+def run(job: EngineJob, summary: EmbedSummary) -> list[str]:
+    """Embed ``job.pending`` with one process per entry of ``job.devices``; decides every shard (returns ``[]``).
 
-    ``progress`` (an EmbedProgress) counts every worker's images and each finished shard: one bar for all.
+    ``job.progress`` counts every worker's images and each finished shard: one bar for all.
 
     Workers ask for work as they finish, so faster devices take more shards. A worker that dies is
-    replaced (up to ``respawns`` times per device); the shard it held is retried once by another worker, then
+    replaced (up to ``job.respawns`` times per device); the shard it held is retried once by another worker, then
     recorded as failed.
     """
-    os.environ["EMBEDPIPE_CPU_WORKERS"] = str(sum(d == "cpu" for d in devices))
-    pool = _Pool(pending, names, out, cfg, devices, summary, progress, respawns)
+    if not job.pending:
+        return []
+    os.environ["EMBEDPIPE_CPU_WORKERS"] = str(sum(d == "cpu" for d in job.devices))
+    respawns = RESPAWNS_PER_DEVICE if job.respawns is None else job.respawns
+    pool = _Pool(job, summary, respawns)
     try:
-        for wid in range(len(devices)):
+        for wid in range(len(job.devices)):
             pool.spawn(wid)
         pool.dispatch()
     finally:
         pool.stop()
+    return []
 
 
 class _Pool:
     """The device worker processes of one run, their queues, and which shard each one holds."""
 
-    def __init__(self, pending: list[str], names: dict[str, str], out: str, cfg: EmbedConfig, devices: list[str],
-                 summary: EmbedSummary, progress: Any, respawns: int):
-        from .run_folder import RunState
-
+    def __init__(self, job: EngineJob, summary: EmbedSummary, respawns: int):
         self.ctx = mp.get_context("spawn")  # CUDA and threads rule out fork
-        self.pending, self.names, self.out, self.cfg, self.devices = pending, names, out, cfg, devices
-        self.summary, self.progress, self.respawns = summary, progress, respawns
+        self.pending, self.names, self.state, self.cfg, self.devices = (job.pending, job.names, job.state, job.cfg,
+                                                                        job.devices)
+        self.out = str(job.state.out)
+        self.summary, self.progress, self.respawns = summary, job.progress, respawns
         self.results = self.ctx.Queue()
-        self.todo = deque((u, names[u]) for u in pending)
+        self.todo = deque((u, self.names[u]) for u in self.pending)
         self.attempts: dict[str, int] = {}
         self.procs: dict[int, Any] = {}
         self.inbox: dict[int, Any] = {}
         self.current: dict[int, str | None] = {}
-        self.spawned = {d: 0 for d in set(devices)}
-        self.state = RunState(out)
+        self.spawned = {d: 0 for d in set(self.devices)}
 
     def spawn(self, wid: int) -> None:
         self.inbox[wid] = self.ctx.Queue()
@@ -208,3 +180,6 @@ class _Pool:
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=10)
+
+
+ENGINE = Engine("devices", run, "one process per device", takes_devices=True)
