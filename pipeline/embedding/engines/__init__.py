@@ -5,7 +5,7 @@ found by its name (``pkgutil``, no list to keep) and imported on first use.
 Every engine has the one call ``engine.run(job, summary) -> urls left unfinished``: ``job`` (an :class:`EngineJob`)
 says what to embed, where and with what; each shard's outcome goes into ``summary`` through
 ``summary.add(url, **worker.outcome(rec, reason))``. Engines import the worker, never the runner. What the runner
-needs to know of an engine is asked of its attributes, never of its name (``tests/embedding/test_engines.py``
+needs to know of an engine is asked of its attributes, never of its name (``tests/test_architecture.py``
 checks that no code outside this package compares one).
 """
 from __future__ import annotations
