@@ -106,9 +106,7 @@ class IndexRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object ``index.json`` holds (the same keys every release wrote; empty optional sections left out)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["shards"] = {name: s.to_dict() for name, s in self.shards.items()}
-        d["embedding_meta"] = self.embedding_meta.to_dict() if self.embedding_meta else {}
+        d = _plain(self)
         d["sources"] = self.source_dirs
         d["updates"] = [dict(u) for u in self.updates]
         for optional in ("updates", "auto", "build_seconds", "merged_from_parts"):
@@ -118,10 +116,7 @@ class IndexRecord:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "index record") -> "IndexRecord":
-        values = strict_fields(cls, d, where)
-        values["shards"] = _shard_entries(values["shards"], where)
-        meta = values["embedding_meta"]
-        values["embedding_meta"] = EmbeddingMeta.from_dict(meta, f"{where}: embedding_meta") if meta else None
+        values = _typed(cls, d, where)
         values["sources"] = tuple(values.get("sources") or ())
         values["updates"] = tuple(values.get("updates") or ())
         return cls(**values)
@@ -149,23 +144,29 @@ class TrainRecord:
     config: Mapping[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["shards"] = {name: s.to_dict() for name, s in self.shards.items()}
-        d["embedding_meta"] = self.embedding_meta.to_dict() if self.embedding_meta else {}
-        return d
+        return _plain(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "train record") -> "TrainRecord":
-        values = strict_fields(cls, d, where)
-        values["shards"] = _shard_entries(values["shards"], where)
-        meta = values["embedding_meta"]
-        values["embedding_meta"] = EmbeddingMeta.from_dict(meta, f"{where}: embedding_meta") if meta else None
-        return cls(**values)
+        return cls(**_typed(cls, d, where))
 
 
-def _shard_entries(raw: Mapping[str, Any], where: str) -> dict[str, ShardEntry]:
+def _plain(record: IndexRecord | TrainRecord) -> dict[str, Any]:
+    """A record's fields as JSON values (its shard entries and embedding metadata as the files hold them)."""
+    d = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+    d["shards"] = {name: s.to_dict() for name, s in record.shards.items()}
+    d["embedding_meta"] = record.embedding_meta.to_dict() if record.embedding_meta else {}
+    return d
+
+
+def _typed(cls: type, d: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The strict reading of a record's fields, its shard entries and embedding metadata made typed."""
+    values = strict_fields(cls, d, where)
     try:
-        return {name: ShardEntry(**entry) for name, entry in raw.items()}
+        values["shards"] = {name: ShardEntry(**entry) for name, entry in values["shards"].items()}
     except (TypeError, AttributeError) as e:
         raise UserError(f"{where}: a 'shards' entry is not {{rows, id_start, added}} ({e}); the file is damaged: "
                         "rebuild the index with --overwrite") from None
+    meta = values["embedding_meta"]
+    values["embedding_meta"] = EmbeddingMeta.from_dict(meta, f"{where}: embedding_meta") if meta else None
+    return values

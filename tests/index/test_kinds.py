@@ -111,9 +111,7 @@ def toy_kind(tmp_path, monkeypatch):
         SPEC = KindSpec("toy", choose, estimate, knobs=lambda factory: (Knob("nprobe", range(1, 17)),), auto=0)
     '''))
     monkeypatch.setattr(kinds, "__path__", [*kinds.__path__, str(tmp_path)])
-    kinds._registry.cache_clear()
     yield
-    kinds._registry.cache_clear()
     sys.modules.pop("pipeline.index.kinds.toy", None)
 
 
@@ -130,12 +128,10 @@ def test_a_new_kind_is_one_module(toy_kind):
 def test_a_module_without_its_spec_is_refused(tmp_path, monkeypatch):
     (tmp_path / "broken.py").write_text("SPEC = None\n")
     monkeypatch.setattr(kinds, "__path__", [*kinds.__path__, str(tmp_path)])
-    kinds._registry.cache_clear()
     try:
-        with pytest.raises(RuntimeError, match=r"must define SPEC = KindSpec\(name='broken'"):
-            kinds.kind_names()
+        with pytest.raises(RuntimeError, match=r"must define SPEC with name 'broken': one index kind per module"):
+            kinds.specs()
     finally:
-        kinds._registry.cache_clear()
         sys.modules.pop("pipeline.index.kinds.broken", None)
 
 

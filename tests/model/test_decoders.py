@@ -53,7 +53,7 @@ class Recorder:
 def use(monkeypatch):
     """Register a decoder for this test only."""
     def put(decoder):
-        monkeypatch.setitem(decoders.REGISTERED, decoder.name, decoder)
+        monkeypatch.setitem(decoders.DECODERS.registered, decoder.name, decoder)
         return decoder
     return put
 

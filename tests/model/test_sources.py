@@ -209,7 +209,7 @@ def test_a_new_source_is_one_module(tiny_source, tmp_path):
 
 
 def test_a_registered_source_is_found_and_names_are_not_taken(monkeypatch):
-    monkeypatch.setattr(sources, "REGISTERED", {})
+    monkeypatch.setattr(sources.SOURCES, "registered", {})
     plugin = get_source("torchscript").__class__(name="plugin")
     assert register(plugin) is plugin and get_source("plugin") is plugin and "plugin" in source_names()
     with pytest.raises(UserError, match="a model source named 'timm' exists already"):

@@ -10,13 +10,12 @@ checks that no code outside this package compares one).
 """
 from __future__ import annotations
 
-import importlib
 import logging
-import pkgutil
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from ...errors import UserError
+from ...registry import Registry
 from ..options import EmbedConfig, EmbedSummary
 
 if TYPE_CHECKING:  # torch comes with an engine's run, not with the registry (option checks, the CLI's choices)
@@ -82,13 +81,8 @@ class Engine:
     takes_devices: bool = False
 
 
-def _modules() -> list[str]:
-    return [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
-
-
-def engine_names() -> tuple[str, ...]:
-    """Every engine's name (the modules of this package; none is imported)."""
-    return tuple(sorted(_modules()))
+ENGINES: Registry[Engine] = Registry(__name__, "ENGINE", "engine")
+engine_names = ENGINES.names  # every engine's name (none imported)
 
 
 def get_engine(name: str) -> Engine:
@@ -98,9 +92,7 @@ def get_engine(name: str) -> Engine:
         >>> get_engine("local").runs_model_here
         True
     """
-    if name not in _modules():
-        raise UserError(f"unknown engine {name!r}; choose one of: {', '.join(engine_names())}")
-    return importlib.import_module(f"{__name__}.{name}").ENGINE
+    return ENGINES.get(name)
 
 
 def engine_for(name: str, devices: Sequence[str] | None) -> Engine:

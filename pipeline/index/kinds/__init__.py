@@ -10,15 +10,13 @@ Example:
 """
 from __future__ import annotations
 
-import functools
-import importlib
 import math
-import pkgutil
 import re
 from dataclasses import dataclass
 from typing import Callable
 
 from ...errors import UserError
+from ...registry import Registry
 
 # Kinds that hold no ids of their own (graphs, refine stages) are wrapped in an id map, so that the tuning queries can
 # be held out of the index while it is tuned and added afterwards (recall measured on fresh queries).
@@ -83,39 +81,21 @@ class KindSpec:
     fallback: bool = False
 
 
-@functools.cache
-def _registry() -> dict[str, KindSpec]:
-    """Every module of this package not starting with ``_``, by name (imported on first use)."""
-    found = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        spec = getattr(module, "SPEC", None)
-        if not isinstance(spec, KindSpec) or spec.name != info.name:
-            raise RuntimeError(f"{module.__file__} must define SPEC = KindSpec(name={info.name!r}, ...): one index "
-                               "kind per module of pipeline/index/kinds/, named as its module")
-        found[spec.name] = spec
-    return found
-
-
-def kind_names() -> tuple[str, ...]:
-    """The registered kinds' names, sorted."""
-    return tuple(_registry())
+KINDS: Registry[KindSpec] = Registry(__name__, "SPEC", "index kind")
+kind_names = KINDS.names  # the kinds' names, sorted (none imported)
 
 
 def specs() -> tuple[KindSpec, ...]:
     """Every registered kind, by name."""
-    return tuple(_registry().values())
+    return tuple(KINDS.all())
 
 
 def get_kind(name: str) -> KindSpec:
-    """The kind called ``name``, or a UserError listing the kinds there are."""
-    try:
-        return _registry()[name]
-    except KeyError:
+    """The kind called ``name``, or a UserError listing the kinds there are (and the other ways to choose)."""
+    if name not in kind_names():
         raise UserError(f"unknown index kind {name!r}; use one of auto, {', '.join(kind_names())}, or give any FAISS "
-                        "index_factory string with --factory") from None
+                        "index_factory string with --factory")
+    return KINDS.get(name)
 
 
 def auto_kinds() -> tuple[KindSpec, ...]:

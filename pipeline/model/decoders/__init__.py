@@ -8,11 +8,9 @@ so the workers hand it encoded bytes). Adding one is one module defining ``DECOD
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import TYPE_CHECKING, Protocol, Sequence
 
-from ...errors import UserError
+from ...registry import Registry
 
 if TYPE_CHECKING:  # torch is imported with a decoder, not with the registry (option validation, the CLI)
     import torch
@@ -21,8 +19,6 @@ if TYPE_CHECKING:  # torch is imported with a decoder, not with the registry (op
     from ..preprocess import Preprocess
 
 DEFAULT_DECODER = "cpu"
-# Decoders defined outside this package (a plugin, a test), by name; :func:`register` adds to it.
-REGISTERED: dict[str, "Decoder"] = {}
 
 
 class Decoder(Protocol):
@@ -43,13 +39,9 @@ class Decoder(Protocol):
         ...
 
 
-def _modules() -> list[str]:
-    return [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
-
-
-def decoder_names() -> tuple[str, ...]:
-    """Every decoder's name: the modules of this package and the registered ones."""
-    return tuple(sorted({*_modules(), *REGISTERED}))
+DECODERS: Registry[Decoder] = Registry(__name__, "DECODER", "decoder")
+decoder_names = DECODERS.names  # every decoder's name (none imported)
+register = DECODERS.register  # a decoder kept outside this package (a plugin, a test), by its name
 
 
 def get_decoder(name: str) -> Decoder:
@@ -59,16 +51,4 @@ def get_decoder(name: str) -> Decoder:
         >>> get_decoder("cpu").in_workers
         True
     """
-    if name in REGISTERED:
-        return REGISTERED[name]
-    if name not in _modules():
-        raise UserError(f"unknown decoder {name!r}; choose one of: {', '.join(decoder_names())}")
-    return importlib.import_module(f"{__name__}.{name}").DECODER
-
-
-def register(decoder: Decoder) -> Decoder:
-    """Make ``decoder`` available by its name (a decoder kept outside this package); a taken name is refused."""
-    if decoder.name in decoder_names():
-        raise UserError(f"a decoder named {decoder.name!r} exists already; give the new one another name")
-    REGISTERED[decoder.name] = decoder
-    return decoder
+    return DECODERS.get(name)

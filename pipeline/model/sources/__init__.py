@@ -13,19 +13,15 @@ the names (:func:`source_names`) imports nothing; a source's module is imported 
 from __future__ import annotations
 
 import difflib
-import importlib
-import pkgutil
 from typing import Iterable, Protocol
 
 from ...errors import UserError
+from ...registry import Registry
 from ..specs import ALIASES
 
 # "Backbone" and "Classifier" below are the types of model/backbones.py, named, not imported: backbones.py imports
 # this registry (load_backbone dispatches to a source), and torch comes with a source's module, not with the
 # registry (option checks, --help).
-
-# Sources defined outside this package (a plugin, a test), by name; :func:`register` adds to it.
-REGISTERED: dict[str, "ModelSource"] = {}
 
 
 class ModelSource(Protocol):
@@ -65,13 +61,9 @@ class ModelSource(Protocol):
         ...
 
 
-def _modules() -> list[str]:
-    return [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
-
-
-def source_names() -> tuple[str, ...]:
-    """Every source's name (the spec prefixes): the modules of this package and the registered ones."""
-    return tuple(sorted({*_modules(), *REGISTERED}))
+SOURCES: Registry[ModelSource] = Registry(__name__, "SOURCE", "model source")
+source_names = SOURCES.names  # every source's name, the spec prefixes (none imported)
+register = SOURCES.register  # a source kept outside this package (a plugin, a test), by its name
 
 
 def get_source(name: str) -> ModelSource:
@@ -81,25 +73,12 @@ def get_source(name: str) -> ModelSource:
         >>> get_source("torchscript").has_classifier
         False
     """
-    if name in REGISTERED:
-        return REGISTERED[name]
-    if name not in _modules():
-        raise UserError(f"unknown model source {name!r}; choose one of: {', '.join(source_names())}")
-    return importlib.import_module(f"{__name__}.{name}").SOURCE
-
-
-def register(source: ModelSource) -> ModelSource:
-    """Make ``source`` available by its name (a source kept outside this package); a taken name is refused."""
-    if source.name in source_names():
-        raise UserError(f"a model source named {source.name!r} exists already; give the new one another name")
-    REGISTERED[source.name] = source
-    return source
+    return SOURCES.get(name)
 
 
 def all_sources() -> list[ModelSource]:
     """Every source (each module imported), those looked up by bare names first, in their order, then the others."""
-    return sorted(map(get_source, source_names()),
-                  key=lambda s: (s.bare_order is None, s.bare_order or 0, s.name))
+    return sorted(SOURCES.all(), key=lambda s: (s.bare_order is None, s.bare_order or 0, s.name))
 
 
 def resolve_spec(spec: str) -> tuple[str, str]:
