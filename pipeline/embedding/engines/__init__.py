@@ -84,15 +84,7 @@ class Engine:
 ENGINES: Registry[Engine] = Registry(__name__, "ENGINE", "engine")
 engine_names = ENGINES.names  # every engine's name (none imported)
 
-
-def get_engine(name: str) -> Engine:
-    """The engine called ``name`` (its module is imported on first use); a UserError lists the names for another.
-
-    Example:
-        >>> get_engine("local").runs_model_here
-        True
-    """
-    return ENGINES.get(name)
+get_engine = ENGINES.get  # the engine called NAME (imported on first use); an unknown NAME lists the names
 
 
 def engine_for(name: str, devices: Sequence[str] | None) -> Engine:

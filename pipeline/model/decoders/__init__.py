@@ -43,12 +43,4 @@ DECODERS: Registry[Decoder] = Registry(__name__, "DECODER", "decoder")
 decoder_names = DECODERS.names  # every decoder's name (none imported)
 register = DECODERS.register  # a decoder kept outside this package (a plugin, a test), by its name
 
-
-def get_decoder(name: str) -> Decoder:
-    """The decoder called ``name`` (its module is imported on first use); a UserError lists the names for another.
-
-    Example:
-        >>> get_decoder("cpu").in_workers
-        True
-    """
-    return DECODERS.get(name)
+get_decoder = DECODERS.get  # the decoder called NAME (imported on first use); an unknown NAME lists the names

@@ -65,15 +65,7 @@ SOURCES: Registry[ModelSource] = Registry(__name__, "SOURCE", "model source")
 source_names = SOURCES.names  # every source's name, the spec prefixes (none imported)
 register = SOURCES.register  # a source kept outside this package (a plugin, a test), by its name
 
-
-def get_source(name: str) -> ModelSource:
-    """The source called ``name`` (its module is imported on first use); a UserError lists the names for another.
-
-    Example:
-        >>> get_source("torchscript").has_classifier
-        False
-    """
-    return SOURCES.get(name)
+get_source = SOURCES.get  # the source called NAME (imported on first use); an unknown NAME lists the names
 
 
 def all_sources() -> list[ModelSource]:
