@@ -3,6 +3,7 @@
 import pytest
 
 from pipeline import store
+from pipeline.embedding import worker
 from pipeline.embedding.options import parse_devices
 from pipeline.embedding.runner import embed
 from pipeline.errors import UserError
@@ -21,9 +22,15 @@ def test_parse_devices():
 
 
 @pytest.mark.slow
-def test_two_cpu_workers_equal_single_process(digits_shards, tmp_path):
+def test_two_cpu_workers_equal_single_process(digits_shards, tmp_path, monkeypatch):
     shards = [str(p) for p in digits_shards]
     single = embed(shards, tmp_path / "one", compile="eager", **FAST)
+
+    def no_extractor(*args, **kwargs):
+        raise AssertionError("the parent built an extractor (and measured micro-batches) only for a fingerprint")
+
+    # The model runs in the device workers (spawned fresh, so unpatched): the parent only needs the fingerprint.
+    monkeypatch.setattr(worker, "build_extractor", no_extractor)
     # with a decode worker each (the GPU default): device workers are not daemons, so they may have children
     multi = embed(shards, tmp_path / "two", devices="cpu,cpu", compile="eager", **{**FAST, "workers": 1})
     assert multi.failed == {} and multi.embedded == single.embedded == 300 and multi.shards_done == 3
