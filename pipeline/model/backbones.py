@@ -101,7 +101,7 @@ def classifier_with_weights(spec: str, weights: str,
         model, pre, head = create(weights == "default" and embedded is None)
     source = weights
     if embedded is not None:
-        model.load_state_dict(fit_state_dict(model, read_weights_file(embedded), str(embedded), spec))
+        model.load_state_dict(fit_state_dict(model, read_weights_file(embedded), str(embedded), spec, shipped=True))
         pre = Preprocess(**{**asdict(pre), **EMBEDDED_WEIGHTS[spec][1]})
         source = f"embedded:{EMBEDDED_WEIGHTS[spec][0]}"
     elif weights not in ("default", "none"):

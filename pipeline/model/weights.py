@@ -49,10 +49,12 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str, spec: str) -> dict[str, torch.Tensor]:
+def fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str, spec: str,
+                   shipped: bool = False) -> dict[str, torch.Tensor]:
     """Match a state dict to the model by name, or in order when no name matches (other naming, same network).
 
-    Fails loudly, naming the first tensor whose name or shape does not fit.
+    Fails loudly, naming the first tensor whose name or shape does not fit. ``shipped``: weights embedded in a
+    package, whose naming is known to differ, so mapping them in order is no news.
     """
     target = model.state_dict()
     if not set(sd) & set(target):
@@ -62,7 +64,8 @@ def fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str, s
                 f"the model {len(target)} (first in file: {next(iter(sd), None)!r}, first in model: "
                 f"{next(iter(target))!r}); is it from another architecture?"
             )
-        log.info("weights %s: no names match %s, mapping %d tensors in order", source, spec, len(sd))
+        log.log(logging.DEBUG if shipped else logging.INFO, "weights %s: no names match %s, mapping %d tensors in order",
+                source, spec, len(sd))
         sd = dict(zip(target, sd.values()))
     for name, t in target.items():
         if name not in sd:

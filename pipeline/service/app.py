@@ -76,7 +76,7 @@ class Service:
             if self.options.workers > 1:  # N processes each running the model on every core would thrash
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.options.workers))
 
-            log.warning("building the image model %s for queries (first image query)", meta.model)
+            log.info("building the image model %s for queries (first image query)", meta.model)
             self.embedders[model] = ImageEmbedder(meta, self.options.device, self.options.max_pixels)
         return self.embedders[model]
 

@@ -152,3 +152,22 @@ def test_misspelled_models_get_a_suggestion_before_any_download(spec, suggestion
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")  # a download attempt would fail differently
     with pytest.raises(UserError, match=suggestion):
         load_backbone(spec, weights="default")
+
+
+def test_the_embedded_default_loads_without_a_log_line(caplog):
+    """The shipped weights are mapped by order by design: saying so on every run is noise (issue 26, item 6)."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        load_backbone("default")
+    assert [r.getMessage() for r in caplog.records if r.name == "pipeline.model.weights"] == []
+
+
+def test_a_user_weights_file_mapped_by_order_is_still_said(tmp_path, caplog):
+    import logging
+
+    sd = load_classifier("torchvision:resnet18", "none").model.state_dict()
+    torch.save({f"renamed.{i}": t for i, t in enumerate(sd.values())}, tmp_path / "w.pt")
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        load_backbone("torchvision:resnet18", str(tmp_path / "w.pt"))
+    assert any("mapping" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -119,10 +120,13 @@ def test_thumbnails_are_read_back_from_the_shards(url, data):
     assert r.status == 404 and "no key" in r.json()["error"]
 
 
-def test_image_queries_arriving_together_share_model_calls(data):
+def test_image_queries_arriving_together_share_model_calls(data, caplog):
     jpegs = [jpeg_of(data.shards[0], k) for k in keys_of(data.files[0])[:12]]
     with running(create_app({"digits": data.idx}, batch_wait_ms=300, max_batch=64)) as base:
-        post_form(f"{base}/search", [("image", ("warm.jpg", jpegs[0]))])  # builds the model
+        with caplog.at_level(logging.INFO, logger="pipeline.service"):
+            post_form(f"{base}/search", [("image", ("warm.jpg", jpegs[0]))])  # builds the model
+        built = [r for r in caplog.records if "building the image model" in r.getMessage()]
+        assert [r.levelno for r in built] == [logging.INFO]  # news, not a warning (issue 26, item 6)
         replies = [None] * len(jpegs)
 
         def ask(i):
