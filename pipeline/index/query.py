@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -12,7 +13,9 @@ import pyarrow.parquet as pq
 
 from .. import store
 from ..errors import UserError
-from .search import SearchResult, open_index
+from .search import Index, SearchResult, open_index
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("table", "json", "jsonl")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -40,6 +43,20 @@ def vectors_file(path: str | Path) -> tuple[np.ndarray, list[str | None], dict[s
         x = np.asarray(pc.list_flatten(col).to_numpy(zero_copy_only=False), np.float32).reshape(len(col), -1)
     keys = t.column("key").to_pylist() if "key" in t.column_names else [f"{p.name}#{i}" for i in range(len(x))]
     return x, keys, store.read_metadata(p)
+
+
+def like_the_index(idx: Index, x: np.ndarray, where: str) -> np.ndarray:
+    """Query vectors L2-normalised when the index holds unit vectors searched by inner product (its scores are
+    cosines: raw features would score their norm, not their similarity); said when it changes them."""
+    meta = idx.record.embedding_meta
+    if idx.record.metric != "ip" or not (meta and meta.normalize) or not len(x):
+        return x
+    norms = np.linalg.norm(np.asarray(x, np.float32), axis=1, keepdims=True)
+    if np.allclose(norms, 1.0, atol=1e-2):
+        return x
+    log.warning("--vectors %s: the query vectors have norms %.3g to %.3g; normalised, as the index's vectors are, so "
+                "scores are cosine similarities", where, float(norms.min()), float(norms.max()))
+    return np.asarray(x, np.float32) / np.maximum(norms, 1e-12)
 
 
 def embeddings_batches(path: str | Path, batch_size: int = 4096) -> Iterator[store.Batch]:
@@ -136,7 +153,7 @@ def run_search(index_dir: str | Path, query: str | None = None, keys: Sequence[s
     elif vectors:
         x, qkeys, qmeta = vectors_file(vectors)
         idx.check_model(qmeta.identity if qmeta else None, f"--vectors {vectors}", "query with the index's model")
-        res = idx.search(x, k, queries=qkeys, where=f"--vectors {vectors}")
+        res = idx.search(like_the_index(idx, x, vectors), k, queries=qkeys, where=f"--vectors {vectors}")
         n = len(x)
         yield format_result(idx.annotate(res.records()), fmt)
     elif images:

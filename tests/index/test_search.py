@@ -252,3 +252,21 @@ def test_image_query_refuses_index_of_other_weights(real_emb, digits_shards, tmp
         (tmp_path / "q.jpg").write_bytes(tar.extractfile(member).read())
     with pytest.raises(UserError, match="another model|differ from those that made the embeddings"):
         list(run_search(out, images=[str(tmp_path / "q.jpg")]))
+
+
+def test_unnormalised_query_vectors_are_normalised_and_said(built, data, tmp_path, caplog):
+    """The index holds unit vectors (cosine as inner product): a --vectors file of raw features gets scores near
+    its norm, not cosines, unless it is normalised like the index's vectors (issue 26, item 6)."""
+    import logging
+
+    vec = write_vectors(tmp_path / "raw.parquet", data[:3] * 9.7)
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        (chunk, _) = list(run_search(built["flat"], vectors=str(vec), k=1, fmt="json"))
+    top = [q["results"][0] for q in json.loads(chunk)]
+    assert [h["key"] for h in top] == [f"shard-000000_{i:05d}" for i in range(3)]
+    assert all(abs(h["score"] - 1.0) < 1e-3 for h in top)
+    assert any("normalised" in r.getMessage() and "9.7" in r.getMessage() for r in caplog.records)
+    unit = write_vectors(tmp_path / "unit.parquet", data[:3])
+    caplog.clear()
+    list(run_search(built["flat"], vectors=str(unit), k=1, fmt="json"))
+    assert not any("normalised" in r.getMessage() for r in caplog.records)
