@@ -68,10 +68,12 @@ def images_by_key(wanted: dict[str, set[str]]) -> dict[tuple[str, str], bytes]:
 
 
 def render(records: Sequence[dict[str, Any]], out: str | Path, query_images: dict[str, str] | None = None,
-           query_shards: dict[str, str] | None = None, title: str = "embedpipe search") -> Path:
+           query_shards: dict[str, str] | None = None, title: str = "embedpipe search",
+           query_info: dict[str, dict[str, str]] | None = None) -> Path:
     """Write the page for search ``records`` (``SearchResult.records()``) atomically to ``out``.
 
-    ``query_images`` maps a query name to an image file; ``query_shards`` maps a query key to its shard url.
+    ``query_images`` maps a query name to an image file; ``query_shards`` maps a query key to its shard url;
+    ``query_info`` maps a query key to its ``caption``/``url`` (shown as the hits' are).
     """
     wanted: dict[str, set[str]] = {}
     for rec in records:
@@ -97,7 +99,7 @@ def render(records: Sequence[dict[str, Any]], out: str | Path, query_images: dic
             q_uri = thumbnail_uri(Path(query_images[q]).read_bytes())
         else:
             q_uri = thumbnail_uri(images.get(((query_shards or {}).get(q, ""), q)))
-        cells = [cell(q_uri, f"query: {q}", "query")]
+        cells = [cell(q_uri, f"query: {q}", "query", hit=(query_info or {}).get(q))]
         for hit in rec["results"]:
             cells.append(cell(thumbnail_uri(images.get((hit["shard"], hit["key"]))),
                               f"#{hit['rank']} {hit['key']} · {hit['score']:.3f}", hit=hit))

@@ -148,7 +148,9 @@ def run_search(index_dir: str | Path, query: str | None = None, keys: Sequence[s
             shard_col = idx.ids.column("shard").to_pylist()
             id_col = idx.ids.column("id").to_numpy()
             row_of = {int(i): r for r, i in enumerate(id_col)}
-            render(records, html, query_shards={q: shard_col[row_of[int(i)]] for q, i in zip(keys, idx.lookup(keys))})
+            ids = idx.lookup(keys)
+            render(records, html, query_shards={q: shard_col[row_of[int(i)]] for q, i in zip(keys, ids)},
+                   query_info=dict(zip(keys, idx.describe(ids))))
         yield format_result(records, fmt)
     elif vectors:
         x, qkeys, qmeta = vectors_file(vectors)

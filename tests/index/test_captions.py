@@ -74,8 +74,10 @@ def test_html_page_has_captions_and_only_web_links(captioned):
     list(run_search(captioned / "idx", keys=["000000003"], k=11, html=str(page)))
     parsed = Links()
     parsed.feed(page.read_text())
-    assert sorted(parsed.texts) == sorted(f"picture number {i}" for i in range(12) if i != 3)
-    assert len(parsed.links) == 10 and all(u.startswith("https://example.com/img/") for u in parsed.links)
+    # the query's own caption and source link are shown too (issue 26, item 6), first on its row
+    assert parsed.texts[0] == "picture number 3" and sorted(parsed.texts) == sorted(f"picture number {i}" for i in range(12))
+    assert parsed.links[0] == "https://example.com/img/3.jpg"
+    assert len(parsed.links) == 11 and all(u.startswith("https://example.com/img/") for u in parsed.links)
 
 
 def test_predict_output_carries_caption_and_url(captioned, tmp_path):
