@@ -171,3 +171,27 @@ def test_a_user_weights_file_mapped_by_order_is_still_said(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="pipeline"):
         load_backbone("torchvision:resnet18", str(tmp_path / "w.pt"))
     assert any("mapping" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
+
+
+def test_torchscript_specs_refuse_weights_and_say_where_preprocessing_comes_from(tmp_path: Path, caplog):
+    """A TorchScript file holds its weights and (optionally) its preprocessing: --weights is an error, not ignored,
+    and the log says which preprocessing is used and where it came from (issue 26, item 6)."""
+    import json
+    import logging
+
+    bb = load_backbone("torchvision:resnet18", "none")
+    plain, with_pre = tmp_path / "plain.pt", tmp_path / "with_pre.pt"
+    traced = torch.jit.trace(bb.model, torch.zeros(1, 3, 64, 64))
+    torch.jit.save(traced, str(plain))
+    pre = {"input_size": 64, "resize_size": 72, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}
+    torch.jit.save(traced, str(with_pre), _extra_files={"preprocess.json": json.dumps(pre)})
+    with pytest.raises(UserError, match=r"--weights .*missing.pt does not apply to torchscript: .*drop --weights"):
+        load_backbone(f"torchscript:{plain}", str(tmp_path / "missing.pt"))
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        assert load_backbone(f"torchscript:{with_pre}").preprocess.interpolation == "bicubic"
+        load_backbone(f"torchscript:{plain}")
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith("pipeline.model")]
+    assert any(level == logging.INFO and "preprocess.json" in m and "bicubic" in m for level, m in said)
+    assert any(level == logging.WARNING and "no preprocess.json" in m and "ImageNet" in m for level, m in said)
+    again = load_backbone(f"torchscript:{plain}", str(plain.resolve()))  # what a rebuild passes back
+    assert again.weights == str(plain.resolve())

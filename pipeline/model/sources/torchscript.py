@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +17,9 @@ from ...errors import UserError
 from ..backbones import Backbone, Classifier, check_dim, freeze, sized
 from ..deprecations import torchscript_calls
 from ..preprocess import Preprocess
+
+log = logging.getLogger(__name__)
+PREPROCESS_FILE = "preprocess.json"  # the extra file of the archive that says how its inputs must look
 
 
 @dataclass(frozen=True)
@@ -36,19 +40,22 @@ class TorchScriptSource:
 
     def load(self, name: str, weights: str = "default", layer: str | None = None,
              input_size: int | None = None) -> Backbone:
-        # `weights` is not used: the file holds them (a rebuild passes the recorded path back; the sha256 checks it)
         p = Path(name)
         if layer:
             raise UserError("--layer cannot be used with torchscript: models (their graph is already fixed)")
         if not p.is_file():
             raise UserError(f"TorchScript file {p} does not exist")
-        extra = {"preprocess.json": ""}
+        # The file holds its weights; a rebuild passes the recorded path back (and the sha256 checks it).
+        if weights not in ("default", str(p.resolve())):
+            raise UserError(f"--weights {weights} does not apply to torchscript: models (the file {p} holds its "
+                            "weights); drop --weights")
+        extra = {PREPROCESS_FILE: ""}
         try:
             with torchscript_calls():
                 model = torch.jit.load(str(p), map_location="cpu", _extra_files=extra)
         except Exception as e:
             raise UserError(f"cannot load TorchScript file {p}: {e}") from None
-        pre = Preprocess.from_dict(json.loads(extra["preprocess.json"])) if extra["preprocess.json"] else Preprocess()
+        pre = _preprocess(p, extra[PREPROCESS_FILE])
         model = freeze(model)
         dim = check_dim(model, pre, None, f"{self.name}:{p}")
         sha = hashlib.sha256(p.read_bytes()).hexdigest()
@@ -56,6 +63,23 @@ class TorchScriptSource:
 
     def classifier(self, name: str, weights: str = "default") -> Classifier:
         raise UserError(f"{self.name}:{name} has no classification head: TorchScript models give features only")
+
+
+def _preprocess(path: Path, recorded: str) -> Preprocess:
+    """The archive's own preprocessing, or ImageNet's defaults, said either way: a wrong one costs accuracy silently."""
+    if recorded:
+        try:
+            pre = Preprocess.from_dict(json.loads(recorded))
+        except (ValueError, TypeError) as e:
+            raise UserError(f"{path}: its {PREPROCESS_FILE} is not a preprocessing record ({e}); write it as "
+                            f"{json.dumps(Preprocess().to_dict())}") from None
+        log.info("%s: preprocessing from its %s: %s", path, PREPROCESS_FILE, asdict(pre))
+        return pre
+    pre = Preprocess()
+    log.warning("%s has no %s extra file: using the ImageNet defaults %s; if the model was trained otherwise (CLIP, "
+                "TF-ported weights), save it with torch.jit.save(m, path, _extra_files={%r: json.dumps({...})}) "
+                "(README, model specs)", path, PREPROCESS_FILE, asdict(pre), PREPROCESS_FILE)
+    return pre
 
 
 SOURCE = TorchScriptSource()
