@@ -56,3 +56,19 @@ def test_missing_shards_are_a_clear_error_before_training(digits_shards, tmp_pat
         run_finetune([str(digits_shards[0])], [str(tmp_path / "nope.tar")], tmp_path / "ft",
                      FinetuneOptions(model="torchvision:resnet18", weights="none", input_size=48, epochs=1))
     assert not (tmp_path / "ft").exists()
+
+
+def test_baseline_is_the_probe_on_the_same_split(digits_shards, tmp_path, one_thread):
+    """The baseline finetune reports is what `embedpipe probe` gives on the frozen features of the same split."""
+    import tiny
+    from pipeline.embedding.runner import embed
+    from pipeline.probe.linear import run_probe
+    from pipeline.probe.options import ProbeOptions
+
+    train, val = [str(s) for s in digits_shards[:2]], [str(digits_shards[2])]
+    embed(train, tmp_path / "emb", **tiny.options(out_dtype="float32"))
+    embed(val, tmp_path / "val", **tiny.options(out_dtype="float32"))
+    probe = run_probe(tmp_path / "emb", tmp_path / "probe", ProbeOptions(val=str(tmp_path / "val")))
+    r = run_finetune(train, val, tmp_path / "ft", FinetuneOptions(
+        model=tiny.MODEL, weights="none", input_size=64, epochs=1, batch_size=50, unfreeze=0, hflip=False))
+    assert r["probe_top1"] == pytest.approx(probe["top1"], abs=1e-6), (r["probe_top1"], probe["top1"])
