@@ -158,9 +158,12 @@ def finetune(shards: tuple[str, ...], val_shards: tuple[str, ...], out: str, **o
     from ..probe.finetune import run_finetune
 
     r = run_finetune(list(shards), list(val_shards), out, FinetuneOptions(**opts))
+    epochs = r["options"]["epochs"]
     for h in r["history"]:
-        click.echo(f"epoch {h['epoch']}: val top-1 {h['val_top1'] * 100:.2f}% (train loss {h['train_loss']:.3f})")
-    last = r["history"][-1]["val_top1"] if r["history"] else float("nan")
-    probe = f", linear probe {r['probe_top1'] * 100:.2f}%" if r["probe_top1"] is not None else ""
-    click.echo(f"finetune: val top-1 {last * 100:.2f}% after {len(r['history'])} epoch(s){probe}; "
+        loss = "n/a" if h["train_loss"] is None else f"{h['train_loss']:.3f}"
+        click.echo(f"epoch {h['epoch'] + 1}/{epochs}: val top-1 {h['val_top1'] * 100:.2f}% (train loss {loss})")
+    best = (f"best val top-1 {r['best_val_top1'] * 100:.2f}% at epoch {r['best_epoch'] + 1}/{epochs}"
+            if r["best_epoch"] is not None else "no epoch trained")
+    probe = f", linear probe {r['probe_top1'] * 100:.2f}% (frozen features, same split)" if r["probe_top1"] is not None else ""
+    click.echo(f"finetune: {best} after {len(r['history'])} epoch(s){probe}; "
                f"trained {', '.join(r['trained_blocks']) or 'head only'}" + (f" -> {r['classifier']}" if r.get("classifier") else ""))

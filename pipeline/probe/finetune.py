@@ -23,9 +23,10 @@ from ..model.preprocess import UInt8Normalize
 from ..model.sources import classifier_source
 from ..progress import Progress
 from .export import attach_head, build_classifier, save_scripted
-from .labels import ClassMap, LabelSource
-from .linear import Standardizer, fit_lbfgs
-from .options import FinetuneOptions
+from .evaluate import evaluate as evaluate_head
+from .labels import ClassMap, Labeled, LabelSource, split_rows
+from .linear import best_head, choose, fit_in_memory
+from .options import FinetuneOptions, ProbeOptions
 
 log = logging.getLogger(__name__)
 CONTAINERS = (nn.Sequential, nn.ModuleList)
@@ -130,35 +131,78 @@ class Net(nn.Module):
         return self.model(self.normalize(x))
 
 
-def evaluate(net: Net, urls, bb, opts, cmap, dev) -> float:
+def evaluate(net: Net, urls, bb, opts, cmap, dev, desc: str = "finetune validation") -> float:
     net.eval()
     correct = total = 0
-    with torch.no_grad():
+    with torch.no_grad(), Progress(log, desc, unit="img") as bar:
         for x, y in batches(urls, bb, opts, cmap, False, 0):
             correct += int((net(x.to(dev)).argmax(1).cpu() == y).sum())
             total += len(y)
+            bar.update(len(y))
     return correct / max(total, 1)
 
 
-def probe_baseline(bb: Backbone, urls, val_urls, opts, cmap, dev) -> float:
-    """The linear probe on the same split: frozen features (L2-normalised, as `embed` stores them) + L-BFGS."""
-    feats = Net(bb.model, bb).to(dev).eval()
+def frozen_features(urls: Sequence[str], bb: Backbone, opts: FinetuneOptions, dev: torch.device, desc: str,
+                    total: int | None = None) -> tuple[list[str], list[str], list[Any], np.ndarray]:
+    """Keys, shard urls, raw labels and L2-normalised frozen features (what ``embed`` stores, in float32) of every
+    sample, labelled or not, in shard order."""
+    from torch.utils.data import DataLoader
 
-    def collect(u):
-        xs, ys = [], []
-        with torch.no_grad():
-            for x, y in batches(u, bb, opts, cmap, False, 0):
-                xs.append(F.normalize(feats(x.to(dev)).float(), dim=1).cpu())
-                ys.append(y)
-        if not xs:
-            raise UserError(f"no sample of {', '.join(u[:3])} has a label of the training classes {cmap.names}")
-        return torch.cat(xs), torch.cat(ys)
-    xt, yt = collect(urls)
-    xv, yv = collect(val_urls)
-    std = Standardizer.from_sums(xt.double().sum(0).numpy(), xt.double().pow(2).sum(0).numpy(), len(yt))
-    grid = fit_lbfgs(std(xt), yt, len(cmap), (1e-5, 1e-4, 1e-3, 1e-2))
-    return max(float(((std(xv) @ grid.weight[g].T + grid.bias[g]).argmax(1) == yv).float().mean())
-               for g in range(len(grid.params)))
+    from ..embedding.reader import ShardSamples
+
+    source = LabelSource.make(field=opts.label_field)
+    ds = ShardSamples(list(urls), bb.preprocess, opts.batch_size, keep=("json",) if opts.label_field else ())
+    feats = Net(bb.model, bb).to(dev).eval()
+    keys: list[str] = []
+    shards: list[str] = []
+    raw: list[Any] = []
+    xs: list[np.ndarray] = []
+    with torch.no_grad(), Progress(log, desc, total=total, unit="img") as bar:
+        for piece in DataLoader(ds, batch_size=None, num_workers=opts.workers):
+            if piece.failed:
+                raise UserError(f"cannot read the shard {piece.url}: {piece.failed}")
+            n = len(piece.keys)
+            if not n:
+                continue
+            keys += piece.keys
+            shards += [piece.url] * n
+            raw += source.values(piece.extra, n) if opts.label_field else list(piece.labels)
+            xs.append(F.normalize(feats(piece.images.to(dev)).float(), dim=1).cpu().numpy())
+            bar.update(n)
+    if not xs:
+        raise UserError(f"no sample could be read from {', '.join(list(urls)[:3])}")
+    return keys, shards, raw, np.concatenate(xs)
+
+
+def _labeled(keys: list[str], shards: list[str], x: np.ndarray, raw: list[Any], ids: np.ndarray, mask: np.ndarray
+             ) -> Labeled:
+    idx = np.flatnonzero(mask)
+    return Labeled([keys[i] for i in idx], [shards[i] for i in idx], x[idx], ids[idx], [raw[i] for i in idx])
+
+
+def probe_baseline(bb: Backbone, urls: Sequence[str], val_urls: Sequence[str], opts: FinetuneOptions,
+                   dev: torch.device, n_train: int | None = None) -> dict[str, Any]:
+    """``embedpipe probe`` on the same split: the frozen backbone's features (its head still removed, as ``embed``
+    computes them), the one split policy (``--val`` = the validation shards) and the probe's in-memory fit with
+    its defaults. Returns ``{"top1", "weight_decay", "train", "val"}``."""
+    source = LabelSource.make(field=opts.label_field)
+    log.info("finetune: linear probe baseline on the frozen features of %d training and %d validation shard(s)",
+             len(urls), len(val_urls))
+    keys, shards, raw, x = frozen_features(urls, bb, opts, dev, "finetune baseline: training features", n_train)
+    vkeys, vshards, vraw, vx = frozen_features(val_urls, bb, opts, dev, "finetune baseline: validation features")
+    split = split_rows(keys, shards, raw, source, "the training shards", vraw, "the --val shards")
+    train = _labeled(keys, shards, x, raw, split.train_ids, split.train_mask)
+    val = _labeled(vkeys, vshards, vx, vraw, split.val_ids, split.val_mask)
+    popts = ProbeOptions(label_field=opts.label_field, method="lbfgs", seed=opts.seed)
+    torch.manual_seed(popts.seed)
+    grid, std, scores = fit_in_memory(train, val, len(split.cmap), popts)
+    best = choose(scores)
+    head = best_head(grid, std, best, split.cmap.classes, source, None)
+    top1 = evaluate_head(head, [(val.x, val.y)], split.cmap.names)["top1"]
+    wd = grid.params[best]["weight_decay"]
+    log.info("finetune: linear probe baseline: val top-1 %.2f%% (weight decay %g; %d train, %d val images)",
+             top1 * 100, wd, len(train.y), len(val.y))
+    return {"top1": top1, "weight_decay": wd, "train": len(train.y), "val": len(val.y)}
 
 
 @dataclass
@@ -232,25 +276,37 @@ def _train_epoch(s: _Setup, urls: Sequence[str], opts: FinetuneOptions, cmap: Cl
     return float(np.mean(losses)) if losses else None
 
 
-def _resume(ck: Path, spec: dict[str, Any], s: _Setup, opt: torch.optim.Optimizer, sched: Any
-            ) -> list[dict[str, Any]]:
-    """The history of the epochs a checkpoint holds (their weights and optimizer state loaded), or []."""
+def _read_checkpoint(ck: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint's state, refused when made with other settings; None without one."""
     if not ck.exists():
-        return []
+        return None
     state = torch.load(ck, map_location="cpu", weights_only=True)
     if state["spec"] != spec:
         raise UserError(f"{ck} was made with other settings ({state['spec']}); use a new --out or delete it")
+    return state
+
+
+def _resume(state: dict[str, Any] | None, where: Path, s: _Setup, opt: torch.optim.Optimizer, sched: Any
+            ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The history of the epochs a checkpoint holds (their weights and optimizer state loaded) and its best epoch
+    (``{"epoch", "weights"}``), or ``([], None)``."""
+    if state is None:
+        return [], None
     s.net.load_state_dict(state["weights"], strict=False)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    log.info("resuming %s after epoch %d", ck.parent, len(state["history"]) - 1)
-    return state["history"]
+    log.info("resuming %s after epoch %d", where, len(state["history"]))
+    # checkpoints written before the best epoch was kept: the last epoch stands for it
+    best = state.get("best") or {"epoch": len(state["history"]) - 1, "weights": state["weights"]}
+    return state["history"], best
 
 
 def run_finetune(shards: Sequence[str], val_shards: Sequence[str], out: str | Path,
                  opts: FinetuneOptions | None = None) -> dict[str, Any]:
-    """Train head + last ``unfreeze`` blocks; ``out/checkpoint.pt`` after every epoch (resumed when present),
-    ``out/metrics.json`` and ``out/classifier.pt`` (TorchScript raw-image classifier) at the end.
+    """Train head + last ``unfreeze`` blocks; ``out/checkpoint.pt`` after every epoch (resumed when present; it
+    holds the last epoch's weights and the best epoch's), ``out/metrics.json`` and ``out/classifier.pt``
+    (TorchScript raw-image classifier, the best epoch's weights) at the end. With ``compare_probe``, the
+    baseline is ``embedpipe probe`` on the frozen features of the same split (:func:`probe_baseline`).
 
     Example:
         >>> run_finetune(["data/train-000000.tar"], ["data/val-000000.tar"], "runs/ft",
@@ -270,6 +326,7 @@ def run_finetune(shards: Sequence[str], val_shards: Sequence[str], out: str | Pa
         raise UserError(f"shard {missing[0]} does not exist ({len(missing)} missing); check the paths")
     out = Path(out)
     dev = resolve_device(opts.device)
+    log.info("finetune: reading the labels of %d training shard(s)", len(urls))
     labels = scan_tar_labels(urls, LabelSource.make(field=opts.label_field))
     cmap = ClassMap.from_labels(labels)
     if len(cmap) < 2:
@@ -277,16 +334,20 @@ def run_finetune(shards: Sequence[str], val_shards: Sequence[str], out: str | Pa
     bb = load_backbone(opts.model, opts.weights)
     if opts.input_size:
         bb = with_input_size(bb, opts.input_size)
-    s = _setup(bb, cmap, opts, dev)
-    n_train = int((cmap.encode(labels) >= 0).sum())
-    opt, sched = _optimizer(s, opts, n_train)
     ck = out / CHECKPOINT
     spec = {"model": bb.spec, "weights_sha256": bb.weights_sha256, "unfreeze": opts.unfreeze, "classes": cmap.classes,
             "input_size": bb.preprocess.input_size}
-    history = _resume(ck, spec, s, opt, sched)
+    state = _read_checkpoint(ck, spec)
     probe_top1 = None
-    if opts.compare_probe:
-        probe_top1 = history[0].get("probe_top1") if history else probe_baseline(bb, urls, val_urls, opts, cmap, dev)
+    if opts.compare_probe:  # before the new head goes on: the probe's features are the frozen backbone's
+        if state and state["history"]:
+            probe_top1 = state["history"][0].get("probe_top1")
+        else:
+            probe_top1 = probe_baseline(bb, urls, val_urls, opts, dev, len(labels))["top1"]
+    s = _setup(bb, cmap, opts, dev)
+    n_train = int((cmap.encode(labels) >= 0).sum())
+    opt, sched = _optimizer(s, opts, n_train)
+    history, best = _resume(state, out, s, opt, sched)
     for p in bb.model.parameters():
         p.requires_grad_(False)
     for p in list(s.head.parameters()) + s.backbone_params():
@@ -298,17 +359,26 @@ def run_finetune(shards: Sequence[str], val_shards: Sequence[str], out: str | Pa
             break
         t0 = time.perf_counter()
         loss = _train_epoch(s, urls, opts, cmap, epoch, n_train, dev, opt, sched)
-        acc = evaluate(s.net, val_urls, bb, opts, cmap, dev)
+        acc = evaluate(s.net, val_urls, bb, opts, cmap, dev, f"finetune epoch {epoch + 1}/{opts.epochs} validation")
         history.append({"epoch": epoch, "train_loss": loss, "val_top1": acc, "seconds": round(time.perf_counter() - t0, 2),
                         "probe_top1": probe_top1})
-        log.info("epoch %d: val top-1 %.4f (linear probe %s)", epoch, acc, probe_top1)
+        weights = {k: v.detach().clone() for k, v in s.net.state_dict().items() if k in keep}
+        if best is None or acc > history[best["epoch"]]["val_top1"]:  # ties keep the earlier epoch
+            best = {"epoch": epoch, "weights": weights}
+        log.info("finetune epoch %d/%d: val top-1 %.2f%%, train loss %s; best %.2f%% (epoch %d)%s", epoch + 1,
+                 opts.epochs, acc * 100, "n/a" if loss is None else f"{loss:.3f}",
+                 history[best["epoch"]]["val_top1"] * 100, best["epoch"] + 1,
+                 "" if probe_top1 is None else f"; linear probe {probe_top1 * 100:.2f}%")
         buf = io.BytesIO()
-        torch.save({"spec": spec, "weights": {k: v for k, v in s.net.state_dict().items() if k in keep},
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history}, buf)
+        torch.save({"spec": spec, "weights": weights, "best": best, "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "history": history}, buf)
         atomic.write_bytes(ck, buf.getvalue())  # the epoch is done: a killed run resumes after it
     result = {"history": history, "probe_top1": probe_top1, "classes": cmap.names, "options": asdict(opts),
-              "done": len(history) == opts.epochs, "blocks": [n for n, _ in s.units], "trained_blocks": s.trained_names}
+              "done": len(history) == opts.epochs, "blocks": [n for n, _ in s.units], "trained_blocks": s.trained_names,
+              "best_epoch": best["epoch"] if best else None,
+              "best_val_top1": history[best["epoch"]]["val_top1"] if best else None}
     if result["done"]:
+        s.net.load_state_dict(best["weights"], strict=False)  # the classifier is the best epoch's, not the last's
         s.net.eval()
         module = build_classifier(s.model.cpu(), bb.preprocess, cmap.names)
         save_scripted(module, out / CLASSIFIER, {"kind": "finetune", "classes": cmap.names,

@@ -229,6 +229,26 @@ def _fits(path: str | Path, val: str | None, budget_gb: float) -> tuple[bool, fl
     return need <= budget_gb, need
 
 
+def fit_in_memory(train: Labeled, val: Labeled, n_classes: int, opts: ProbeOptions
+                  ) -> tuple[GridResult, Standardizer, list[dict[str, float]]]:
+    """The in-memory probe (``--method lbfgs``): standardise on the training rows, fit the L-BFGS grid, score
+    every head on the validation rows. ``embedpipe probe`` and fine-tuning's baseline both fit through here."""
+    x = torch.from_numpy(train.x)
+    std = Standardizer.from_sums(train.x.sum(0, dtype=np.float64), np.square(train.x, dtype=np.float64).sum(0),
+                                 len(train.y)) if opts.standardize else Standardizer.identity(x.shape[1])
+    with torch.no_grad():
+        xs = std(x)
+    grid = fit_lbfgs(xs, torch.from_numpy(train.y), n_classes, opts.weight_decays, opts.max_iter)
+    return grid, std, _grid_val_scores(grid, [(std(torch.from_numpy(val.x)), torch.from_numpy(val.y))])
+
+
+def best_head(grid: GridResult, std: Standardizer, best: int, classes: list[Any], source: LabelSource,
+              feature_spec: EmbeddingMeta | None) -> Head:
+    """Head ``best`` of the grid, the standardisation folded in, so it takes raw features."""
+    w, b = std.fold(grid.weight[best], grid.bias[best])
+    return Head(weight=w, bias=b, classes=classes, label_source=source.to_dict(), feature_spec=feature_spec)
+
+
 def run_probe(emb_dir: str | Path, out: str | Path, opts: ProbeOptions | None = None) -> dict[str, Any]:
     """Train the probe grid, keep the best head on validation, write ``head.pt`` and ``metrics.json``.
 
@@ -248,14 +268,7 @@ def run_probe(emb_dir: str | Path, out: str | Path, opts: ProbeOptions | None = 
     log.info("probe: %s, ~%.2f GB of features, method %s", emb_dir, need_gb, method)
     if method == "lbfgs":
         train, val, cmap, split = load_split(emb_dir, source, opts.val, opts.val_fraction)
-        x = torch.from_numpy(train.x)
-        std = Standardizer.from_sums(train.x.sum(0, dtype=np.float64), np.square(train.x, dtype=np.float64).sum(0),
-                                     len(train.y)) if opts.standardize else Standardizer.identity(x.shape[1])
-        with torch.no_grad():
-            xs = std(x)
-        grid = fit_lbfgs(xs, torch.from_numpy(train.y), len(cmap), opts.weight_decays, opts.max_iter)
-        scores = _grid_val_scores(grid, [(std(torch.from_numpy(val.x)), torch.from_numpy(val.y))])
-        dim = x.shape[1]
+        grid, std, scores = fit_in_memory(train, val, len(cmap), opts)
     else:
         strain, sval, cmap, split = plan_stream(emb_dir, source, opts.val, opts.val_fraction)
         dim = store.shard_info(strain.files[0]).dim
@@ -265,9 +278,7 @@ def run_probe(emb_dir: str | Path, out: str | Path, opts: ProbeOptions | None = 
         scores = _grid_val_scores(grid, _rows(sval, std, 65536, opts.seed, 0, False))
         val = sval
     best = choose(scores)
-    w, b = std.fold(grid.weight[best], grid.bias[best])
-    head = Head(weight=w, bias=b, classes=cmap.classes, label_source=source.to_dict(),
-                feature_spec=_feature_spec(emb_dir))
+    head = best_head(grid, std, best, cmap.classes, source, _feature_spec(emb_dir))
     val_iter = [(val.x, val.y)] if isinstance(val, Labeled) else val.batches()
     metrics = evaluate(head, val_iter, cmap.names)
     metrics.update(
