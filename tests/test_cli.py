@@ -132,3 +132,21 @@ def test_index_directories_are_readable_by_others(tmp_path):
         os.umask(old)
     assert r.exit_code == 0, r.output
     assert (tmp_path / "idx").stat().st_mode & 0o777 == 0o755
+
+
+def test_models_prints_the_preprocessing_embed_uses():
+    """`models SPEC` describes the weights embed loads by default (the embedded ones, with their overrides)."""
+    from pipeline.model.backbones import load_backbone
+
+    r = CliRunner().invoke(cli, ["models", "default", "--json"])
+    assert r.exit_code == 0, r.output
+    info, used = json.loads(r.stdout), load_backbone("default").describe()  # what `embed` (weights default) loads
+    assert info["preprocess"] == used["preprocess"] and info["weights"] == used["weights"]
+    assert info["preprocess"]["interpolation"] == "bilinear" and info["preprocess"]["mean"] == [0.498] * 3
+    line = CliRunner().invoke(cli, ["models", "default"]).stdout
+    assert "bilinear" in line and "0.498" in line and "embedded:" in line
+    none = json.loads(CliRunner().invoke(cli, ["models", "default", "--weights", "none", "--json"]).stdout)
+    assert none["preprocess"]["interpolation"] == "bicubic" and none["weights"] == "none"
+    # no embedded weights: described offline with random weights (embed's download has the same preprocessing)
+    r = CliRunner().invoke(cli, ["models", tiny.MODEL])
+    assert r.exit_code == 0 and "weights none" in r.output and "bilinear" in r.output, r.output
