@@ -30,14 +30,18 @@ def command_defaults(command: click.Command, values: dict[str, Any], source: str
 
     Keys may use dashes or underscores (``batch-size`` or ``batch_size``). Unknown keys are errors
     that list the valid ones, so a typo in a job config never silently does nothing.
+
+    Example:
+        ``k = 3`` in ``[search]`` (its option is ``-k``), ``compile = "eager"`` in ``[embed]`` (``--compile``).
     """
     params: dict[str, click.Option] = {}
     for p in command.params:
         if isinstance(p, click.Option) and p.name != "config":
-            # Keys are the flag names users see (``compile`` for ``--compile``), dashes or underscores.
-            for flag in p.opts:
-                if flag.startswith("--"):
-                    params[flag[2:].replace("-", "_")] = p
+            # Keys are the flag names users see (``compile`` for ``--compile``), dashes or underscores; an
+            # option with only a short flag is keyed by its letter (``k`` for search's ``-k``).
+            longs = [f for f in p.opts if f.startswith("--")]
+            for flag in longs or p.opts:
+                params[flag.lstrip("-").replace("-", "_")] = p
     out: dict[str, Any] = {}
     for key, value in values.items():
         param = params.get(key.replace("-", "_"))

@@ -68,16 +68,19 @@ def verify_embeddings(out: Path) -> tuple[list[str], dict[str, Any]]:
             problems.append(f"{f}: {bad} embedding(s) with NaN or Inf")
     pending = sorted(set(files) - set(records))
     failed = {}
-    for p in failed_records.values():
+    for name, p in failed_records.items():
+        if name in records:  # done since (a done record wins over a stale failure): not failed
+            continue
         rec = run_folder.read_record(p)
         if rec is None:
             failed[p.name] = "unreadable failure record"
         else:
             failed[rec.get("url", p.name)] = rec.get("reason", "?")
-    expected = int((run or {}).get("config", {}).get("shards", 0) or 0)
+    counts = run_folder.shard_counts(run, list(records), list(failed_records))  # the ones `status` prints
     return problems, {"shards_verified": len(records), "rows": rows, "pending_without_record": pending,
                       "failed_records": sorted(p.name for p in failed_records.values()), "failed": failed,
-                      "shards_expected": expected, "shards_not_done": max(0, expected - len(records))}
+                      "shards_expected": counts["shards_expected"],
+                      "shards_not_done": counts["failed"] + counts["pending"]}
 
 
 def incomplete(info: dict[str, Any]) -> str | None:

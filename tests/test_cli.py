@@ -132,3 +132,48 @@ def test_index_directories_are_readable_by_others(tmp_path):
         os.umask(old)
     assert r.exit_code == 0, r.output
     assert (tmp_path / "idx").stat().st_mode & 0o777 == 0o755
+
+
+def test_models_prints_the_preprocessing_embed_uses():
+    """`models SPEC` describes the weights embed loads by default (the embedded ones, with their overrides)."""
+    from pipeline.model.backbones import load_backbone
+
+    r = CliRunner().invoke(cli, ["models", "default", "--json"])
+    assert r.exit_code == 0, r.output
+    info, used = json.loads(r.stdout), load_backbone("default").describe()  # what `embed` (weights default) loads
+    assert info["preprocess"] == used["preprocess"] and info["weights"] == used["weights"]
+    assert info["preprocess"]["interpolation"] == "bilinear" and info["preprocess"]["mean"] == [0.498] * 3
+    line = CliRunner().invoke(cli, ["models", "default"]).stdout
+    assert "bilinear" in line and "0.498" in line and "embedded:" in line
+    none = json.loads(CliRunner().invoke(cli, ["models", "default", "--weights", "none", "--json"]).stdout)
+    assert none["preprocess"]["interpolation"] == "bicubic" and none["weights"] == "none"
+    # no embedded weights: described offline with random weights (embed's download has the same preprocessing)
+    r = CliRunner().invoke(cli, ["models", tiny.MODEL])
+    assert r.exit_code == 0 and "weights none" in r.output and "bilinear" in r.output, r.output
+
+
+def test_a_job_config_sets_search_k_by_its_flag_name(tiny_index, tmp_path):
+    """`search`'s option is `-k`: `k = 3` in [search] works, and does not block the rest of the job config."""
+    key = pq.read_table(tiny_index / "idx" / "ids.parquet", columns=["key"]).column("key")[0].as_py()
+    job = tmp_path / "job.toml"
+    job.write_text('[embed]\nmodel = "torchvision:resnet18"\nweights = "none"\n\n[search]\nk = 3\nformat = "json"\n')
+    r = CliRunner().invoke(cli, ["--config", str(job), "search", str(tiny_index / "idx"), key])
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.stdout)[0]["results"]) == 3
+    own = tmp_path / "search.toml"  # the command's own --config: flat keys
+    own.write_text("k = 2\nformat = \"json\"\n")
+    r = CliRunner().invoke(cli, ["search", str(tiny_index / "idx"), key, "--config", str(own)])
+    assert r.exit_code == 0 and len(json.loads(r.stdout)[0]["results"]) == 2, r.output
+
+
+def test_every_option_of_every_command_has_a_config_key():
+    """Config keys follow the flags users type (`--batch-size`, `-k`): no option is out of a job config's reach."""
+    import click
+
+    from pipeline.config import command_defaults
+
+    for name, command in cli.commands.items():
+        for p in command.params:
+            if isinstance(p, click.Option) and p.name != "config":
+                flag = max(p.opts, key=len).lstrip("-")
+                assert p.name in command_defaults(command, {flag: p.default}, "t.toml"), (name, p.opts)

@@ -73,7 +73,9 @@ def status(out: str, as_json: bool) -> None:
     else:
         click.echo(f"{out}: {st['done']}/{st['shards_expected']} shards done, {st['failed']} failed, "
                    f"{st['pending']} pending; {st['embedded']} samples embedded, {st['skipped']} skipped"
-                   + ("; complete (_SUCCESS)" if st["success"] else ""))
+                   + ("; complete (_SUCCESS)" if st["success"] else "")
+                   + (f"; the folder holds shards of more than one run (its last run had {st['shards_last_run']})"
+                      if st["more_than_one_input_set"] else ""))
         for url, reason in st["failed_shards"].items():
             click.echo(f"  failed {url}: {reason}")
     if st["failed"]:

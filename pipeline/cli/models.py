@@ -10,11 +10,13 @@ from .group import cli
 
 @cli.command()
 @click.argument("spec", required=False)
-@click.option("--weights", default="none", show_default=True, help="Weights to load while describing (none avoids downloads).")
+@click.option("--weights", default=None, help="Weights to describe, as embed's --weights (default: embed's own, the "
+              "embedded weights where a package ships them; a model whose default weights are a download is described "
+              "with random ones, which have the same preprocessing).")
 @click.option("--layer", default=None, help="Describe the pooled output of this graph node instead.")
 @click.option("--nodes", is_flag=True, help="List the graph node names usable with --layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def models(spec: str | None, weights: str, layer: str | None, nodes: bool, as_json: bool) -> None:
+def models(spec: str | None, weights: str | None, layer: str | None, nodes: bool, as_json: bool) -> None:
     """List model aliases, or describe one model spec (dim, preprocessing, parameters)."""
     from ..model.backbones import load_backbone
     from ..model.sources import all_sources, resolve_spec
@@ -39,6 +41,12 @@ def models(spec: str | None, weights: str, layer: str | None, nodes: bool, as_js
         for n in get_graph_node_names(bb.model)[1]:
             click.echo(n)
         return
+    if weights is None:  # what embed loads by default, without a download
+        from ..embedding.options import EmbedConfig
+        from ..model.weights import embedded_weights_path
+
+        kind, name = resolve_spec(spec)
+        weights = EmbedConfig.weights if embedded_weights_path(f"{kind}:{name}") is not None else "none"
     info = load_backbone(spec, weights=weights, layer=layer).describe()
     if as_json:
         click.echo(json.dumps(info, indent=2))

@@ -5,7 +5,8 @@
                                     size and sha256 (a changed file is not done)
     OUT/_state/<name>.failed.json   why the shard failed (removed once it succeeds)
     OUT/_state/<name>.claim         the process embedding the shard now (one at a time, whatever the ranks)
-    OUT/run.json                    the resolved config and the fingerprint of the embeddings
+    OUT/run.json                    the resolved config and the fingerprint of the embeddings, and how many
+                                    shards the folder has been given over all its runs (``shards_in_folder``)
     OUT/_SUCCESS                    every shard of the run is done
     OUT/_lock, OUT/_lock.R-of-W     the owner of the folder (one per rank when ranks share it)
     .owners.lock (in OUT, _state)   held for an instant while a dead owner's lock or claim is taken over
@@ -39,6 +40,7 @@ LOCK = "_lock"
 DONE_SUFFIX = ".json"
 FAILED_SUFFIX = ".failed.json"
 CLAIM_SUFFIX = ".claim"
+IN_FOLDER = "shards_in_folder"  # run.json: every shard the folder has been given, over all its runs
 
 
 def lock_name(rank: int = 0, world: int = 1) -> str:
@@ -153,10 +155,16 @@ class RunState:
             owners.release(self.lock, self.me)
             self._locked = False
 
-    def check_run(self, fingerprint: Fingerprint, config: dict[str, Any], overwrite: bool) -> None:
+    def check_run(self, fingerprint: Fingerprint, config: dict[str, Any], overwrite: bool,
+                  names: Sequence[str] = ()) -> None:
         """Under the lock: check the folder holds embeddings of this model/preprocessing (or wipe it with
-        overwrite), then record this run in run.json."""
+        overwrite), then record this run in run.json.
+
+        ``names``: the output names of this run's shards. run.json's ``shards_in_folder`` counts them with every
+        shard the folder already has (records, or the previous run.json's count): a folder fed another input set
+        still knows its earlier shards (``status``)."""
         run_json = self.run_json
+        recorded: dict[str, Any] | None = None
         if run_json.is_file():
             recorded = read_record(run_json)
             if recorded is None and not overwrite:
@@ -175,8 +183,12 @@ class RunState:
                 log.warning("--overwrite: deleting the embeddings in %s", self.out)
                 shutil.rmtree(self.emb_dir, ignore_errors=True)
                 shutil.rmtree(self.state_dir, ignore_errors=True)
+                recorded = None
         (self.out / SUCCESS).unlink(missing_ok=True)
-        atomic.write_json(run_json, {"fingerprint": fingerprint.to_dict(), "config": config})
+        done, failed = records(self.out)
+        before = _count((recorded or {}).get(IN_FOLDER))
+        in_folder = max(before, len(set(names) | set(done) | set(failed)))
+        atomic.write_json(run_json, {"fingerprint": fingerprint.to_dict(), "config": config, IN_FOLDER: in_folder})
 
     def same_options(self, config: dict[str, Any], keys: Sequence[str]) -> bool:
         """Whether ``run.json`` records these values of ``keys`` (False when there is no readable run.json)."""
@@ -347,6 +359,24 @@ def committed_files(path: Path | str) -> list[Path] | None:
     return files
 
 
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def shard_counts(run: dict[str, Any] | None, done: Sequence[str], failed: Sequence[str]) -> dict[str, Any]:
+    """The shard counts of a folder from its run.json and the names of its done and failed records.
+
+    A failed shard is one kind of not done (counted once); a folder fed more than one input set expects every
+    shard it knows of (``shards_in_folder``, its records), not just its last run's, so no count exceeds its total.
+    """
+    last = _count(((run or {}).get("config") or {}).get("shards"))
+    failed_only = set(failed) - set(done)
+    expected = max(last, _count((run or {}).get(IN_FOLDER)), len(set(done) | failed_only))
+    return {"shards_expected": expected, "done": len(done), "failed": len(failed_only),
+            "pending": expected - len(done) - len(failed_only), "shards_last_run": last,
+            "more_than_one_input_set": expected > last}
+
+
 def status(out: Path | str) -> dict[str, Any]:
     """Done, failed and pending shards of an output folder, with sample counts."""
     out = Path(out)
@@ -355,15 +385,14 @@ def status(out: Path | str) -> dict[str, Any]:
     run = read_record(out / RUN_JSON)
     if run is None:
         raise UserError(f"{out / RUN_JSON} is unreadable (empty or not JSON); rerun `embedpipe embed` with --overwrite")
-    expected = run.get("config", {}).get("shards", 0)
     done_paths, failed_paths = records(out)
-    done = [r for r in map(read_record, done_paths.values()) if r is not None]
-    failed = {p: read_record(p) for p in failed_paths.values()}
-    unreadable = [str(p) for p in done_paths.values() if read_record(p) is None]
+    done_recs = {name: read_record(p) for name, p in done_paths.items()}
+    done = [r for r in done_recs.values() if r is not None]
+    failed = {p: read_record(p) for name, p in failed_paths.items() if name not in done_recs or done_recs[name] is None}
+    unreadable = [str(p) for name, p in done_paths.items() if done_recs[name] is None]
     unreadable += [str(p) for p, r in failed.items() if r is None]
     return {
-        "shards_expected": expected, "done": len(done), "failed": len(failed),
-        "pending": max(0, expected - len(done)),
+        **shard_counts(run, [n for n, r in done_recs.items() if r is not None], list(failed_paths)),
         "embedded": sum(r.get("embedded", 0) for r in done), "skipped": sum(len(r.get("skipped", [])) for r in done),
         "failed_shards": {(r or {}).get("url", str(p)): (r or {}).get("reason", "unreadable failure record; rerun embed")
                           for p, r in failed.items()},

@@ -77,7 +77,7 @@ def embed(shards: Sequence[str] | str, out: str | Path, **options: Any) -> Embed
             model = prepare_model(cfg)
             bb, precision = model[0], model[1].precision
         state.check_run(fingerprint(bb, precision, cfg), {**asdict(cfg), "shards": len(all_urls), "version": __version__},
-                        cfg.overwrite)
+                        cfg.overwrite, names=list(names.values()))
         summary = _run(all_urls, urls, EngineJob([], names, state, cfg, devices, model=model), engine)
         summary.setup_seconds = summary.started - t0
         surprise = False
