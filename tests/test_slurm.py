@@ -38,14 +38,14 @@ def test_submit_chains_embed_then_index_and_probe_after_any_end(tmp_path):
                      LOGS=str(tmp_path / "logs"))
     res = run_script(SLURM / "submit.sh", env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    common = f"SHARDS=/d/s-{{000..009}}.tar OUT=/d/emb INDEX=/d/emb/index CONFIG={DEFAULT_CONFIG} | --parsable"
+    common = f"SHARDS=/d/s-{{000..009}}.tar OUT=/d/emb INDEX=/d/emb-index CONFIG={DEFAULT_CONFIG} | --parsable"
     logs = f"--output={tmp_path}/logs/%x-%j.out"
     array_logs = f"--output={tmp_path}/logs/%x-%A_%a.out"
     assert calls.read_text().splitlines() == [
         f"STEP= PROBE= {common} --job-name=embedpipe-embed {array_logs} --array=0-3 {SLURM}/embed.sbatch",
         f"STEP=build PROBE= {common} --job-name=embedpipe-index {logs} --dependency=afterany:1001 "
         f"{SLURM}/index.sbatch",
-        f"STEP= PROBE=/d/emb/probe {common} --job-name=embedpipe-probe {logs} --dependency=afterany:1001 "
+        f"STEP= PROBE=/d/emb-probe {common} --job-name=embedpipe-probe {logs} --dependency=afterany:1001 "
         f"{SLURM}/probe.sbatch",
     ]
     assert res.stdout.splitlines()[:3] == ["embed:       job 1001 (4 array tasks)", "index:       job 1002",
@@ -88,10 +88,10 @@ if [[ " $* " == *" status "* ]]; then echo "/e: 2/3 shards done, 1 failed, 1 pen
 
 
 @pytest.mark.parametrize("step, args", [
-    ("build", f"--config {DEFAULT_CONFIG} index OUT --out OUT/index"),
-    ("train", f"--config {DEFAULT_CONFIG} index OUT --out OUT/index --train-only"),
-    ("part", f"--config {DEFAULT_CONFIG} index OUT --out OUT/index --parts 4 --part 2"),
-    ("merge", f"--config {DEFAULT_CONFIG} index-merge OUT/index"),
+    ("build", f"--config {DEFAULT_CONFIG} index OUT --out OUT-index --update"),
+    ("train", f"--config {DEFAULT_CONFIG} index OUT --out OUT-index --train-only --overwrite"),
+    ("part", f"--config {DEFAULT_CONFIG} index OUT --out OUT-index --parts 4 --part 2"),
+    ("merge", f"--config {DEFAULT_CONFIG} index-merge OUT-index"),
 ])
 def test_index_sbatch_steps(tmp_path, step, args):
     _echo_embedpipe(tmp_path)
@@ -105,6 +105,26 @@ def test_index_sbatch_steps(tmp_path, step, args):
     assert res.stdout.splitlines()[-1] == args.replace("OUT", str(out))
 
 
+@pytest.mark.parametrize("step, last", [
+    ("build", f"--config {DEFAULT_CONFIG} index OUT --out OUT-index --update"),
+    ("train", "nothing to train"),
+    ("part", "nothing to part"),
+    ("merge", f"--config {DEFAULT_CONFIG} index OUT --out OUT-index --update"),
+])
+def test_index_sbatch_steps_once_the_index_exists_update_it(tmp_path, step, last):
+    """A rerun of the parted chain on an existing index: train and part do nothing, merge adds new shards."""
+    _echo_embedpipe(tmp_path)
+    out = tmp_path / "emb"
+    out.mkdir()
+    (out / "_SUCCESS").touch()
+    (tmp_path / "emb-index").mkdir()
+    (tmp_path / "emb-index" / "index.json").write_text("{}")
+    env = script_env(tmp_path / "bin", OUT=str(out), STEP=step, SLURM_ARRAY_TASK_ID="0", SLURM_ARRAY_TASK_COUNT="2")
+    res = run_script(SLURM / "index.sbatch", env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert last.replace("OUT", str(out)) in res.stdout.splitlines()[-1]
+
+
 @pytest.mark.parametrize("step", ["build", "merge"])
 def test_index_of_an_incomplete_folder_is_built_then_exits_1_with_the_status(tmp_path, step):
     _echo_embedpipe(tmp_path, status_rc=1)
@@ -112,7 +132,7 @@ def test_index_of_an_incomplete_folder_is_built_then_exits_1_with_the_status(tmp
     res = run_script(SLURM / "index.sbatch", script_env(tmp_path / "bin", OUT=str(out), STEP=step), cwd=tmp_path)
     assert res.returncode == 1
     assert res.stdout.splitlines()[1].split(" ", 3)[2] == ("index" if step == "build" else "index-merge")
-    assert f"{out} is incomplete (no _SUCCESS): {out}/index holds the done shards only" in res.stderr
+    assert f"{out} is incomplete (no _SUCCESS): {out}-index holds the done shards only" in res.stderr
     assert res.stderr.splitlines()[-2:] == ["status " + str(out), "/e: 2/3 shards done, 1 failed, 1 pending"]
 
 
@@ -160,7 +180,7 @@ def test_probe_sbatch_skips_unlabelled_collections_and_fails_otherwise(tmp_path,
     res = run_script(SLURM / "probe.sbatch", script_env(tmp_path / "bin", OUT="/e"), cwd=tmp_path)
     assert res.returncode == expected_rc
     assert message in res.stderr  # the log shows embedpipe's own words either way
-    assert res.stdout.splitlines()[1] == f"--config {DEFAULT_CONFIG} probe /e --out /e/probe"
+    assert res.stdout.splitlines()[1] == f"--config {DEFAULT_CONFIG} probe /e --out /e-probe"
     assert ("probe skipped: /e has no labels" in res.stdout) == skipped
 
 
@@ -182,7 +202,26 @@ case $cmd in
         if [[ ${{SLURM_ARRAY_TASK_ID}} == "${{FAIL_TASK:-}}" ]]; then echo "1 shard(s) failed" >&2; exit 1; fi
         mkdir -p "$out"; touch "$out/part-$SLURM_ARRAY_TASK_ID"
         if [[ $(ls "$out"/part-* | wc -l) -eq $SLURM_ARRAY_TASK_COUNT ]]; then touch "$out/_SUCCESS"; fi ;;
-    index) if [[ -n ${{FAIL_TRAIN:-}} && " $* " == *" --train-only "* ]]; then exit 1; fi ;;
+    index)  # refuses what the real one refuses: an existing --out without --update/--overwrite, and so on
+        if [[ -n ${{FAIL_TRAIN:-}} && " $* " == *" --train-only "* ]]; then exit 1; fi
+        if [[ " $* " == *" --train-only "* ]]; then
+            [[ ! -e $out.parts || " $* " == *" --overwrite "* ]] || {{ echo "error: $out.parts already exists" >&2; exit 2; }}
+            mkdir -p "$out.parts"
+        elif [[ " $* " == *" --parts "* ]]; then
+            [[ -d $out.parts ]] || {{ echo "error: $out.parts/train.json is missing" >&2; exit 2; }}
+        else
+            if [[ -e $out && " $* " != *" --update "* && " $* " != *" --overwrite "* ]]; then
+                echo "error: $out already exists; pass --update to add new shards to it, or --overwrite to rebuild" >&2
+                exit 2
+            fi
+            [[ -e $out ]] && echo "nothing to add"
+            mkdir -p "$out"; touch "$out/index.json"
+        fi ;;
+    index-merge)
+        idx=${{*: -1}}; [[ $idx == --overwrite ]] && idx=${{*: -2:1}}
+        if [[ -e $idx && " $* " != *" --overwrite "* ]]; then echo "error: $idx already exists" >&2; exit 2; fi
+        mkdir -p "$idx"; touch "$idx/index.json" ;;
+    probe) mkdir -p "$out" ;;
     status) echo "  failed /d/s-$FAIL_TASK.tar: truncated tar"; exit 1 ;;
 esac
 """)
@@ -218,6 +257,27 @@ def test_no_job_of_the_chain_is_left_pending(tmp_path, extra, fail, states):
     assert calls[:3] == ["embed task=0", "embed task=1", "embed task=2"]
 
 
+@pytest.mark.parametrize("extra", [{}, {"INDEX_PARTS": "2"}], ids=["build", "parts"])
+def test_the_whole_chain_runs_again_on_the_same_folders(tmp_path, extra):
+    """A second submit.sh on the same OUT, INDEX and PROBE: index (or train, parts, merge) and probe exit 0,
+    and the index is updated (`index --update`), never refused as already existing."""
+    log = _stub_embedpipe_for_chains(tmp_path)
+    out = tmp_path / "emb"
+    env = script_env(tmp_path / "bin", SHARDS="/d/s-{0..2}.tar", OUT=str(out), TASKS="3", **extra)
+    for run in ("first", "second"):
+        slurm = MiniSlurm(tmp_path / run)
+        res = run_script(SLURM / "submit.sh", {**env, "PATH": f"{slurm.bin}:{env['PATH']}"}, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        jobs = slurm.run()
+        assert slurm.squeue(jobs) == []
+        failed = [j.output() for j in jobs.values() if j.state != "COMPLETED"]
+        assert not failed, failed
+    assert (tmp_path / "emb-index").is_dir() and (tmp_path / "emb-probe").is_dir()
+    assert not (out / "index").exists() and not (out / "probe").exists()
+    last = next(j for j in jobs.values() if j.name in ("embedpipe-index", "embedpipe-index-merge"))
+    assert "nothing to add" in last.output()
+
+
 def test_the_scheduler_stub_shows_a_stalled_chain(tmp_path):
     """The check above can fail: an afterok dependent of a failed array stays pending (the old chain)."""
     slurm = MiniSlurm(tmp_path)
@@ -245,29 +305,66 @@ def _real_embedpipe() -> Path:
 
 
 @pytest.mark.slow
-def test_a_chain_with_a_corrupt_shard_indexes_the_rest_and_names_it(tmp_path):
+def test_a_chain_with_a_corrupt_shard_indexes_the_rest_then_the_readme_recovery_and_a_rerun_succeed(tmp_path):
+    """A chain, a failure, the README's fix (rerun the embed array, then index.sbatch), then the whole chain
+    again on the same folders: every job can run again, and the rerun of index and probe exits 0."""
+    import json
+
     from pipeline.sample_data import write_sample_shards
 
     shards = tmp_path / "shards"  # 3 x 20 labelled digits, and a truncated 4th shard for array task 1
     write_sample_shards(shards, "digits", limit=60, shard_size=20, image_size=64, fmt="jpg")
     good = (shards / "digits-000000.tar").read_bytes()
     (shards / "digits-000003.tar").write_bytes(good[: len(good) // 2])
-    slurm = MiniSlurm(tmp_path)
     out = tmp_path / "emb"
-    env = script_env(slurm.bin, SHARDS=str(shards / "*.tar"), OUT=str(out), TASKS="2", EMBEDPIPE=str(_real_embedpipe()),
-                     CONFIG=str(JOBS / "configs" / "smoke-cpu.toml"), LOGS=str(tmp_path / "logs"))
-    assert run_script(SLURM / "submit.sh", env, cwd=tmp_path).returncode == 0
-    jobs = slurm.run()
-    embed, index, probe = jobs.values()
-    assert slurm.squeue(jobs) == []
+    env = script_env(tmp_path / "bin", SHARDS=str(shards / "*.tar"), OUT=str(out), TASKS="2",
+                     EMBEDPIPE=str(_real_embedpipe()), CONFIG=str(JOBS / "configs" / "smoke-cpu.toml"),
+                     LOGS=str(tmp_path / "logs"))
+
+    def chain(name: str, *submissions: list[str]) -> dict:
+        slurm = MiniSlurm(tmp_path / name)
+        run_env = {**env, "PATH": f"{slurm.bin}:{env['PATH']}"}
+        for args in submissions:  # each: [VAR=value ..., sbatch options ..., script]
+            extra = dict(a.split("=", 1) for a in args if not a.startswith("-") and "=" in a)
+            argv = [a for a in args if a.startswith("-") or "=" not in a]
+            res = subprocess.run(argv, env={**run_env, **extra}, cwd=tmp_path, capture_output=True, text=True,
+                                 timeout=60)
+            assert res.returncode == 0, res.stderr
+        jobs = slurm.run()
+        assert slurm.squeue(jobs) == []
+        return {j.name.removeprefix("embedpipe-"): j for j in jobs.values()}
+
+    jobs = chain("first", ["bash", str(SLURM / "submit.sh")])
+    embed, index, probe = jobs["embed"], jobs["index"], jobs["probe"]
     assert [t.returncode for t in embed.tasks.values()] == [0, 1]  # task 1 had digits-000001 and the broken one
     assert (index.state, probe.state) == ("FAILED", "COMPLETED"), index.output() + probe.output()
     assert f"failed {shards}/digits-000003.tar" in index.output()
-    import json
-
-    meta = json.loads((out / "index" / "index.json").read_text())
+    meta = json.loads((tmp_path / "emb-index" / "index.json").read_text())  # INDEX and PROBE outside OUT
     assert meta["count"] == 60 and len(meta["shards"]) == 3  # every done shard is searchable
-    assert (out / "probe" / "metrics.json").is_file()
+    assert (tmp_path / "emb-probe" / "metrics.json").is_file()
+    assert not (out / "index").exists() and not (out / "probe").exists()
+
+    # The fix: a good digits-000003, then the README's recovery, as written: the embed array, then index.sbatch.
+    fixed = tmp_path / "fixed"
+    write_sample_shards(fixed, "digits", limit=80, shard_size=20, image_size=64, fmt="jpg")
+    (shards / "digits-000003.tar").write_bytes((fixed / "digits-000003.tar").read_bytes())
+    jobs = chain("recovery", ["sbatch", "--parsable", "--job-name=embedpipe-embed", "--array=0-1",
+                              str(SLURM / "embed.sbatch")],
+                 ["sbatch", "--parsable", "--job-name=embedpipe-index", "--dependency=afterany:1001",
+                  str(SLURM / "index.sbatch")],
+                 ["sbatch", "--parsable", "--job-name=embedpipe-probe", "--dependency=afterany:1001",
+                  str(SLURM / "probe.sbatch")])
+    assert {n: j.state for n, j in jobs.items()} == {"embed": "COMPLETED", "index": "COMPLETED",
+                                                      "probe": "COMPLETED"}, jobs["index"].output()
+    assert json.loads((tmp_path / "emb-index" / "index.json").read_text())["count"] == 80  # updated, not rebuilt
+
+    # The whole chain again on the same folders: nothing new, nothing fails.
+    jobs = chain("rerun", ["bash", str(SLURM / "submit.sh")])
+    assert {n: j.state for n, j in jobs.items()} == {"embed": "COMPLETED", "index": "COMPLETED",
+                                                      "probe": "COMPLETED"}, jobs["index"].output()
+    assert "nothing to add" in jobs["index"].output()
+    assert json.loads((tmp_path / "emb-index" / "index.json").read_text())["count"] == 80
+    assert (tmp_path / "emb-probe" / "metrics.json").is_file()
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@
 #
 #   SHARDS   shard spec, as `embedpipe embed` takes it (glob, brace range or @list.txt)   required
 #   OUT      embedding folder                                                              required
-#   INDEX    index folder                                                 default: $OUT/index
+#   INDEX    index folder (outside OUT)                                   default: $OUT-index
 #   CONFIG   whole-job TOML config ([embed], [index] tables)              default: none
 #   LOCK     lock file                                                    default: $OUT.cron.lock
 #   EMBEDPIPE  the embedpipe executable                                   default: embedpipe on PATH
@@ -21,7 +21,7 @@ set -euo pipefail
 SHARDS=${SHARDS:?set SHARDS to the shard spec, e.g. SHARDS='/data/shards/*.tar'}
 OUT=${OUT:?set OUT to the embedding folder, e.g. OUT=/data/emb}
 OUT=${OUT%/}
-INDEX=${INDEX:-$OUT/index}
+INDEX=${INDEX:-$OUT-index}
 CONFIG=${CONFIG:-}
 LOCK=${LOCK:-$OUT.cron.lock}
 EMBEDPIPE=${EMBEDPIPE:-embedpipe}

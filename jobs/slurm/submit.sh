@@ -12,10 +12,10 @@
 #   SHARDS       shard spec (expanded by embedpipe, not the shell)                     required
 #   OUT          embedding folder                                                      required
 #   TASKS        embed array tasks (= parts of the shard list, one GPU each)           default: 8
-#   INDEX        index folder                                                          default: $OUT/index
+#   INDEX        index folder (outside OUT)                                        default: $OUT-index
 #   INDEX_PARTS  0: one index job; N > 0: train, then an N-task parts array, then merge   default: 0
 #   PROBE        probe folder; PROBE=none leaves the probe out (it also skips itself,
-#                saying so, when the embeddings have no labels)                        default: $OUT/probe
+#                saying so, when the embeddings have no labels)                        default: $OUT-probe
 #   CONFIG       whole-job TOML config               default: this repository's jobs/configs/gpu-default.toml
 #   EMBEDPIPE    the embedpipe executable on the nodes                                 default: embedpipe
 #   LOGS         folder for the jobs' logs: NAME-JOBID.out, NAME-JOBID_TASK.out for arrays  default: $OUT/logs
@@ -26,12 +26,12 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export SHARDS=${SHARDS:?set SHARDS to the shard spec, e.g. SHARDS='/data/shards/{000000..000999}.tar'}
 OUT=${OUT:?set OUT to the embedding folder, e.g. OUT=/data/emb}
 export OUT=${OUT%/}
-export INDEX=${INDEX:-$OUT/index}
+export INDEX=${INDEX:-$OUT-index}
 export CONFIG=${CONFIG:-$(dirname "$HERE")/configs/gpu-default.toml}
 export EMBEDPIPE=${EMBEDPIPE:-embedpipe}
 TASKS=${TASKS:-8}
 INDEX_PARTS=${INDEX_PARTS:-0}
-PROBE=${PROBE:-$OUT/probe}
+PROBE=${PROBE:-$OUT-probe}
 LOGS=${LOGS:-$OUT/logs}
 
 if ! [[ $TASKS =~ ^[1-9][0-9]*$ && $INDEX_PARTS =~ ^[0-9]+$ ]]; then
