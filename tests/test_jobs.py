@@ -114,14 +114,14 @@ def test_cron_second_concurrent_run_exits_0_and_the_first_runs_embed_then_index(
     assert log.read_text().splitlines() == [  # the second run called nothing; the first ran both, in order
         f"start --config /c/cpu.toml embed /s/{{000..002}}.tar --out {emb} -q",
         "end embed",
-        f"start --config /c/cpu.toml index {emb} --out {emb}/index --update",
+        f"start --config /c/cpu.toml index {emb} --out {emb}-index --update",
         "end index",
     ]
     assert out.splitlines()[-1].endswith(" done")
     # Once the first run is over, the lock is free again.
     again = run_script(CRON, {**env, "CONFIG": ""}, tmp_path, timeout=20)
     assert again.returncode == 0 and "previous run still active" not in again.stdout
-    assert log.read_text().splitlines()[-2] == f"start index {emb} --out {emb}/index --update"  # no --config
+    assert log.read_text().splitlines()[-2] == f"start index {emb} --out {emb}-index --update"  # no --config
 
 
 @pytest.mark.parametrize("fail, code, expected_rc, index_called", [
@@ -168,5 +168,9 @@ def test_cron_with_the_real_embedpipe_embeds_and_indexes_only_new_shards(tmp_pat
     assert "embedded 20 samples" in res.stdout and "(2 already done" in res.stdout
     import json
 
-    meta = json.loads((tmp_path / "emb" / "index" / "index.json").read_text())
+    meta = json.loads((tmp_path / "emb-index" / "index.json").read_text())
     assert meta["count"] == 60 and len(meta["shards"]) == 3
+    assert not (tmp_path / "emb" / "index").exists()  # the index lives outside OUT, as the README advises
+    res = run_script(CRON, env, tmp_path, timeout=60)  # nothing new: a run that does nothing, and says so
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "nothing to add" in res.stdout

@@ -133,15 +133,59 @@ def test_index_job_builds_then_fails_naming_what_is_missing(tmp_path, complete):
     if complete:
         (out / "_SUCCESS").touch()
     res = _run_container(tmp_path, "index-job.yaml", 'echo "$*"; [[ $1 != status ]] || echo "  failed s-1.tar: bad"\n',
-                         OUT=str(out), INDEX=str(out / "index"))
-    assert res.stdout.splitlines()[0] == f"index {out} --out {out}/index --memory 24GB"
+                         OUT=str(out), INDEX=f"{out}-index")
+    assert res.stdout.splitlines()[0] == f"index {out} --out {out}-index --update --memory 24GB"
     if complete:
         assert (res.returncode, res.stderr) == (0, "")
     else:
         assert res.returncode == 1
         assert res.stderr.splitlines() == [
-            f"{out} is incomplete (no _SUCCESS): {out}/index holds the done shards only; rerun the embed Job, "
+            f"{out} is incomplete (no _SUCCESS): {out}-index holds the done shards only; rerun the embed Job, "
             "then this one", f"status {out}", "  failed s-1.tar: bad"]
+
+
+# A stub embedpipe that refuses what the real one refuses: `index` onto an existing --out without --update or
+# --overwrite (exit 2, the real message); probe replaces its folder, as the real one does.
+_CLI_LIKE = """out=; prev=
+for a in "$@"; do [[ $prev == --out ]] && out=$a; prev=$a; done
+echo "$*"
+case $1 in
+    index)
+        if [[ -e $out && " $* " != *" --update "* && " $* " != *" --overwrite "* ]]; then
+            echo "error: $out already exists; pass --update to add new shards to it, or --overwrite to rebuild" >&2
+            exit 2
+        fi
+        mkdir -p "$out" ;;
+    probe) mkdir -p "$out" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("name", ["index-job.yaml", "probe-job.yaml"])
+def test_index_and_probe_jobs_run_again_on_the_same_folders(tmp_path, name):
+    """Every second submit.sh reruns these Jobs on the claim's folders: the second run must exit 0 too."""
+    out = tmp_path / "emb"
+    out.mkdir()
+    (out / "_SUCCESS").touch()
+    paths = {"OUT": str(out), "INDEX": str(tmp_path / "emb-index"), "PROBE": str(tmp_path / "emb-probe")}
+    for _ in range(2):
+        res = _run_container(tmp_path, name, _CLI_LIKE, **paths)
+        assert (res.returncode, res.stderr) == (0, ""), res.stderr
+
+
+def test_index_and_probe_folders_are_outside_the_embedding_folder():
+    """The README: keep index and probe folders outside OUT (readers of OUT/ would see them as data)."""
+    _, index_env = _container_script("index-job.yaml")
+    _, probe_env = _container_script("probe-job.yaml")
+    assert (index_env["OUT"], index_env["INDEX"], probe_env["PROBE"]) == ("/data/emb", "/data/emb-index",
+                                                                          "/data/emb-probe")
+    _, serve = _pod(_one_of("serve-deployment.yaml", "Deployment"))
+    assert serve["args"][:2] == ["serve", index_env["INDEX"]]
+
+
+def _one_of(name: str, kind: str) -> dict:
+    (doc,) = [d for d in _docs(K8S / name) if d["kind"] == kind]
+    return doc
 
 
 @pytest.mark.parametrize("message, rc, expected_rc, skipped", [
@@ -153,7 +197,7 @@ def test_index_job_builds_then_fails_naming_what_is_missing(tmp_path, complete):
 def test_probe_job_skips_unlabelled_collections(tmp_path, message, rc, expected_rc, skipped):
     res = _run_container(tmp_path, "probe-job.yaml", f'echo "$*"; echo "{message}" >&2; exit {rc}\n')
     assert res.returncode == expected_rc
-    assert res.stdout.splitlines()[0] == "probe /data/emb --out /data/emb/probe --max-memory-gb 8"
+    assert res.stdout.splitlines()[0] == "probe /data/emb --out /data/emb-probe --max-memory-gb 8"
     assert message in res.stderr
     assert ("probe skipped: /data/emb has no labels" in res.stdout) == skipped
 
