@@ -248,7 +248,7 @@ def test_no_job_of_the_chain_is_left_pending(tmp_path, extra, fail, states):
 def test_the_whole_chain_runs_again_on_the_same_folders(tmp_path, extra):
     """A second submit.sh on the same OUT, INDEX and PROBE: index (or train, parts, merge) and probe exit 0,
     and the index is updated (`index --update`), never refused as already existing."""
-    log = _stub_embedpipe_for_chains(tmp_path)
+    _stub_embedpipe_for_chains(tmp_path)
     out = tmp_path / "emb"
     env = script_env(tmp_path / "bin", SHARDS="/d/s-{0..2}.tar", OUT=str(out), TASKS="3", **extra)
     for run in ("first", "second"):

@@ -19,6 +19,7 @@ from pipeline.errors import UserError
 from pipeline.model.backbones import load_backbone, with_input_size
 from pipeline.model.compile import build_extractor
 from pipeline.model.decoders.cpu import decode_one
+from pipeline.model.deprecations import torchscript_calls
 from campaign import cases
 from shards import UNDECODABLE, jpeg_bytes, read_tar, sample_image, write_tar
 import tiny
@@ -287,7 +288,8 @@ def test_hostile_keys_and_shard_names_never_become_paths(tmp_path):
 def test_torchscript_file_runs_in_bf16(digits_shards, tmp_path):
     bb = load_backbone("torchvision:resnet18", "none")
     path = tmp_path / "feat.pt"
-    torch.jit.save(torch.jit.trace(bb.model, torch.zeros(1, 3, 64, 64)), str(path))
+    with torchscript_calls():
+        torch.jit.save(torch.jit.trace(bb.model, torch.zeros(1, 3, 64, 64)), str(path))
     outs = {}
     for precision in ("fp32", "bf16"):
         r = CliRunner().invoke(cli, ["embed", str(digits_shards[0]), "--out", str(tmp_path / precision), "--model",

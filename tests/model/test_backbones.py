@@ -11,6 +11,7 @@ from pipeline.model.backbones import load_backbone, load_classifier
 from pipeline.model.compile import build_extractor
 from pipeline.model.preprocess import resize_crop
 from pipeline.model.sources import resolve_spec
+from pipeline.model.deprecations import torchscript_calls
 
 
 def photo_batch(pre, names=("chelsea", "coffee", "astronaut", "rocket")) -> torch.Tensor:
@@ -63,7 +64,8 @@ def test_intermediate_layer_is_pooled():
 def test_torchscript_file_spec(tmp_path: Path):
     bb = load_backbone("torchvision:resnet18", "none")
     path = tmp_path / "feat.pt"
-    torch.jit.save(torch.jit.trace(bb.model, torch.zeros(1, 3, 224, 224)), str(path))
+    with torchscript_calls():
+        torch.jit.save(torch.jit.trace(bb.model, torch.zeros(1, 3, 224, 224)), str(path))
     ts = load_backbone(f"torchscript:{path}")
     assert ts.num_features == 512
     x = torch.rand(2, 3, 224, 224)
@@ -181,10 +183,11 @@ def test_torchscript_specs_refuse_weights_and_say_where_preprocessing_comes_from
 
     bb = load_backbone("torchvision:resnet18", "none")
     plain, with_pre = tmp_path / "plain.pt", tmp_path / "with_pre.pt"
-    traced = torch.jit.trace(bb.model, torch.zeros(1, 3, 64, 64))
-    torch.jit.save(traced, str(plain))
     pre = {"input_size": 64, "resize_size": 72, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}
-    torch.jit.save(traced, str(with_pre), _extra_files={"preprocess.json": json.dumps(pre)})
+    with torchscript_calls():
+        traced = torch.jit.trace(bb.model, torch.zeros(1, 3, 64, 64))
+        torch.jit.save(traced, str(plain))
+        torch.jit.save(traced, str(with_pre), _extra_files={"preprocess.json": json.dumps(pre)})
     with pytest.raises(UserError, match=r"--weights .*missing.pt does not apply to torchscript: .*drop --weights"):
         load_backbone(f"torchscript:{plain}", str(tmp_path / "missing.pt"))
     with caplog.at_level(logging.INFO, logger="pipeline"):

@@ -97,7 +97,8 @@ def _torchscript_file(tmp_path: Path) -> Path:
     bb = load_backbone("torchvision:resnet18", "none", input_size=64)
     path = tmp_path / "feat.pt"
     with torchscript_calls():
-        torch.jit.save(torch.jit.trace(bb.model, torch.zeros(1, 3, 64, 64)), str(path))
+        with torchscript_calls():
+            torch.jit.save(torch.jit.trace(bb.model, torch.zeros(1, 3, 64, 64)), str(path))
     return path
 
 

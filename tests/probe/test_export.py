@@ -18,6 +18,7 @@ from pipeline.probe.export import FeatureHead, attach_head, export_classifier
 from pipeline.probe.linear import run_probe
 from pipeline.probe.options import ProbeOptions
 from pipeline.probe.predict import run_predict
+from pipeline.model.deprecations import torchscript_calls
 import tiny
 
 TINY = tiny.options(device="cpu", compile=None)
@@ -51,7 +52,8 @@ def test_exported_classifier_matches_predict(digit_embeddings, digits_shards, tm
     want_p = dict(zip(pred.column("key").to_pylist(), pred.column("probability").to_pylist()))
 
     extra = {"embedpipe.json": ""}
-    clf = torch.jit.load(str(tmp_path / "clf.pt"), _extra_files=extra)
+    with torchscript_calls():
+        clf = torch.jit.load(str(tmp_path / "clf.pt"), _extra_files=extra)
     assert clf.classes == m["classes"] == sorted({"zero", "one", "two", "three", "four", "five", "six", "seven",
                                                    "eight", "nine"})
     assert json.loads(extra["embedpipe.json"])["feature_spec"]["normalize"] is True
@@ -79,7 +81,8 @@ def test_cli_probe_with_export(digit_embeddings, tmp_path):
                                  "--weight-decays", "1e-3", "--export-classifier", str(tmp_path / "c.pt")])
     assert r.exit_code == 0, r.output
     assert r.output.startswith("probe: top-1 ") and "classifier" in r.output
-    assert torch.jit.load(str(tmp_path / "c.pt")).classes == [str(i) for i in range(10)]
+    with torchscript_calls():
+        assert torch.jit.load(str(tmp_path / "c.pt")).classes == [str(i) for i in range(10)]
     r = CliRunner().invoke(cli, ["knn", str(digit_embeddings), "-k", "5"])
     assert r.exit_code == 0 and r.output.startswith("knn: k=5 top-1 "), r.output
     r = CliRunner().invoke(cli, ["predict", str(tmp_path / "p"), str(digit_embeddings)])

@@ -11,6 +11,7 @@ from pipeline.errors import UserError
 from pipeline.model.backbones import load_backbone
 from pipeline.probe.finetune import blocks, run_finetune
 from pipeline.probe.options import FinetuneOptions
+from pipeline.model.deprecations import torchscript_calls
 
 
 @pytest.fixture
@@ -45,7 +46,8 @@ def test_finetune_improves_and_resumes(digits_shards, tmp_path, one_thread):
     assert acc[-1] > acc[0] + 0.1, acc
     assert r["trained_blocks"] == ["layer4.1"] and 0.0 < r["probe_top1"] <= 1.0
     assert json.loads((tmp_path / "metrics.json").read_text())["history"][-1]["val_top1"] == acc[-1]
-    clf = torch.jit.load(str(tmp_path / "classifier.pt"))
+    with torchscript_calls():
+        clf = torch.jit.load(str(tmp_path / "classifier.pt"))
     assert clf.classes == [str(i) for i in range(10)]
     assert clf(torch.zeros(2, 3, 80, 60, dtype=torch.uint8)).shape == (2, 10)
     with pytest.raises(UserError, match="other settings"):
@@ -105,6 +107,7 @@ def test_best_epoch_is_reported_kept_and_exported(digits_shards, tmp_path, monke
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     best, last = ck["best"]["weights"]["model.fc.weight"], ck["weights"]["model.fc.weight"]
     assert not torch.equal(best, last)  # the third epoch did train on
-    clf = torch.jit.load(str(tmp_path / "classifier.pt"))
+    with torchscript_calls():
+        clf = torch.jit.load(str(tmp_path / "classifier.pt"))
     exported = [v for k, v in clf.state_dict().items() if k.endswith("fc.weight")]
     assert len(exported) == 1 and torch.equal(exported[0], best)

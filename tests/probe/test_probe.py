@@ -115,7 +115,7 @@ def test_predict_refuses_embeddings_of_another_model(separable, tmp_path):
     run_probe(separable, tmp_path / "probe", ProbeOptions(**FAST))
     x, y = blobs(n=30)
     other = write_shards(tmp_path / "other", x, y, metadata={"model": "test:other"})
-    with pytest.raises(UserError, match="another model than the probe \(model: probe has 'test:blobs'"):
+    with pytest.raises(UserError, match=r"another model than the probe \(model: probe has 'test:blobs'"):
         run_predict(tmp_path / "probe", other)
 
 

@@ -179,6 +179,7 @@ def png_bomb(width: int, height: int) -> bytes:
     (json.dumps({"keys": [KEY] * 65}).encode(), 413, "at most 64 (--max-queries)"),
     (json.dumps({"keys": [KEY], "filter": {"label": 3}}).encode(), 400, "filter takes"),
 ])
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the bomb this test sends, refused
 def test_bad_requests_get_a_4xx_json_error_that_says_why(url, body, status, message):
     r = call(f"{url}/search", "POST", body, {"content-type": "application/json"})
     assert r.status == status, r
