@@ -16,7 +16,7 @@ from .. import atomic
 from ..version import __version__
 from . import micro_batch as micro_batches
 from .backbones import Backbone
-from .deprecations import torchscript_calls
+from .deprecations import quiet_cuda_home_notice, torchscript_calls
 from .device import (
     DEFAULT_COMPILE,
     FIXED_BATCH_MODES,
@@ -171,6 +171,7 @@ def build_extractor(
     wrapper.eval()
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     key = cache_key(bb, prec, dev, channels_last)
+    quiet_cuda_home_notice()  # before inductor (inductor, aot) is imported
     if compile == "eager":
         ex = Extractor(wrapper, dev, prec, compile, bb.num_features, micro_batch=micro)
     elif compile == "inductor":

@@ -6,6 +6,7 @@ its users can do nothing about the warnings. Everything else, including other Fu
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from typing import Iterator
 
@@ -25,3 +26,20 @@ def torchscript_calls() -> Iterator[None]:
 
 def ignore_torchvision_decode_deprecation() -> None:
     warnings.filterwarnings("ignore", message=TORCHVISION_DECODE, category=DeprecationWarning)
+
+
+CUDA_HOME_NOTICE = "No CUDA runtime is found, using CUDA_HOME"
+
+
+class _NoCudaHomeNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(CUDA_HOME_NOTICE)
+
+
+def quiet_cuda_home_notice() -> None:
+    """Before importing inductor: torch's C++ extension module says, on import, that a CUDA toolkit it found has no
+    GPU to run on, on every CPU run of ``--compile inductor``/``aot``. That one line is dropped; the logger's
+    other messages still show."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaHomeNotice) for f in logger.filters):
+        logger.addFilter(_NoCudaHomeNotice())

@@ -198,3 +198,22 @@ def test_torchscript_specs_refuse_weights_and_say_where_preprocessing_comes_from
     assert any(level == logging.WARNING and "no preprocess.json" in m and "ImageNet" in m for level, m in said)
     again = load_backbone(f"torchscript:{plain}", str(plain.resolve()))  # what a rebuild passes back
     assert again.weights == str(plain.resolve())
+
+
+def test_inductor_on_a_cpu_machine_does_not_say_cuda_home(tmp_path):
+    """Where a CUDA toolkit is installed but no GPU is visible, importing inductor logged "No CUDA runtime is
+    found, using CUDA_HOME=..." on every CPU run (issue 26, item 6); building an extractor drops that one line."""
+    import subprocess
+    import sys
+
+    probe = "import torch.utils.cpp_extension"
+    bare = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    if "No CUDA runtime is found" not in bare.stderr:
+        pytest.skip("no CUDA toolkit without a GPU here: torch says nothing to drop")
+    ours = subprocess.run([sys.executable, "-c", "from pipeline.model.compile import build_extractor\n"
+                           "from pipeline.model.backbones import load_backbone\n"
+                           "build_extractor(load_backbone('torchvision:resnet18', 'none'), 'cpu', 'fp32', 'eager')\n"
+                           f"{probe}\nimport logging\n"
+                           "logging.getLogger('torch.utils.cpp_extension').warning('other news')"],
+                          capture_output=True, text=True, check=True)
+    assert "No CUDA runtime is found" not in ours.stderr and "other news" in ours.stderr
