@@ -76,10 +76,10 @@ class Progress:
 
     def _line(self) -> None:
         self.last = time.monotonic()
-        text = self.line()
-        if text != getattr(self, "_said", None):
-            self._said = text
-            self.log.info(text)
+        state = (self.done, self.total, self.estimated, self.text)  # what a line says, but for its rate
+        if state != getattr(self, "_said", None):
+            self._said = state
+            self.log.info(self.line())
 
     def close(self) -> None:
         if self.bar is not None:
