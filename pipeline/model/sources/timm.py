@@ -10,10 +10,11 @@ from typing import Any
 from torch import nn
 
 from ...errors import UserError
-from ..backbones import Backbone, Classifier, classifier_with_weights, features_of
+from ..backbones import Classifier
 from ..preprocess import Preprocess
 from ..weights import check_online
 from . import did_you_mean
+from ._classifiers import ClassifierLibrary
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,14 +50,8 @@ def _create(name: str, pretrained: bool) -> tuple[nn.Module, Preprocess, dict[st
     return model, pre, head
 
 
-def _reset_classifier(clf: Classifier) -> tuple[nn.Module, dict[str, Any]]:
-    # timm's own way: also drops pre-logits dropout and keeps the pooling (remove_head would miss both)
-    clf.model.reset_classifier(0)
-    return clf.model, clf.head
-
-
 @dataclass(frozen=True)
-class TimmSource:
+class TimmSource(ClassifierLibrary):
     """timm's models; pretrained weights from the Hugging Face hub, or embedded in a package (the default)."""
 
     name: str = "timm"
@@ -65,21 +60,18 @@ class TimmSource:
     bare_order: int | None = 0
     has_classifier: bool = True
 
-    def names(self) -> frozenset[str]:
-        return model_names()
+    names = staticmethod(model_names)
+    create = staticmethod(_create)
 
     def check(self, name: str) -> None:
         if name.split(".", 1)[0] not in model_names():  # "resnet50.a1_in1k": a model and its pretrained tag
             raise UserError(f"timm has no model {name!r}.{did_you_mean(name, model_names(), f'{self.name}:')} "
                             "`timm.list_models()` lists them all")
 
-    def load(self, name: str, weights: str = "default", layer: str | None = None,
-             input_size: int | None = None) -> Backbone:
-        return features_of(self.classifier(name, weights), layer, input_size, _reset_classifier)
-
-    def classifier(self, name: str, weights: str = "default") -> Classifier:
-        self.check(name)
-        return classifier_with_weights(f"{self.name}:{name}", weights, lambda pretrained: _create(name, pretrained))
+    def drop_head(self, clf: Classifier) -> tuple[nn.Module, dict[str, Any]]:
+        # timm's own way: also drops pre-logits dropout and keeps the pooling (remove_head would miss both)
+        clf.model.reset_classifier(0)
+        return clf.model, clf.head
 
 
 SOURCE = TimmSource()

@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from ...errors import UserError
-from ..backbones import Backbone, Classifier, classifier_with_weights, features_of
+from ..backbones import Classifier
 from ..layers import remove_head
 from ..preprocess import Preprocess
 from ..weights import check_online
 from . import did_you_mean
+from ._classifiers import ClassifierLibrary
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,12 +46,8 @@ def _create(name: str, pretrained: bool) -> tuple[nn.Module, Preprocess, dict[st
     return torchvision.models.get_model(name, weights=w), pre, {}
 
 
-def _remove_head(clf: Classifier) -> tuple[nn.Module, dict[str, Any]]:
-    return remove_head(clf.model, clf.spec)
-
-
 @dataclass(frozen=True)
-class TorchvisionSource:
+class TorchvisionSource(ClassifierLibrary):
     """torchvision's classification models; pretrained weights from download.pytorch.org."""
 
     name: str = "torchvision"
@@ -59,8 +56,8 @@ class TorchvisionSource:
     bare_order: int | None = 1
     has_classifier: bool = True
 
-    def names(self) -> frozenset[str]:
-        return model_names()
+    names = staticmethod(model_names)
+    create = staticmethod(_create)
 
     def check(self, name: str) -> None:
         if name not in model_names():
@@ -68,13 +65,8 @@ class TorchvisionSource:
                             f"{did_you_mean(name, model_names(), f'{self.name}:')} "
                             "`torchvision.models.list_models()` lists them all")
 
-    def load(self, name: str, weights: str = "default", layer: str | None = None,
-             input_size: int | None = None) -> Backbone:
-        return features_of(self.classifier(name, weights), layer, input_size, _remove_head)
-
-    def classifier(self, name: str, weights: str = "default") -> Classifier:
-        self.check(name)
-        return classifier_with_weights(f"{self.name}:{name}", weights, lambda pretrained: _create(name, pretrained))
+    def drop_head(self, clf: Classifier) -> tuple[nn.Module, dict[str, Any]]:
+        return remove_head(clf.model, clf.spec)
 
 
 SOURCE = TorchvisionSource()
