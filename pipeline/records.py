@@ -9,30 +9,30 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 from .errors import UserError
 
 R = TypeVar("R")
 
 
-def strict_fields(cls: type[R], d: Mapping[str, Any], where: str, renamed: Mapping[str, str] | None = None) -> dict:
-    """``d``'s values for the fields of dataclass ``cls``: unknown keys and missing required ones are a UserError
-    naming them and ``where``. ``renamed`` maps keys older versions wrote to today's field names."""
+def strict_fields(cls: type[R], d: Mapping[str, Any], where: str,
+                  fields: Sequence[dataclasses.Field] | None = None) -> dict:
+    """``d``'s values for the fields of dataclass ``cls`` (or for ``fields``, when the file spells the record
+    otherwise): unknown keys and missing required ones are a UserError naming them and ``where``."""
     if not isinstance(d, Mapping):
         raise UserError(f"{where}: expected a JSON object, found {type(d).__name__}; the file is damaged: rewrite it")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    values = {(renamed or {}).get(k, k): v for k, v in d.items()}
-    unknown = sorted(set(values) - set(fields))
+    known = {f.name: f for f in (fields if fields is not None else dataclasses.fields(cls))}  # type: ignore[arg-type]
+    unknown = sorted(set(d) - set(known))
     if unknown:
         raise UserError(f"{where}: unknown field(s) {', '.join(unknown)} in the {cls.__name__} record; it was written "
                         "by a newer embedpipe or edited by hand: upgrade embedpipe, or rewrite the file")
-    missing = sorted(n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
+    missing = sorted(n for n, f in known.items() if n not in d and f.default is dataclasses.MISSING
                      and f.default_factory is dataclasses.MISSING)
     if missing:
         raise UserError(f"{where}: the {cls.__name__} record lacks {', '.join(missing)}; the file is incomplete: "
                         "rewrite it with embedpipe")
-    return values
+    return dict(d)
 
 
 @dataclass(frozen=True)
@@ -122,29 +122,14 @@ class EmbeddingMeta:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "embedding metadata") -> "EmbeddingMeta":
         """Read the flat object; strict about field names, lenient where older versions recorded less."""
-        flat = strict_fields(_FlatMeta, d, where)
-        ident = {k: flat.pop(k) for k in ("model", "weights_sha256", "layer", "preprocess", "weights") if k in flat}
+        identity = dataclasses.fields(ModelIdentity)
+        # the files hold the identity's fields beside the others (flat), as every release wrote them
+        flat = strict_fields(cls, d, where, [*identity, *(f for f in dataclasses.fields(cls) if f.name != "identity")])
+        ident = {f.name: flat.pop(f.name) for f in identity if f.name in flat}
         if not isinstance(ident.get("model"), str) or not ident["model"]:
             raise UserError(f"{where}: 'model' must name the model that made the embeddings, found "
                             f"{ident.get('model')!r}; rewrite the file with embedpipe")
         return cls(ModelIdentity(**ident), **flat)
-
-
-@dataclass(frozen=True)
-class _FlatMeta:
-    """The field names of :class:`EmbeddingMeta` as the files spell them (flat): for the strict check only."""
-
-    model: str
-    dim: int
-    dtype: str
-    weights: str | None = None
-    weights_sha256: str | None = None
-    layer: str | None = None
-    preprocess: Mapping[str, Any] | None = None
-    precision: str | None = None
-    compile: str | None = None
-    normalize: bool = True
-    version: str | None = None
 
 
 def _plain(value: Any) -> Any:

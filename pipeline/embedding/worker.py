@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
 
-from ..model.backbones import Backbone, load_backbone, with_input_size
+from ..model.backbones import Backbone, load_backbone
 from ..model.compile import Extractor, build_extractor
 from ..model.decoders import DEFAULT_DECODER
 from ..model.device import FIXED_BATCH_MODES, usable_cores
@@ -49,8 +49,7 @@ def prepare_model(cfg: EmbedConfig) -> tuple[Backbone, Extractor]:
 
 def load_configured_backbone(cfg: EmbedConfig) -> Backbone:
     """The frozen backbone ``cfg`` names, at its input size (no extractor: nothing compiled or measured)."""
-    bb = load_backbone(cfg.model, cfg.weights, cfg.layer)
-    return with_input_size(bb, cfg.input_size) if cfg.input_size else bb
+    return load_backbone(cfg.model, cfg.weights, cfg.layer, cfg.input_size)
 
 
 def fingerprint(bb: Backbone, precision: str, cfg: EmbedConfig) -> Fingerprint:

@@ -18,7 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .. import atomic
 from ..errors import UserError
-from ..model.backbones import Backbone, load_backbone, with_input_size
+from ..model.backbones import Backbone, load_backbone
 from ..model.preprocess import UInt8Normalize
 from ..model.sources import classifier_source
 from ..progress import Progress
@@ -331,9 +331,7 @@ def run_finetune(shards: Sequence[str], val_shards: Sequence[str], out: str | Pa
     cmap = ClassMap.from_labels(labels)
     if len(cmap) < 2:
         raise UserError(f"finetune needs at least two classes in the training shards; found {cmap.names}")
-    bb = load_backbone(opts.model, opts.weights)
-    if opts.input_size:
-        bb = with_input_size(bb, opts.input_size)
+    bb = load_backbone(opts.model, opts.weights, input_size=opts.input_size)
     ck = out / CHECKPOINT
     spec = {"model": bb.spec, "weights_sha256": bb.weights_sha256, "unfreeze": opts.unfreeze, "classes": cmap.classes,
             "input_size": bb.preprocess.input_size}
