@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from . import store
 from .embedding import run_folder
 from .errors import UserError
-from .index import layout
+from .index import keys, layout
 
 
 def verify_embeddings(out: Path) -> tuple[list[str], dict[str, Any]]:
@@ -66,6 +66,7 @@ def verify_embeddings(out: Path) -> tuple[list[str], dict[str, Any]]:
         bad = int((~np.isfinite(emb)).any(axis=1).sum())
         if bad:
             problems.append(f"{f}: {bad} embedding(s) with NaN or Inf")
+    findings = _row_findings([files[n] for n in sorted(records) if n in files], problems)
     pending = sorted(set(files) - set(records))
     failed = {}
     for name, p in failed_records.items():
@@ -77,10 +78,23 @@ def verify_embeddings(out: Path) -> tuple[list[str], dict[str, Any]]:
         else:
             failed[rec.get("url", p.name)] = rec.get("reason", "?")
     counts = run_folder.shard_counts(run, list(records), list(failed_records))  # the ones `status` prints
-    return problems, {"shards_verified": len(records), "rows": rows, "pending_without_record": pending,
+    return problems, {"shards_verified": len(records), "rows": rows, "findings": findings,
+                      "pending_without_record": pending,
                       "failed_records": sorted(p.name for p in failed_records.values()), "failed": failed,
                       "shards_expected": counts["shards_expected"],
                       "shards_not_done": counts["failed"] + counts["pending"]}
+
+
+def _row_findings(files: list[Path], problems: list[str]) -> list[str]:
+    """Rows held twice across ``files``: a repeated (shard, key) is a problem; keys several shards hold (two
+    img2dataset runs) are a finding (answered per shard, said so that nobody is surprised)."""
+    try:
+        dup = keys.duplicates(keys.file_rows(files))
+    except Exception:  # noqa: BLE001  an unreadable file is already reported as a problem
+        return []
+    if dup.repeated_rows:
+        problems.append(dup.repeated_text())
+    return [dup.shared_text()] if dup.shared_keys else []
 
 
 def incomplete(info: dict[str, Any]) -> str | None:
@@ -107,6 +121,9 @@ def verify_index(index_dir: Path) -> tuple[list[str], dict[str, Any]]:
     id_col = ids.column("id").to_numpy()
     if len(np.unique(id_col)) != len(id_col):
         problems.append(f"{index_dir}/{layout.IDS_FILE}: duplicate ids")
+    dup = keys.duplicates(ids)
+    if dup.repeated_rows:
+        problems.append(f"{index_dir}/{layout.IDS_FILE}: {dup.repeated_text()}")
     folders = rec.source_dirs  # the build's folder and each --update's
     if all(Path(d).exists() for d in folders):
         known: set[str] = set()
@@ -116,7 +133,8 @@ def verify_index(index_dir: Path) -> tuple[list[str], dict[str, Any]]:
         if missing:
             problems.append(f"{index_dir}: {len(missing)} id(s) map to keys not in {', '.join(folders)} "
                             f"(first: {missing[0]!r})")
-    return problems, {"vectors": int(index.ntotal), "factory": rec.factory}
+    return problems, {"vectors": int(index.ntotal), "factory": rec.factory,
+                      "findings": [dup.shared_text()] if dup.shared_keys else []}
 
 
 def run_verify(path: str | Path) -> tuple[list[str], dict[str, Any]]:

@@ -86,6 +86,7 @@ def index_merge(index_dir: str, target_recall: float, overwrite: bool) -> None:
 @click.argument("index_dir", type=click.Path(file_okay=False))
 @click.argument("query", required=False)
 @click.option("--key", "keys", multiple=True, help="Key of an indexed item (repeatable); the item itself is excluded.")
+@click.option("--key-shard", default=None, help="With --key: the shard holding the key (url, end of its path or file name), for keys several shards hold.")
 @click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False), help="Image file to embed with the index's model (repeatable).")
 @click.option("--vectors", type=click.Path(dir_okay=False), default=None, help="Parquet file of query embeddings ('embedding' column, optional 'key').")
 @click.option("--embeddings", type=click.Path(), default=None, help="Embedding folder: every item in it is a query.")
@@ -103,6 +104,7 @@ def search(index_dir: str, query: str | None, **options: Any) -> None:
     \b
     Examples:
       embedpipe search runs/a/index 000123 -k 5
+      embedpipe search runs/a/index 000123 --key-shard run2/00000.tar
       embedpipe search runs/a/index --image cat.jpg --format json
       embedpipe search runs/a/index --vectors queries.parquet --format jsonl
     """

@@ -30,5 +30,7 @@ def verify(paths: tuple[str, ...], as_json: bool) -> None:
                 click.echo(f"  {line}")
             for url, reason in r.get("failed", {}).items():
                 click.echo(f"  failed {url}: {reason}")
+            for line in r.get("findings", []):
+                click.echo(f"  note: {line}")
     if bad:
         click.get_current_context().exit(1)

@@ -8,11 +8,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .. import store
+from . import keys
 from ..errors import UserError
 from ..progress import Progress
 from .choose import faiss_metric
@@ -111,10 +109,11 @@ def shard_table(src: store.Source, start: int) -> tuple[dict[str, ShardEntry], l
     return table, starts
 
 
-def warn_duplicate_keys(files: Sequence[Path]) -> None:
-    keys = pa.chunked_array([pq.read_table(f, columns=["key"]).column("key") for f in files])
-    counts = pc.value_counts(keys)
-    dup = counts.filter(pc.greater(counts.field("counts"), 1))
-    if len(dup):
-        log.warning("%d keys occur more than once across shards (e.g. %s); --key lookups return the first",
-                    len(dup), dup.field("values")[:3].to_pylist())
+def report_duplicates(files: Sequence[Path]) -> None:
+    """Say what the rows to index hold twice: a (shard, key) on several rows (warned: searches return it twice),
+    keys that several shards hold (different items, answered per shard)."""
+    dup = keys.duplicates(keys.file_rows(files))
+    if dup.repeated_rows:
+        log.warning("%s", dup.repeated_text())
+    if dup.shared_keys:
+        log.info("%s", dup.shared_text())

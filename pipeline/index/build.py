@@ -11,7 +11,7 @@ from .. import atomic, store
 from ..embedding.run_folder import committed_files
 from ..errors import UserError
 from . import tune
-from .add import add_shards, new_index, shard_table, train, warn_duplicate_keys
+from .add import add_shards, new_index, shard_table, train, report_duplicates
 from .auto import pick
 from .choose import choose
 from .kinds import get_kind
@@ -67,7 +67,7 @@ def build(cfg: IndexConfig, budget: int) -> dict[str, Any]:
         log.warning("%s needs ~%.2f GB, over --memory %.2f GB", choice.factory, choice.estimated_bytes / 1e9,
                     budget / 1e9)
     index = new_index(choice.factory, src.dim, cfg.metric)  # a bad --factory fails before any data is read
-    warn_duplicate_keys(src.files)
+    report_duplicates(src.files)
     q_rows, t_rows = tune.pick_rows(n, cfg.n_queries(n), choice.train_size, cfg.seed)
     queries, sample = tune.read_rows(src.files, [q_rows, t_rows], cfg.batch_size)
     train_s = train(index, sample, choice.factory)

@@ -5,6 +5,7 @@ import base64
 import html
 import io
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,6 +14,7 @@ from ..captions import is_web_link
 from ..embedding import tar
 from ..embedding.tar import IMAGE_EXTS
 from ..model.image_header import DEFAULT_MAX_PIXELS
+from .keys import short_shard
 
 THUMB = 160
 log = logging.getLogger(__name__)
@@ -68,20 +70,19 @@ def images_by_key(wanted: dict[str, set[str]]) -> dict[tuple[str, str], bytes]:
 
 
 def render(records: Sequence[dict[str, Any]], out: str | Path, query_images: dict[str, str] | None = None,
-           query_shards: dict[str, str] | None = None, title: str = "embedpipe search",
-           query_info: dict[str, dict[str, str]] | None = None) -> Path:
+           title: str = "embedpipe search", query_info: dict[tuple[str, str], dict[str, str]] | None = None) -> Path:
     """Write the page for search ``records`` (``SearchResult.records()``) atomically to ``out``.
 
-    ``query_images`` maps a query name to an image file; ``query_shards`` maps a query key to its shard url;
-    ``query_info`` maps a query key to its ``caption``/``url`` (shown as the hits' are).
+    ``query_images`` maps a query name to an image file; a key query's image is read from its ``query_shard``;
+    ``query_info`` maps a key query's (key, shard) to its ``caption``/``url`` (shown as the hits' are).
     """
     wanted: dict[str, set[str]] = {}
     for rec in records:
         for hit in rec["results"]:
             wanted.setdefault(hit["shard"], set()).add(hit["key"])
-        q = rec.get("query")
-        if q and query_shards and q in query_shards:
-            wanted.setdefault(query_shards[q], set()).add(q)
+        q, shard = rec.get("query"), rec.get("query_shard")
+        if q and shard:
+            wanted.setdefault(shard, set()).add(q)
     images = images_by_key(wanted)
 
     def cell(uri: str | None, caption: str, cls: str = "", hit: dict[str, Any] | None = None) -> str:
@@ -92,14 +93,16 @@ def render(records: Sequence[dict[str, Any]], out: str | Path, query_images: dic
             more += f'<br><a href="{html.escape(hit["url"], quote=True)}" rel="noopener noreferrer">source</a>'
         return f'<figure class="{cls}">{img}<figcaption>{html.escape(caption)}{more}</figcaption></figure>'
 
+    asked = Counter(rec.get("query") for rec in records)  # a key several shards hold: each row names its shard
     rows = []
     for rec in records:
-        q = rec.get("query") or "query"
+        q, shard = rec.get("query") or "query", rec.get("query_shard") or ""
         if query_images and q in query_images:
             q_uri = thumbnail_uri(Path(query_images[q]).read_bytes())
         else:
-            q_uri = thumbnail_uri(images.get(((query_shards or {}).get(q, ""), q)))
-        cells = [cell(q_uri, f"query: {q}", "query", hit=(query_info or {}).get(q))]
+            q_uri = thumbnail_uri(images.get((shard, q)))
+        label = f"query: {q}" + (f" ({short_shard(shard)})" if shard and asked[q] > 1 else "")
+        cells = [cell(q_uri, label, "query", hit=(query_info or {}).get((q, shard)))]
         for hit in rec["results"]:
             cells.append(cell(thumbnail_uri(images.get((hit["shard"], hit["key"]))),
                               f"#{hit['rank']} {hit['key']} · {hit['score']:.3f}", hit=hit))

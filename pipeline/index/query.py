@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -13,6 +14,7 @@ import pyarrow.parquet as pq
 
 from .. import store
 from ..errors import UserError
+from .keys import short_shard
 from .search import Index, SearchResult, open_index
 
 log = logging.getLogger(__name__)
@@ -78,9 +80,12 @@ def format_result(res: SearchResult | list[dict[str, Any]], fmt: str) -> str:
     if fmt != "table":
         raise UserError(f"--format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
     many = len(recs) > 1
+    asked = Counter(str(r["query"]) for r in recs)  # a key several shards hold: one row per shard, named by it
+    name = (lambda r: f"{r['query']} ({short_shard(r['query_shard'])})"  # noqa: E731
+            if asked[str(r["query"])] > 1 and r.get("query_shard") else str(r["query"]))
     captions = any("caption" in h for r in recs for h in r["results"])
     head = (["query"] if many else []) + ["rank", "key", "score", "shard"] + (["caption"] if captions else [])
-    rows = [([str(r["query"])] if many else []) + [str(h["rank"]), h["key"] + (" (self)" if h.get("self") else ""),
+    rows = [([name(r)] if many else []) + [str(h["rank"]), h["key"] + (" (self)" if h.get("self") else ""),
                                                    f"{h['score']:.4f}", h["shard"]]
             + ([_short(h.get("caption", ""))] if captions else [])
             for r in recs for h in r["results"]]
@@ -109,7 +114,8 @@ def classify(query: str) -> str:
 def run_search(index_dir: str | Path, query: str | None = None, keys: Sequence[str] = (), images: Sequence[str] = (),
                vectors: str | None = None, embeddings: str | None = None, k: int = 10, fmt: str = "table",
                include_self: bool = False, params: dict[str, int] | None = None,
-               embeddings_source: str | None = None, html: str | None = None) -> Iterator[str]:
+               embeddings_source: str | None = None, html: str | None = None,
+               key_shard: str | None = None) -> Iterator[str]:
     """Entry point of ``embedpipe search``: yields output chunks (one per query batch), then a summary line.
 
     With ``html``, also writes a page with each query image and its neighbours' thumbnails (read from the shards).
@@ -133,6 +139,8 @@ def run_search(index_dir: str | Path, query: str | None = None, keys: Sequence[s
     if given != 1:
         raise UserError("give exactly one kind of query: a KEY (or --key), --image FILE, --vectors FILE.parquet or "
                         "--embeddings EMB_DIR")
+    if key_shard is not None and not keys:
+        raise UserError("--key-shard picks the shard of a --key query; give the key too")
     if html and not (keys or images):
         raise UserError("--html shows query images: use it with --key or --image queries")
     idx = open_index(index_dir, embeddings_source)
@@ -140,17 +148,15 @@ def run_search(index_dir: str | Path, query: str | None = None, keys: Sequence[s
         idx.set_params(params)
     n = 0
     if keys:
-        records = idx.annotate(idx.search_keys(keys, k, include_self).records())
-        n = len(keys)
+        res = idx.search_keys(keys, k, include_self, shards=key_shard)
+        records = idx.annotate(res.records())
+        n = len(records)
         if html:
             from .html_page import render
 
-            shard_col = idx.ids.column("shard").to_pylist()
-            id_col = idx.ids.column("id").to_numpy()
-            row_of = {int(i): r for r, i in enumerate(id_col)}
-            ids = idx.lookup(keys)
-            render(records, html, query_shards={q: shard_col[row_of[int(i)]] for q, i in zip(keys, ids)},
-                   query_info=dict(zip(keys, idx.describe(ids))))
+            qids = idx.known_ids(res.queries, res.query_shards)
+            render(records, html, query_info={(r["query"], r["query_shard"]): info
+                                              for r, info in zip(records, idx.describe(qids))})
         yield format_result(records, fmt)
     elif vectors:
         x, qkeys, qmeta = vectors_file(vectors)
@@ -171,7 +177,7 @@ def run_search(index_dir: str | Path, query: str | None = None, keys: Sequence[s
         idx.check_model(src.meta.identity if src.meta else None, str(src.files[0]), "query with the index's model")
         records = []  # --format json is one document; table and jsonl stream per batch
         for batch in embeddings_batches(embeddings):
-            res = idx.search(batch.embeddings, k, queries=batch.keys, exclude_ids=idx.known_ids(batch.keys),
+            res = idx.search(batch.embeddings, k, queries=batch.keys, exclude_ids=idx.known_ids(batch.keys, batch.shards),
                              include_self=include_self, where=str(batch.source))
             n += len(batch.keys)
             if fmt == "json":

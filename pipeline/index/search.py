@@ -7,16 +7,13 @@ Example:
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import store
@@ -24,6 +21,8 @@ from ..captions import caption_and_url
 from ..errors import UserError
 from . import tune
 from ..records import ModelIdentity
+from .columns import FileCache, Strings, codes, read_column, read_vectors
+from .keys import KeyRows, KeyTable, short_shard
 from .layout import IDS_FILE, load_faiss, read_record
 from .record import IndexRecord
 
@@ -41,6 +40,7 @@ class SearchResult:
     indices: list[list[int]]
     queries: list[str | None]
     is_self: np.ndarray  # bool [n, k]: the hit is the query item itself (only with include_self)
+    query_shards: list[str] | None = None  # key queries: the shard of each query row (a row is (shard, key))
 
     def __repr__(self) -> str:
         found = int((self.ids >= 0).sum())
@@ -49,7 +49,8 @@ class SearchResult:
         return f"SearchResult({len(self.ids)} queries, {found} hits; {first})"
 
     def records(self) -> list[dict[str, Any]]:
-        """One dict per query: ``{"query": ..., "results": [{"rank", "key", "score", "shard", "index", "id"}]}``."""
+        """One dict per query: ``{"query": ..., "results": [{"rank", "key", "score", "shard", "index", "id"}]}``
+        (and ``"query_shard"`` for a key query: a key several shards hold is answered for each)."""
         out = []
         for q in range(len(self.ids)):
             hits = []
@@ -61,7 +62,11 @@ class SearchResult:
                 if self.is_self[q, r]:
                     hit["self"] = True
                 hits.append(hit)
-            out.append({"query": self.queries[q], "results": hits})
+            rec: dict[str, Any] = {"query": self.queries[q]}
+            if self.query_shards is not None:
+                rec["query_shard"] = self.query_shards[q]
+            rec["results"] = hits
+            out.append(rec)
         return out
 
 
@@ -82,14 +87,14 @@ class Index:
         # from one buffer by offsets (no Python object per row, no Arrow call per search); shards and files repeat,
         # so they are held as codes into small lists of names.
         self._key_col = self.ids.column("key").combine_chunks()
-        self._keys = _Strings(self._key_col)
+        self._keys = Strings(self._key_col)
         self._id_col = self.ids.column("id").to_numpy()
         self._index_col = self.ids.column("index").to_numpy()
         self._row_col = self.ids.column("row").to_numpy()
-        self._shard_codes, self._shard_names = _codes(self.ids.column("shard"))
-        self._file_codes, self._file_names = _codes(self.ids.column("file"))
-        self._key_ids: dict[str, int] | None = None
-        self._vector_cache: _FileCache | None = None
+        self._shard_codes, self._shard_names = codes(self.ids.column("shard"))
+        self._file_codes, self._file_names = codes(self.ids.column("file"))
+        self._key_table = KeyTable(self._key_col, self._shard_codes, self._shard_names)
+        self._vector_cache: FileCache | None = None
         self._base: Path | None = None
 
     def __repr__(self) -> str:
@@ -164,14 +169,41 @@ class Index:
         split = (lambda xs: [xs[i * w:(i + 1) * w] for i in range(len(ids))])
         return SearchResult(ids, scores, split(keys), split(shards), split(idx), queries, is_self)
 
-    def lookup(self, keys: Sequence[str]) -> np.ndarray:
-        """FAISS ids of ``keys``; unknown keys are an error that names them."""
-        ids = self.known_ids(keys)
-        missing = [k for k, i in zip(keys, ids) if i < 0]
+    def find_keys(self, keys: Sequence[str], shards: Sequence[str | None] | str | None = None) -> list[KeyRows]:
+        """Every row each key names (one per shard holding it), within the shard each selector names (a url, a
+        trailing part of its path, or a file name; one string applies to every key). A key without rows is an
+        error that names it."""
+        sel = [shards] * len(keys) if isinstance(shards, str) else shards
+        found = self._key_table.find(list(keys), sel)
+        missing = [r for r in found if not len(r.ids)]
         if missing:
-            raise UserError(f"{len(missing)} key(s) not in the index {self.path}: {missing[:5]}; check the spelling "
-                            f"(keys are listed in {self.path / IDS_FILE}) or --update the index with their shard")
-        return ids
+            named = [r.key for r in missing if r.selector is not None and self._key_table.rows_of([r.key])]
+            if named:
+                r = next(r for r in missing if r.key == named[0])
+                where = sorted({self._key_table.shard_of(i) for i in self._key_table.rows_of([r.key])[r.key]})
+                raise UserError(f"key {r.key!r} is not in a shard matching {r.selector!r} of the index {self.path}; "
+                                f"it is in {where[:5]}")
+            keys_missing = [r.key for r in missing]
+            raise UserError(f"{len(keys_missing)} key(s) not in the index {self.path}: {keys_missing[:5]}; check the "
+                            f"spelling (keys are listed in {self.path / IDS_FILE}) or --update the index with their "
+                            "shard")
+        return found
+
+    def key_is_shared(self, key: str) -> bool:
+        """Several rows (of different shards) hold ``key``: naming one takes its shard too."""
+        return self._key_table.is_shared(key)
+
+    def lookup(self, keys: Sequence[str], shards: Sequence[str | None] | str | None = None) -> np.ndarray:
+        """The FAISS id of each key: unknown keys, and keys that several shards hold (without a selector that
+        picks one), are errors that say which and how to pick."""
+        ids = []
+        for r in self.find_keys(keys, shards):
+            if len(r.ids) > 1:
+                raise UserError(f"key {r.key!r} is ambiguous: {len(r.ids)} shards of the index {self.path} hold it "
+                                f"({', '.join(r.shards[:3])}); pick one with --key-shard SHARD (its url, the end of "
+                                f"its path such as {short_shard(r.shards[0])!r}, or its file name)")
+            ids.append(int(r.ids[0]))
+        return np.array(ids, np.int64)
 
     def cache_lookups(self, vector_bytes: int = 0) -> None:
         """Hold a key → id table (and up to ``vector_bytes`` of stored columns) in memory for many later lookups.
@@ -183,8 +215,8 @@ class Index:
         Example:
             >>> idx = open_index("runs/a/index"); idx.cache_lookups(vector_bytes=1 << 30)  # doctest: +SKIP
         """
-        self._key_ids = dict(zip(self._key_col.to_pylist(), self._id_col.tolist()))
-        self._vector_cache = _FileCache(vector_bytes) if vector_bytes > 0 else None
+        self._key_table = KeyTable(self._key_col, self._shard_codes, self._shard_names, cached=True)
+        self._vector_cache = FileCache(vector_bytes) if vector_bytes > 0 else None
 
     def warm_cache(self) -> int:
         """Read the stored vectors of embedding files into the :meth:`cache_lookups` cache while they fit, so that
@@ -193,9 +225,9 @@ class Index:
         cache = self._vector_cache
         if cache is None or not len(self._file_codes):
             return 0
-        codes, first_ids = np.unique(self._file_codes, return_index=True)
+        used, first_ids = np.unique(self._file_codes, return_index=True)
         read = 0
-        for code, first in zip(codes.tolist(), first_ids.tolist()):
+        for code, first in zip(used.tolist(), first_ids.tolist()):
             if (str(self._file_names[code]), "embedding") in cache:
                 continue
             if read and cache.bytes + cache.bytes / read > cache.max_bytes:  # the next file would not fit
@@ -215,9 +247,9 @@ class Index:
             base = self._embeddings_dir()
             for f, sel, rows in groups:
                 if cache is not None:
-                    out[sel] = cache.get((f, "embedding"), partial(_read_vectors, base / f))[rows]
+                    out[sel] = cache.get((f, "embedding"), partial(read_vectors, base / f))[rows]
                 else:
-                    out[sel] = _read_vectors(base / f, rows)
+                    out[sel] = read_vectors(base / f, rows)
             return out
         return self._reconstruct(ids)
 
@@ -232,9 +264,9 @@ class Index:
         for f, sel, rows in self._by_file(ids):
             for c in columns:
                 if self._vector_cache is not None:
-                    col = self._vector_cache.get((f, c), partial(_read_column, base / f, c))
+                    col = self._vector_cache.get((f, c), partial(read_column, base / f, c))
                 else:
-                    col = _read_column(base / f, c)
+                    col = read_column(base / f, c)
                 if col is not None:
                     for i, v in zip(sel.tolist(), col.take(pa.array(rows)).to_pylist()):
                         out[c][i] = v
@@ -281,11 +313,22 @@ class Index:
                             "stored vectors; pass the embedding folder (--embeddings-source DIR / open_index(path, "
                             "embeddings=DIR))") from None
 
-    def search_keys(self, keys: Sequence[str], k: int = 10, include_self: bool = False) -> SearchResult:
-        """k-NN of items already in the index, by key; each query item is excluded (or flagged with include_self)."""
-        ids = self.lookup(keys)
-        return self.search(self.vectors(ids), k, queries=list(keys), exclude_ids=ids, include_self=include_self,
-                           where="stored vectors")
+    def search_keys(self, keys: Sequence[str], k: int = 10, include_self: bool = False,
+                    shards: Sequence[str | None] | str | None = None) -> SearchResult:
+        """k-NN of items already in the index, by key; each query item is excluded (or flagged with include_self).
+
+        A row is its (shard, key): a key that several shards hold is answered for each of them (one result per
+        row, its ``query_shard`` saying which); ``shards`` (see :meth:`find_keys`) picks among them."""
+        rows = self.find_keys(keys, shards)
+        for r in rows:
+            if len(r.ids) > 1 and r.selector is None:
+                log.info("key %r is in %d shards (%s); answered for each: pick one with --key-shard SHARD", r.key,
+                         len(r.ids), ", ".join(map(short_shard, r.shards[:3])))
+        ids = np.concatenate([r.ids for r in rows]) if rows else np.zeros(0, np.int64)
+        res = self.search(self.vectors(ids), k, queries=[r.key for r in rows for _ in r.ids], exclude_ids=ids,
+                          include_self=include_self, where="stored vectors")
+        res.query_shards = [s for r in rows for s in r.shards]
+        return res
 
     def search_images(self, paths: Sequence[str | Path], k: int = 10) -> SearchResult:
         """k-NN of image files, embedded with the backbone and preprocessing recorded in the index."""
@@ -303,77 +346,12 @@ class Index:
                          "embed the query with the model the index was built from, or rebuild the index")
         return self.search(x, k, queries=[str(p) for p in paths], where=f"the embedding of image {paths[0]}")
 
-    def known_ids(self, keys: Sequence[str]) -> np.ndarray:
-        """ids of ``keys`` where indexed, -1 elsewhere (for excluding self-matches of external batches)."""
-        if self._key_ids is not None:
-            return np.array([self._key_ids.get(k, -1) for k in keys], np.int64)
-        pos = pc.index_in(pa.array(list(keys), pa.string()), value_set=self._key_col)
-        filled = pc.fill_null(pos, -1).to_numpy(zero_copy_only=False).astype(np.int64)
-        return np.where(filled >= 0, self._id_col[np.maximum(filled, 0)], -1)
-
-
-class _Strings:
-    """A string column as one bytes object and each row's (start, end) in it: ``take`` of a search's few rows is a
-    slice and a decode each, with no Python object held per row and no Arrow call (whose overhead dominated)."""
-
-    def __init__(self, column: pa.Array):
-        arr = column.cast(pa.large_string())
-        _, offsets, data = arr.buffers()
-        o = np.frombuffer(offsets, np.int64, len(arr) + 1, arr.offset * 8)
-        self.spans = np.stack([o[:-1], o[1:]], axis=1)
-        self.data = data.to_pybytes() if data is not None else b""
-
-    def take(self, rows: np.ndarray) -> list[str]:
-        d = self.data
-        return [d[a:b].decode() for a, b in self.spans[rows].tolist()]
-
-
-def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """A string column as (int32 codes per row, numpy object array of the distinct values)."""
-    enc = pc.dictionary_encode(column.combine_chunks())
-    return enc.indices.to_numpy(zero_copy_only=False), np.array(enc.dictionary.to_pylist(), dtype=object)
-
-
-def _read_vectors(path: Path, rows: np.ndarray | None = None) -> np.ndarray:
-    """The stored embeddings of one embedding file (only ``rows`` when given), as float32."""
-    col = pq.read_table(path, columns=["embedding"]).column("embedding")
-    return store.embedding_matrix(col if rows is None else col.take(pa.array(rows)))
-
-
-def _read_column(path: Path, column: str) -> pa.Array | None:
-    """One stored column of an embedding file; None when the file lacks it or is gone."""
-    try:
-        if column not in pq.read_schema(path).names:
-            return None
-        return pq.read_table(path, columns=[column]).column(column).combine_chunks()
-    except (OSError, pa.ArrowInvalid):
-        return None
-
-
-class _FileCache:
-    """Columns of embedding files by (file, column), least recently used dropped first beyond ``max_bytes``."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes, self.bytes = max_bytes, 0
-        self.items: OrderedDict[tuple[str, str], Any] = OrderedDict()
-        self.lock = threading.Lock()
-
-    def __contains__(self, name: tuple[str, str]) -> bool:
-        return name in self.items
-
-    def get(self, name: tuple[str, str], load: Callable[[], Any]) -> Any:
-        with self.lock:
-            if name in self.items:
-                self.items.move_to_end(name)
-                return self.items[name]
-        value = load()  # outside the lock: two threads may read the same file once each, none waits on another
-        with self.lock:
-            if name not in self.items:
-                self.items[name] = value
-                self.bytes += getattr(value, "nbytes", 0)
-            while len(self.items) > 1 and self.bytes > self.max_bytes:
-                self.bytes -= getattr(self.items.popitem(last=False)[1], "nbytes", 0)
-        return value
+    def known_ids(self, keys: Sequence[str], shards: Sequence[str] | None = None) -> np.ndarray:
+        """ids of ``keys`` (of each (key, shard url) when ``shards`` are given) where indexed, -1 elsewhere and
+        for a key several shards hold (for excluding self-matches of external batches)."""
+        if shards is not None:
+            return self._key_table.ids_of_pairs(list(keys), list(shards))
+        return self._key_table.unique_ids(list(keys))
 
 
 def open_index(path: str | Path, embeddings: str | Path | None = None, mmap: bool = False) -> Index:

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import atomic, store
+from . import keys
 from ..embedding.run_folder import committed_files
 from ..errors import UserError
 from .add import add_shards, shard_table
@@ -39,21 +40,28 @@ def new_shards(record: IndexRecord, emb_dir: str | Path) -> list[Path]:
     return fresh
 
 
-def check_new_keys(index_dir: Path, files: list[Path]) -> None:
-    """No key may be indexed twice: a shard re-embedded under a new name must not duplicate its items."""
-    existing = pq.read_table(index_dir / IDS_FILE, columns=["key"]).column("key").combine_chunks()
-    seen_new: set[str] = set()
-    for f in files:
-        keys = pq.read_table(f, columns=["key"]).column("key").combine_chunks()
-        dup = keys.filter(pc.is_in(keys, value_set=existing)) if len(existing) else pa.array([], pa.string())
-        if len(dup):
-            raise UserError(f"{f}: {len(dup)} keys are already in the index {index_dir} (e.g. {dup[:3].to_pylist()}); "
-                            "this shard looks like a re-embedded copy of an indexed one: remove it, or rebuild the "
-                            "index with --overwrite")
-        again = seen_new.intersection(keys.to_pylist())
-        if again:
-            raise UserError(f"{f}: keys {sorted(again)[:3]} also occur in another new shard; keys must be unique")
-        seen_new.update(keys.to_pylist())
+def check_new_rows(index_dir: Path, files: list[Path]) -> None:
+    """No row may be indexed twice. A row is its (shard, key): a new shard that reuses indexed keys (a second
+    img2dataset run) is new items, added; the same shard url with the same keys is a re-embedded copy, refused."""
+    new = keys.file_rows(files)
+    dup = keys.duplicates(new)
+    if dup.repeated_rows:
+        raise UserError(f"new shards under {files[0].parent}: {dup.repeated_text()}; remove the copy, or rebuild "
+                        "the index with --overwrite")
+    urls = pc.unique(new.column("shard")).to_pylist()
+    indexed = pq.read_table(index_dir / IDS_FILE, columns=["shard", "key", "file"],
+                            filters=pc.field("shard").isin(urls))
+    if indexed.num_rows:
+        again = new.join(indexed, ["shard", "key"], join_type="inner")
+        if again.num_rows:
+            shard, key, was = (again.column(c)[0].as_py() for c in ("shard", "key", "file"))
+            raise UserError(f"{again.num_rows} row(s) of the new shards are already in the index {index_dir} (e.g. key "
+                            f"{key!r} of {shard}, indexed from {was}): the same shard embedded again under another "
+                            "name, or rewritten in place since it was indexed. Remove the copy, or rebuild the index with "
+                            "--overwrite")
+    shared = keys.duplicates(pa.concat_tables([new, pq.read_table(index_dir / IDS_FILE, columns=["shard", "key"])]))
+    if shared.shared_keys:
+        log.info("%s", shared.shared_text())
 
 
 def kept_target(cfg: IndexConfig, rec: IndexRecord) -> str:
@@ -100,7 +108,7 @@ def update(cfg: IndexConfig) -> dict[str, Any]:
         if rec.embedding_meta is not None and src.meta is not None:
             rec.embedding_meta.identity.check_same(src.meta.identity, str(src.files[0]),
                                                    "embed new shards with the index's model, or build a separate index")
-        check_new_keys(out, files)
+        check_new_rows(out, files)
         t0 = time.perf_counter()
         shards, starts = shard_table(src, rec.next_id)
         with atomic.staged_dir(out) as tmp:  # a crash anywhere in here leaves the old index untouched

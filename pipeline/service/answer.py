@@ -23,19 +23,28 @@ _URL_SAFE = re.compile(r"[A-Za-z0-9_.~/-]*")  # keys that need no quoting in a u
 def answer(served: Served, q: Query, x: np.ndarray | None, root: str = "") -> dict[str, Any]:
     """The JSON answer to ``q``; ``x`` are the embeddings of its images (when it has images)."""
     idx = served.index
-    exclude = None
+    exclude = qshards = None
     if q.keys:
-        ids = idx.known_ids(q.keys)
-        missing = [k for k, i in zip(q.keys, ids) if i < 0]
-        if missing:
-            raise NotFound(f"{len(missing)} key(s) not in the index {served.name}: {missing[:5]}")
-        x, names, exclude, where = idx.vectors(ids), list(q.keys), ids, "stored vectors"
+        ids, names, qshards = key_rows(served, q)
+        x, exclude, where = idx.vectors(ids), ids, "stored vectors"
     elif q.vectors is not None:
         names, where = [f"vectors[{i}]" for i in range(len(q.vectors))], "vectors"
         x = q.vectors
     else:
         names, where = [name for name, _ in q.images], f"the embedding of image {q.images[0][0]}"
-    return _replies(served, [q], _search(served, q, x, names, exclude, where), root)[0]
+    records = _search(served, q, x, names, exclude, where, qshards)
+    return _replies(served, [q], records, root, [len(records)])[0]
+
+
+def key_rows(served: Served, q: Query) -> tuple[np.ndarray, list[str], list[str]]:
+    """The rows a key query names: its ids, its keys and their shards (a key several shards hold, without a
+    shard to pick one, is answered for each)."""
+    try:
+        rows = served.index.find_keys(q.keys, q.key_shards)
+    except UserError as e:  # the index names its directory; a client needs the index's name
+        raise NotFound(str(e).replace(str(served.index.path), served.name)) from None
+    ids = np.concatenate([r.ids for r in rows])
+    return ids, [r.key for r in rows for _ in r.ids], [s for r in rows for s in r.shards]
 
 
 def answer_together(served: Served, qs: list[Query], root: str = "") -> list[dict[str, Any]]:
@@ -43,37 +52,42 @@ def answer_together(served: Served, qs: list[Query], root: str = "") -> list[dic
     filter, from one FAISS search of all their rows. Raises if any of them is bad (the caller then answers
     them one by one, so that each gets its own error)."""
     idx = served.index
+    qshards = None
     if qs[0].keys:
-        names = [k for q in qs for k in q.keys]
-        ids = idx.known_ids(names)
-        if (ids < 0).any():
-            raise NotFound("a key is missing")  # answered one by one: each request names its own missing keys
+        found = [key_rows(served, q) for q in qs]  # a missing key raises: answered one by one, each names its own
+        sizes = [len(ids) for ids, _, _ in found]
+        ids = np.concatenate([ids for ids, _, _ in found])
+        names = [n for _, ns, _ in found for n in ns]
+        qshards = [s for _, _, ss in found for s in ss]
         x, exclude, where = idx.vectors(ids), ids, "stored vectors"
     else:
         x = np.concatenate([q.vectors for q in qs]) if len(qs) > 1 else qs[0].vectors
         names = [f"vectors[{i}]" for q in qs for i in range(len(q.vectors))]
-        exclude, where = None, "vectors"
-    return _replies(served, qs, _search(served, qs[0], x, names, exclude, where), root)  # one k, flags, no filter
+        exclude, where, sizes = None, "vectors", [len(q) for q in qs]
+    records = _search(served, qs[0], x, names, exclude, where, qshards)  # one k, flags, no filter
+    return _replies(served, qs, records, root, sizes)
 
 
-def _replies(served: Served, qs: list[Query], records: list[dict[str, Any]], root: str) -> list[dict[str, Any]]:
-    """One answer per query of ``qs`` from ``records`` (their rows, in order), with captions, urls and thumbnails."""
+def _replies(served: Served, qs: list[Query], records: list[dict[str, Any]], root: str, sizes: list[int]
+             ) -> list[dict[str, Any]]:
+    """One answer per query of ``qs`` from ``records`` (``sizes[i]`` rows each, in order), with captions, urls and
+    thumbnails."""
     thumb = f"{root}/thumb/{quote(served.name)}/"
     _describe(served, [h for r in records for h in r["results"]], thumb)
     out, start = [], 0
-    for q in qs:
-        mine = records[start:start + len(q)]
-        start += len(q)
+    for q, size in zip(qs, sizes):
+        mine = records[start:start + size]
+        start += size
         if q.keys:
             for r in mine:
-                r["thumb"] = thumb + _quoted(r["query"])
+                r["thumb"] = thumb_url(served, thumb, r["query"], r["query_shard"])
         out.append({"index": served.name, "generation": served.generation, "count": served.index.count,
                     "kind": q.kind, "k": q.k, "results": mine})
     return out
 
 
 def _search(served: Served, q: Query, x: np.ndarray, names: list[str], exclude: np.ndarray | None,
-            where: str) -> list[dict[str, Any]]:
+            where: str, query_shards: list[str] | None = None) -> list[dict[str, Any]]:
     """``SearchResult.records()``; with a shard filter, fetched deeper until k hits pass it (or FILTER_FETCH)."""
     idx = served.index
     fetch = q.k
@@ -82,6 +96,7 @@ def _search(served: Served, q: Query, x: np.ndarray, names: list[str], exclude: 
             res = idx.search(x, fetch, queries=names, exclude_ids=exclude, include_self=q.include_self, where=where)
         except UserError as e:  # the index names its directory; a client needs the index's name
             raise UserError(str(e).replace(str(idx.path), served.name)) from None
+        res.query_shards = query_shards
         records = res.records()
         if q.shards is None:
             return records
@@ -104,10 +119,12 @@ def _describe(served: Served, hits: list[dict[str, Any]], thumb: str) -> None:
         return
     for h, extra in zip(hits, served.index.describe(np.array([h["id"] for h in hits], np.int64))):
         h.update(extra)
-        h["thumb"] = thumb + _quoted(h["key"])
+        h["thumb"] = thumb_url(served, thumb, h["key"], h["shard"])
 
 
-def _quoted(key: str) -> str:
-    return key if _URL_SAFE.fullmatch(key) else quote(key)
+def thumb_url(served: Served, base: str, key: str, shard: str) -> str:
+    """The thumbnail url of the row (shard, key): the key alone, unless several shards hold it."""
+    url = base + (key if _URL_SAFE.fullmatch(key) else quote(key))
+    return url + "?shard=" + quote(shard, safe="") if served.index.key_is_shared(key) else url
 
 

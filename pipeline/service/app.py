@@ -208,10 +208,17 @@ async def get_thumb(request: Request) -> Response:
     svc = _service(request)
     served = svc.catalog.get(request.path_params["index"])
     key = request.path_params["key"]
-    ids = served.index.known_ids([key])  # the key is looked up in the id table, never used as a path
-    if ids[0] < 0:
-        raise NotFound(f"no key {key!r} in the index {served.name}")
-    shard = served.index.ids.column("shard")[int(ids[0])].as_py()
+    # the key (and the shard that picks among rows sharing it) is looked up in the id table, never used as a path
+    try:
+        rows = served.index.find_keys([key], request.query_params.get("shard"))[0]
+    except UserError:
+        raise NotFound(f"no key {key!r} in the index {served.name}"
+                       + (f" in a shard matching {request.query_params['shard']!r}"
+                          if "shard" in request.query_params else "")) from None
+    if len(rows.ids) > 1:
+        raise UserError(f"key {key!r} is in {len(rows.ids)} shards of the index {served.name}; pick one with "
+                        f"?shard= (its url, the end of its path or its file name): {rows.shards[:3]}")
+    shard = rows.shards[0]
     jpeg = await svc.run(svc.thumbs.thumbnail, shard, key)
     if jpeg is None:
         raise NotFound(f"the image of {key!r} could not be read back from its shard {Path(shard).name}")

@@ -20,7 +20,7 @@ from . import wire
 from .options import ServeOptions
 
 JSON_FIELDS = ("index", "k", "keys", "vectors", "images", "include_self", "filter")
-FORM_FIELDS = ("index", "k", "key", "image", "include_self", "shard")
+FORM_FIELDS = ("index", "k", "key", "key_shard", "image", "include_self", "shard")
 DEFAULT_K = 10
 
 
@@ -35,6 +35,7 @@ class Query:
     images: list[tuple[str, bytes]]  # (name for messages, encoded bytes)
     include_self: bool = False
     shards: frozenset[str] | None = None  # keep only hits from these shards (url or file name)
+    key_shards: list[str | None] | None = None  # per key: the shard holding it, for a key several shards hold
 
     @property
     def kind(self) -> str:
@@ -106,6 +107,25 @@ def _strings(value: Any, name: str) -> list[str]:
     return value
 
 
+def _keys(value: Any) -> tuple[list[str], list[str | None] | None]:
+    """``keys``: a key, or a list of keys and ``{"key": K, "shard": S}`` objects (a key several shards hold: S,
+    the shard's url, the end of its path or its file name, picks one)."""
+    keys: list[str] = []
+    shards: list[str | None] = []
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, dict) and "key" in v and set(v) <= {"key", "shard"}:
+            key, shard = v["key"], v.get("shard")
+            if not (isinstance(key, str) and key) or not (shard is None or isinstance(shard, str) and shard):
+                raise bad("a {\"key\": KEY, \"shard\": SHARD} item takes a non-empty string for each")
+        elif isinstance(v, str) and v:
+            key, shard = v, None
+        else:
+            raise bad("keys must be a key or a list of keys (strings) and {\"key\": KEY, \"shard\": SHARD} objects")
+        keys.append(key)
+        shards.append(shard)
+    return keys, shards if any(s is not None for s in shards) else None
+
+
 def _vectors(value: Any) -> np.ndarray:
     try:
         x = np.asarray(value, dtype=np.float32)
@@ -151,7 +171,7 @@ def from_json(body: Any, opts: ServeOptions) -> Query:
     unknown = sorted(set(body) - set(JSON_FIELDS))
     if unknown:
         raise bad(f"unknown field(s) {unknown}; a search takes {', '.join(JSON_FIELDS)}")
-    keys = _strings(body["keys"], "keys") if body.get("keys") is not None else []
+    keys, key_shards = _keys(body["keys"]) if body.get("keys") is not None else ([], None)
     vectors = _vectors(body["vectors"]) if body.get("vectors") is not None else None
     images_in = body.get("images") or []
     if not isinstance(images_in, list):
@@ -166,7 +186,7 @@ def from_json(body: Any, opts: ServeOptions) -> Query:
         raise bad("filter takes {\"shard\": [shard url or file name, ...]}")
     shards = frozenset(_strings(filt["shard"], "filter.shard")) if "shard" in filt else None
     return _counted(Query(index, _k(body.get("k", DEFAULT_K), opts), keys, vectors, images,
-                          _flag(body.get("include_self", False), "include_self"), shards), opts)
+                          _flag(body.get("include_self", False), "include_self"), shards, key_shards), opts)
 
 
 async def from_form(request: Request, opts: ServeOptions) -> Query:
@@ -192,10 +212,14 @@ async def from_form(request: Request, opts: ServeOptions) -> Query:
         keys = [str(v) for v in form.getlist("key") if str(v)]
         _one_kind(keys, None, images)
         shards = frozenset(map(str, form.getlist("shard"))) or None
+        key_shard = str(form.get("key_shard") or "") or None
+        if key_shard is not None and not keys:
+            raise bad("key_shard picks the shard of a key query; give the key too")
         index = form.get("index") or None
         if index is not None and not isinstance(index, str):
             raise bad("index must be the name of an index (GET /indexes lists them)")
         return _counted(Query(index, _k(form.get("k", DEFAULT_K), opts), keys, None, images,
-                              _flag(form.get("include_self", "false"), "include_self"), shards), opts)
+                              _flag(form.get("include_self", "false"), "include_self"), shards,
+                              [key_shard] * len(keys) if key_shard else None), opts)
     finally:
         await form.close()
