@@ -68,15 +68,21 @@ function figure(src, lines, cls) {
 }
 
 function show(answer, querySrc, queryName) {
+  // a key several shards hold is answered once per shard: one row each, the query named with its shard
   const out = $("results");
-  out.replaceChildren(figure(querySrc, ["query: " + queryName], "query"));
-  const hits = answer.results.length ? answer.results[0].results : [];
-  for (const h of hits) {
-    const lines = ["#" + h.rank + " " + h.key, "score " + h.score.toFixed(3)];
-    if (h.caption) lines.push(h.caption);
-    out.appendChild(figure(h.thumb, lines));
+  out.replaceChildren();
+  let hits = 0;
+  for (const r of answer.results.length ? answer.results : [{results: []}]) {
+    const name = answer.results.length > 1 && r.query_shard ? queryName + " (" + r.query_shard + ")" : queryName;
+    out.appendChild(figure(r.thumb || querySrc, ["query: " + name], "query"));
+    for (const h of r.results) {
+      const lines = ["#" + h.rank + " " + h.key, "score " + h.score.toFixed(3)];
+      if (h.caption) lines.push(h.caption);
+      out.appendChild(figure(h.thumb, lines));
+    }
+    hits += r.results.length;
   }
-  document.body.dataset.hits = String(hits.length);
+  document.body.dataset.hits = String(hits);
   const imgs = Array.from(out.querySelectorAll("img"));
   Promise.all(imgs.map((im) => im.complete ? null : new Promise((ok) => { im.onload = im.onerror = ok; })))
     .then(() => { document.body.dataset.state = "done"; });
@@ -93,7 +99,7 @@ function byKey(key) {
     const body = {index: $("index").value, k: Number($("k").value), keys: [key]};
     const answer = await api("search", {method: "POST", headers: {"content-type": "application/json"},
                                         body: JSON.stringify(body)});
-    show(answer, answer.results[0].thumb, key);
+    show(answer, null, key);
   });
 }
 

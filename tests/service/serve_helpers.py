@@ -4,6 +4,9 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
 import threading
 import time
 import uuid
@@ -87,3 +90,22 @@ def multipart(fields: list[tuple[str, str | tuple[str, bytes]]]) -> tuple[bytes,
 def post_form(url: str, fields: list[tuple[str, Any]], headers: dict[str, str] | None = None) -> Reply:
     body, ctype = multipart(fields)
     return call(url, "POST", body, {"content-type": ctype, **(headers or {})})
+
+
+class Figures(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.figures, self.body = [], {}
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "body":
+            self.body = dict(attrs)
+        if tag == "img":
+            self.figures.append(dict(attrs))
+
+
+def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                           "--disable-component-update", "--disable-sync", "--no-first-run",
+                           f"--user-data-dir={profile}", "--virtual-time-budget=20000", *args],
+                          check=True, timeout=120, capture_output=True, text=True)

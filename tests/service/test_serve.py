@@ -14,7 +14,6 @@ import sys
 import tarfile
 import threading
 import time
-from html.parser import HTMLParser
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,7 +27,7 @@ from pipeline.index.options import IndexConfig
 from pipeline.index.search import open_index
 from pipeline.service import create_app
 
-from serve_helpers import call, post_form, post_json, running
+from serve_helpers import Figures, call, chromium, post_form, post_json, running
 
 KEY = "digits_000360"  # the first sample of digits-000000.tar
 
@@ -259,25 +258,6 @@ def test_mounted_under_another_app(data):
         assert call(base + hit["thumb"], headers=ok).headers["content-type"] == "image/jpeg"
         assert b"embedpipe search" in call(f"{base}/similar/", headers=ok).body
     child.state.service.close()  # a mounted app gets no lifespan events: its owner closes it
-
-
-class Figures(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.figures, self.body = [], {}
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "body":
-            self.body = dict(attrs)
-        if tag == "img":
-            self.figures.append(dict(attrs))
-
-
-def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                           "--disable-component-update", "--disable-sync", "--no-first-run",
-                           f"--user-data-dir={profile}", "--virtual-time-budget=20000", *args],
-                          check=True, timeout=120, capture_output=True, text=True)
 
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed; the routes are tested "

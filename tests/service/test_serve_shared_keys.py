@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import io
-from urllib.parse import quote
+import shutil
+from urllib.parse import quote, unquote
 
 import pytest
 from PIL import Image
@@ -10,7 +11,7 @@ from PIL import Image
 from pipeline.index.build import run_index
 from pipeline.index.options import IndexConfig
 from pipeline.service import create_app
-from serve_helpers import call, post_form, post_json, running
+from serve_helpers import Figures, call, chromium, post_form, post_json, running
 from two_runs import KEYS, embed_two_runs
 
 
@@ -49,3 +50,16 @@ def test_a_shard_picks_one_row_and_an_ambiguous_thumbnail_says_how(url):
     assert missing.status == 404 and "run9/00000.tar" in missing.json()["error"]
     bad = post_json(f"{url}/search", {"keys": [{"key": KEYS[1], "shard": 3}]})
     assert bad.status == 400
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed; the routes are tested "
+                    "without the browser")
+def test_the_page_shows_a_row_per_shard_of_a_shared_key_in_headless_chromium(url, tmp_path):
+    dom = chromium("--dump-dom", f"{url}/?index=runs&key={KEYS[3]}&k=2", profile=tmp_path / "p").stdout
+    parsed = Figures()
+    parsed.feed(dom)
+    assert parsed.body.get("data-state") == "done" and parsed.body.get("data-hits") == "4", dom[-2000:]
+    queries = [f["src"] for f in parsed.figures][::3]  # each row: the query, then its 2 hits
+    assert [q.split("?shard=")[0] for q in queries] == [f"/thumb/runs/{KEYS[3]}"] * 2
+    assert {unquote(q.split("?shard=")[1]).split("/")[-2] for q in queries} == {"run1", "run2"}
+    assert "run1/00000.tar)" in dom and "run2/00000.tar)" in dom
