@@ -15,7 +15,8 @@ from ..version import __version__
 from .engines import Engine, EngineJob, contain, engine_for
 from .options import EMBEDDING_OPTIONS, EmbedConfig, EmbedSummary
 from .progress import EmbedProgress
-from .run_folder import RunState
+from . import owners
+from .run_folder import CLAIM_SUFFIX, RunState
 from .shards import expand, output_names, partition
 
 log = logging.getLogger(__name__)
@@ -100,12 +101,22 @@ def _nothing_to_do(all_urls: list[str], urls: list[str], names: dict[str, str], 
     summary = EmbedSummary(state.out, shards_total=len(urls), shards_skipped=len(urls))
     state.acquire()  # another run writing here still gets its "in use" error
     try:
+        _clear_dead_claims(state, [names[u] for u in urls])
         if all(state.is_done(u, names[u]) for u in all_urls):
             state.mark_success()
     finally:
         state.release()
     summary.setup_seconds = time.time() - t0
     return summary
+
+
+def _clear_dead_claims(state: RunState, done: Sequence[str]) -> None:
+    """Remove the claims that dead runs left on done shards (killed between the done record and the claim's
+    removal); a live run's claim stays."""
+    for name in done:
+        path = state.state_dir / f"{name}{CLAIM_SUFFIX}"
+        if path.exists() and owners.acquire(path, state.me, durable=False)[0] is None:
+            owners.release(path, state.me)
 
 
 def _exit_on_sigterm() -> Any:
@@ -129,6 +140,7 @@ def _run(all_urls: list[str], urls: list[str], job: EngineJob, engine: Engine) -
     died |= set(taken)
     pending = [u for u in ours if not state.is_done(u, names[u])]  # the run that held it may have finished it
     state.release_claims([names[u] for u in ours if u not in pending])
+    _clear_dead_claims(state, [names[u] for u in urls if u not in ours and u not in held])
     if held:
         url, owner = next(iter(held.items()))
         log.warning("%d shard(s) are being embedded by another run (e.g. %s by pid %s on %s); this run leaves them "

@@ -89,6 +89,22 @@ def test_unreadable_claim_is_a_dead_owners_and_taken_over(tmp_path):
     assert not (state.state_dir / "s.claim").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("rerun", ["nothing to do", "other shards pending"])
+def test_a_done_shards_claim_left_by_a_killed_run_is_removed_by_the_next_run(tmp_path, embedpipe, rerun):
+    # killed between writing the done record and removing its claim: the shard is done, its claim a dead owner's
+    shards = tiny_shards(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    first = shards if rerun == "nothing to do" else shards[:1]
+    assert embedpipe("embed", *first, "--out", out, *ARGS)[0] == 0
+    state = RunState(out)
+    done = sorted(p.name.removesuffix(".json") for p in state.state_dir.glob("*.json"))[0]
+    claim = state.state_dir / f"{done}.claim"
+    claim.write_text(json.dumps({**state.me, "pid": dead_pid(), "start": None, "token": "killed"}))
+    assert embedpipe("embed", *shards, "--out", out, *ARGS)[0] == 0
+    assert not claim.exists() and not list(out.rglob("*.claim"))
+
+
 # ---------------------------------------------------------------- 7. racing for a dead owner's file
 
 
