@@ -344,8 +344,8 @@ def committed_files(path: Path | str) -> list[Path] | None:
             raise UserError(f"{rec_path} is an unreadable done record; delete it and {fix}")
         f = out / EMBEDDINGS / f"{name}.parquet"
         why = file_mismatch(f, rec.get("file"))
-        if why is None and not rec.get("file") and store.shard_info(f).rows != rec.get("embedded"):
-            why = f"it has {store.shard_info(f).rows} rows, its done record says {rec.get('embedded')}"  # older records
+        if why is None and store.shard_info(f).rows != rec.get("embedded"):  # the footer only: cheap
+            why = f"it has {store.shard_info(f).rows} rows, its done record says {rec.get('embedded')}"
         if why:
             raise UserError(f"{f}: {why}; {fix}")
         files.append(f)

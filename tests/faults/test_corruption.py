@@ -187,6 +187,7 @@ def vouch_for(out: Path, f: Path) -> None:
     ("truncated_footer", "bytes, its done record says"),
     ("truncated_footer_vouched", "is not a readable Parquet file"),
     ("bytes_cut_mid_file_vouched", "is not a readable Parquet file (ZSTD decompression failed"),  # footer intact
+    ("record_rows_edited", "it has 4 rows, its done record says 3"),  # the file as committed, the record edited
 ])
 def test_index_refuses_input_its_done_records_do_not_vouch_for(folder, tmp_path, kind, expected, embedpipe):
     _, out, f = folder
@@ -197,6 +198,9 @@ def test_index_refuses_input_its_done_records_do_not_vouch_for(folder, tmp_path,
     elif kind.startswith("bytes_cut"):
         data = f.read_bytes()
         f.write_bytes(data[: len(data) // 4] + data[len(data) // 4 + 100:])
+    elif kind == "record_rows_edited":
+        rec_path = out / "_state" / f"{f.stem}.json"
+        rec_path.write_text(json.dumps({**json.loads(rec_path.read_text()), "embedded": 3}))
     else:
         CORRUPT[kind if kind != "nan_made_by_the_model" else "nan_edited"](f)
     if kind.endswith(("vouched", "by_the_model")):
