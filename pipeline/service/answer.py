@@ -17,7 +17,7 @@ from .catalog import NotFound, Served
 from .queries import Query
 
 FILTER_FETCH = 4096  # with a shard filter, candidates are fetched up to this many per query before filtering
-_URL_SAFE = re.compile(r"[A-Za-z0-9_.~/-]*")  # keys that need no quoting in a url path (most do not)
+_URL_SAFE = re.compile(r"[A-Za-z0-9_.~-]*")  # keys that need no quoting in a url path segment (most do not)
 
 
 def answer(served: Served, q: Query, x: np.ndarray | None, root: str = "") -> dict[str, Any]:
@@ -123,8 +123,14 @@ def _describe(served: Served, hits: list[dict[str, Any]], thumb: str) -> None:
 
 
 def thumb_url(served: Served, base: str, key: str, shard: str) -> str:
-    """The thumbnail url of the row (shard, key): the key alone, unless several shards hold it."""
-    url = base + (key if _URL_SAFE.fullmatch(key) else quote(key))
-    return url + "?shard=" + quote(shard, safe="") if served.index.key_is_shared(key) else url
+    """The thumbnail url of the row (shard, key): the key alone, unless several shards hold it.
+
+    The key is one path segment (a ``/`` in it is quoted too), so a browser resolving the url never leaves the
+    mount prefix (``dir/../../x``); a key that would be a dot segment itself goes in the query string."""
+    if key in (".", ".."):
+        url, sep = f"{base}?key={quote(key, safe='')}", "&"
+    else:
+        url, sep = base + (key if _URL_SAFE.fullmatch(key) else quote(key, safe="")), "?"
+    return url + sep + "shard=" + quote(shard, safe="") if served.index.key_is_shared(key) else url
 
 

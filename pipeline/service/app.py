@@ -207,7 +207,7 @@ async def post_search(request: Request) -> Response:
 async def get_thumb(request: Request) -> Response:
     svc = _service(request)
     served = svc.catalog.get(request.path_params["index"])
-    key = request.path_params["key"]
+    key = request.path_params["key"] or request.query_params.get("key", "")  # ?key= for a dot-segment key
     # the key (and the shard that picks among rows sharing it) is looked up in the id table, never used as a path
     try:
         rows = served.index.find_keys([key], request.query_params.get("shard"))[0]
