@@ -5,12 +5,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import store
-from .embedding import run_folder
+from . import atomic, store
+from .embedding import folder_view, run_folder
 from .errors import UserError
 from .index import keys, layout
+from .records import ModelIdentity
 
 
 def verify_embeddings(out: Path) -> tuple[list[str], dict[str, Any]]:
@@ -57,6 +60,7 @@ def verify_embeddings(out: Path) -> tuple[list[str], dict[str, Any]]:
         keys = table.column("key").to_pylist()
         if len(set(keys)) != len(keys):
             problems.append(f"{f}: {len(keys) - len(set(keys))} duplicate key(s)")
+        problems += _against_run(f, info, fp)
         dim_expected = dim_expected or (info.metadata.dim if info.metadata else None) or info.dim
         if info.dim != dim_expected:
             problems.append(f"{f}: dim {info.dim}, expected {dim_expected}")
@@ -68,6 +72,7 @@ def verify_embeddings(out: Path) -> tuple[list[str], dict[str, Any]]:
             problems.append(f"{f}: {bad} embedding(s) with NaN or Inf")
     findings = _row_findings([files[n] for n in sorted(records) if n in files], problems)
     pending = sorted(set(files) - set(records))
+    problems += _copies([files[n] for n in pending], set(urls))
     failed = {}
     for name, p in failed_records.items():
         if name in records:  # done since (a done record wins over a stale failure): not failed
@@ -77,12 +82,43 @@ def verify_embeddings(out: Path) -> tuple[list[str], dict[str, Any]]:
             failed[p.name] = "unreadable failure record"
         else:
             failed[rec.get("url", p.name)] = rec.get("reason", "?")
-    counts = run_folder.shard_counts(run, list(records), list(failed_records))  # the ones `status` prints
+    counts = folder_view.shard_counts(run, list(records), list(failed_records))  # the ones `status` prints
+    stale = folder_view.stale_success(out, list(records), list(failed_records))
+    if stale:
+        problems.append(f"{stale}: rerun `embedpipe embed` with the same shards to redo them")
     return problems, {"shards_verified": len(records), "rows": rows, "findings": findings,
                       "pending_without_record": pending,
                       "failed_records": sorted(p.name for p in failed_records.values()), "failed": failed,
                       "shards_expected": counts["shards_expected"],
                       "shards_not_done": counts["failed"] + counts["pending"]}
+
+
+def _against_run(f: Path, info: Any, fp: dict[str, Any]) -> list[str]:
+    """A file's recorded model and precision must be the folder's (``run.json``): an edit to either breaks that."""
+    meta = info.metadata
+    if meta is None or not fp:
+        return []
+    mine = {**meta.identity.to_dict(), "precision": meta.precision}
+    differ = [k for k in (*ModelIdentity.COMPARED, "precision")
+              if fp.get(k) is not None and mine.get(k) is not None and fp[k] != mine[k]]
+    return [f"{f}: its {k} is {mine[k]!r}, {run_folder.RUN_JSON} records {fp[k]!r} (one of them was edited; rerun "
+            "embed with --overwrite to remake the folder)" for k in differ]
+
+
+def _copies(unvouched: list[Path], done_urls: set[str]) -> list[str]:
+    """Files no done record vouches for that hold rows of a done shard: a stray copy, which every reader of
+    ``embeddings/`` (pyarrow, pandas, autofaiss) sees as duplicates. Others are pending (a shard in progress)."""
+    out = []
+    for f in unvouched:
+        try:
+            shards = set(pq.read_table(f, columns=["shard"]).column("shard").unique().to_pylist())
+        except Exception:  # noqa: BLE001  unreadable: not a copy of anything
+            continue
+        copied = sorted(shards & done_urls)
+        if copied:
+            out.append(f"{f}: no done record vouches for it, and it holds rows of the done shard {copied[0]} (a "
+                       "stray copy: readers of embeddings/ see them twice); delete it")
+    return out
 
 
 def _row_findings(files: list[Path], problems: list[str]) -> list[str]:
@@ -108,33 +144,100 @@ def incomplete(info: dict[str, Any]) -> str | None:
 
 
 def verify_index(index_dir: Path) -> tuple[list[str], dict[str, Any]]:
-    """Problems in an index folder: FAISS count vs index.json and ids.parquet, ids mapping to real keys."""
+    """Problems in an index folder: its files against the sizes and sha256 ``index.json`` records, FAISS count and
+    dim vs ``index.json`` and ``ids.parquet``, and every id's (key, shard) against the row of the embedding file it
+    names. Unreadable parts are problems, never tracebacks."""
     problems: list[str] = []
-    rec = layout.read_record(index_dir)
-    index = layout.load_faiss(index_dir, rec, mmap=True)
-    ids = pq.read_table(index_dir / layout.IDS_FILE)
-    if index.ntotal != rec.count:
-        problems.append(f"{index_dir}: the FAISS index holds {index.ntotal} vectors, {layout.META_FILE} says "
-                        f"{rec.count}")
-    if ids.num_rows != index.ntotal:
-        problems.append(f"{index_dir}/{layout.IDS_FILE}: {ids.num_rows} rows for {index.ntotal} vectors")
+    findings: list[str] = []
+    fix = "rebuild the index: `embedpipe index EMB_DIR --out INDEX_DIR --overwrite`"
+    try:
+        rec = layout.read_record(index_dir)
+    except UserError as e:
+        return [str(e)], {"vectors": None, "factory": None, "findings": []}
+    for name, check in rec.files.items():
+        f = index_dir / name
+        if not f.is_file():
+            problems.append(f"{f}: missing ({fix})")
+        elif f.stat().st_size != check.get("bytes"):
+            problems.append(f"{f}: {f.stat().st_size} bytes, {layout.META_FILE} says {check.get('bytes')} ({fix})")
+        elif atomic.file_sha256(f) != check.get("sha256"):
+            problems.append(f"{f}: its content changed since it was written (sha256 differs from "
+                            f"{layout.META_FILE}) ({fix})")
+    if not rec.files:
+        findings.append(f"{layout.META_FILE} records no checksums of the index files (built by embedpipe before they "
+                        "were recorded): byte changes to them cannot be detected; rebuild to record them")
+    ntotal = None
+    try:
+        index = layout.load_faiss(index_dir, rec, mmap=True)
+        ntotal = int(index.ntotal)
+    except Exception as e:  # noqa: BLE001  a truncated or garbled file is exactly what verify reports
+        problems.append(f"{index_dir / layout.INDEX_FILE}: FAISS cannot read it ({str(e).splitlines()[0][:200]}) ({fix})")
+    else:
+        if ntotal != rec.count:
+            problems.append(f"{index_dir}: the FAISS index holds {ntotal} vectors, {layout.META_FILE} says {rec.count}")
+        if index.d != rec.dim:
+            problems.append(f"{index_dir}: the FAISS index has dim {index.d}, {layout.META_FILE} says {rec.dim}")
+    try:
+        ids = pq.read_table(index_dir / layout.IDS_FILE)
+        ids = ids.select(list(layout.IDS_SCHEMA.names)).cast(layout.IDS_SCHEMA)
+    except Exception as e:  # noqa: BLE001
+        problems.append(f"{index_dir / layout.IDS_FILE}: unreadable or without the columns "
+                        f"{list(layout.IDS_SCHEMA.names)} ({str(e).splitlines()[0][:200]}) ({fix})")
+        return problems, {"vectors": ntotal, "factory": rec.factory, "findings": findings}
+    if ntotal is not None and ids.num_rows != ntotal:
+        problems.append(f"{index_dir}/{layout.IDS_FILE}: {ids.num_rows} rows for {ntotal} vectors")
     id_col = ids.column("id").to_numpy()
-    if len(np.unique(id_col)) != len(id_col):
-        problems.append(f"{index_dir}/{layout.IDS_FILE}: duplicate ids")
+    if not np.array_equal(id_col, np.arange(len(id_col))):
+        problems.append(f"{index_dir}/{layout.IDS_FILE}: ids are not 0..{len(id_col) - 1} in order ({fix})")
     dup = keys.duplicates(ids)
     if dup.repeated_rows:
         problems.append(f"{index_dir}/{layout.IDS_FILE}: {dup.repeated_text()}")
-    folders = rec.source_dirs  # the build's folder and each --update's
-    if all(Path(d).exists() for d in folders):
-        known: set[str] = set()
-        for f in (f for d in folders for f in store.list_shards(d)):
-            known.update(pq.read_table(f, columns=["key"]).column("key").to_pylist())
-        missing = [k for k in ids.column("key").to_pylist() if k not in known]
-        if missing:
-            problems.append(f"{index_dir}: {len(missing)} id(s) map to keys not in {', '.join(folders)} "
-                            f"(first: {missing[0]!r})")
-    return problems, {"vectors": int(index.ntotal), "factory": rec.factory,
-                      "findings": [dup.shared_text()] if dup.shared_keys else []}
+    if dup.shared_keys:
+        findings.append(dup.shared_text())
+    problems += _ids_against_files(index_dir, rec, ids, findings)
+    return problems, {"vectors": ntotal, "factory": rec.factory, "findings": findings}
+
+
+def _ids_against_files(index_dir: Path, rec: Any, ids: pa.Table, findings: list[str]) -> list[str]:
+    """Each id's key and shard must be those of the embedding file row it names (swapped keys answer wrongly)."""
+    where = {}
+    for d in rec.source_dirs:  # the build's folder and each --update's
+        base = store.embeddings_dir(d) if Path(d).exists() else None
+        if base is None:
+            findings.append(f"the embedding folder {d} is gone: ids from it are not checked against their rows")
+            continue
+        where.update({f.name: f for f in base.glob("*.parquet")})
+    problems, wrong, first = [], 0, None
+    for name in pc.unique(ids.column("file")).to_pylist():
+        rows = ids.filter(pc.equal(ids.column("file"), name))
+        f = where.get(name)
+        if f is None:
+            if len(where):
+                problems.append(f"{index_dir}/{layout.IDS_FILE}: {rows.num_rows} id(s) name {name}, which no "
+                                f"embedding folder of the index holds")
+            continue
+        entry = rec.shards.get(name)
+        if entry is not None and entry.rows != rows.num_rows:
+            problems.append(f"{index_dir}: {layout.META_FILE} says {name} has {entry.rows} rows, {layout.IDS_FILE} "
+                            f"holds {rows.num_rows}")
+        stored = pq.read_table(f, columns=["key", "shard"])
+        at = rows.column("row").to_numpy()
+        if len(at) and (at.max() >= stored.num_rows or at.min() < 0):
+            problems.append(f"{index_dir}/{layout.IDS_FILE}: ids name rows past the end of {f}")
+            continue
+        bad = ~(np.asarray(stored.column("key").take(pa.array(at)).to_pylist(), object)
+                == np.asarray(rows.column("key").to_pylist(), object))
+        bad |= ~(np.asarray(stored.column("shard").take(pa.array(at)).to_pylist(), object)
+                 == np.asarray(rows.column("shard").to_pylist(), object))
+        if bad.any():
+            wrong += int(bad.sum())
+            i = int(np.argmax(bad))
+            first = first or (f"id {rows.column('id')[i].as_py()} says {rows.column('key')[i].as_py()!r}, row "
+                              f"{int(at[i])} of {name} holds {stored.column('key')[int(at[i])].as_py()!r}")
+    if wrong:
+        problems.append(f"{index_dir}/{layout.IDS_FILE}: {wrong} id(s) name another item than the embedding row "
+                        f"they point to ({first}): searches would answer with the wrong keys; rebuild the index")
+    return problems
 
 
 def run_verify(path: str | Path) -> tuple[list[str], dict[str, Any]]:

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import store
-from pipeline.embedding.run_folder import committed_files, records
+from pipeline.embedding.folder_view import committed_files
+from pipeline.embedding.run_folder import records
 
 
 def counts(summary) -> dict:

@@ -74,6 +74,7 @@ def test_corruptions_are_reported(sound, tmp_path, corruption, expected):
 def test_parquet_without_record_is_pending_not_corrupt(sound, tmp_path):
     emb, f = copy(sound, tmp_path)
     (emb / "_state" / f"{f.stem}.json").unlink()
+    (emb / "_SUCCESS").unlink()  # killed before its record: the run never got to mark the folder complete
     code, report = run(emb)  # not corrupt (no problem), but not done either: not OK
     assert code == 1 and report[str(emb)]["problems"] == [] and report[str(emb)]["pending_without_record"] == [f.stem]
     assert "(0 failed, 1 pending)" in report[str(emb)]["incomplete"]
@@ -92,7 +93,7 @@ def test_index_count_and_ids_mismatch(sound, tmp_path):
     code, report = run(idx)
     problems = report[str(idx)]["problems"]
     assert code == 1 and any("index.json says 201" in p for p in problems)
-    assert any("map to keys not in" in p and "ghost" in p for p in problems)
+    assert any("name another item than the embedding row" in p and "'ghost'" in p for p in problems)
 
 
 def test_not_a_folder_of_ours(tmp_path):
@@ -106,6 +107,7 @@ def test_failed_or_pending_shards_are_not_ok(sound, digits_shards, tmp_path):
     meta = json.loads(run_json.read_text())
     meta["config"]["shards"] = 3  # a third shard of the run never finished
     run_json.write_text(json.dumps(meta))
+    (emb / "_SUCCESS").unlink()  # so the run never marked the folder complete
     r = CliRunner().invoke(cli, ["verify", str(emb)])
     assert r.exit_code == 1 and f"{emb}: sound but incomplete" in r.output
     assert "1 of 3 shard(s) not done (0 failed, 1 pending)" in r.output

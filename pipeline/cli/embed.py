@@ -65,7 +65,7 @@ def embed(shards: tuple[str, ...], out: str, compile_mode: str, keep: str, **opt
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(out: str, as_json: bool) -> None:
     """Show done, failed and pending shards of an embed output folder."""
-    from ..embedding.run_folder import status as run_status
+    from ..embedding.folder_view import status as run_status
 
     st = run_status(out)
     if as_json:

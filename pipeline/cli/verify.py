@@ -32,5 +32,8 @@ def verify(paths: tuple[str, ...], as_json: bool) -> None:
                 click.echo(f"  failed {url}: {reason}")
             for line in r.get("findings", []):
                 click.echo(f"  note: {line}")
+            for name in r.get("pending_without_record", []):
+                click.echo(f"  note: {name}.parquet has no done record (a shard being embedded, or killed before its "
+                           "record: left out of indexes; rerun embed to finish it)")
     if bad:
         click.get_current_context().exit(1)

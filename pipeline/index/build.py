@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import atomic, store
-from ..embedding.run_folder import committed_files
+from ..embedding.folder_view import committed_files
 from ..errors import UserError
 from . import tune
 from .add import add_shards, new_index, shard_table, train, report_duplicates
@@ -94,5 +94,5 @@ def build(cfg: IndexConfig, budget: int) -> dict[str, Any]:
             embedding_meta=src.meta, config=asdict(cfg), auto=measured,
             build_seconds={"auto": measured.get("seconds", 0.0) if measured else 0.0, "train": round(train_s, 2),
                            "total": round(time.perf_counter() - t0, 2)})
-        write_record(tmp, record)
+        record = write_record(tmp, record)
     return result(out, record)

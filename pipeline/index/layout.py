@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +58,17 @@ def read_record(index_dir: str | Path) -> IndexRecord:
     return IndexRecord.from_dict(raw, str(f))
 
 
-def write_record(index_dir: Path, record: IndexRecord) -> None:
-    """Write ``index.json`` (atomically) into an index directory being built."""
+CHECKED_FILES = (INDEX_FILE, IDS_FILE, IVFDATA, TRAINED)  # what index.json records the size and sha256 of
+
+
+def write_record(index_dir: Path, record: IndexRecord) -> IndexRecord:
+    """Write ``index.json`` (atomically) into an index directory being built, last, with the size and sha256 of
+    each of its files (``verify`` checks them); returns the record as written."""
+    files = {name: {"bytes": (index_dir / name).stat().st_size, "sha256": atomic.file_sha256(index_dir / name)}
+             for name in CHECKED_FILES if (index_dir / name).is_file()}
+    record = replace(record, files=files)
     atomic.write_json(index_dir / META_FILE, record.to_dict())
+    return record
 
 
 def load_faiss(index_dir: Path, record: IndexRecord, mmap: bool = False) -> Any:

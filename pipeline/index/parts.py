@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import atomic, store
-from ..embedding.run_folder import committed_files
+from ..embedding.folder_view import committed_files
 from ..errors import UserError
 from . import tune
 from .add import add_shards, new_index, shard_table, train
@@ -180,5 +180,5 @@ def run_merge(out: str | Path, target_recall: float = DEFAULT_TARGET_RECALL, ove
             memory_budget=rec.memory_budget, estimated_bytes=rec.estimated_bytes, source=rec.source,
             shards=rec.shards, embedding_meta=rec.embedding_meta, config=rec.config, on_disk=True,
             merged_from_parts=total, build_seconds={"merge_and_tune": round(time.perf_counter() - t0, 2)})
-        write_record(tmp, record)
+        record = write_record(tmp, record)
     return result(out, record)

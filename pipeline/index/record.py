@@ -62,6 +62,7 @@ class IndexRecord:
     auto: Mapping[str, Any] | None = None  # what ``--kind auto`` measured
     build_seconds: Mapping[str, float] | None = None
     merged_from_parts: int | None = None
+    files: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # name -> {bytes, sha256} as written
     format: str = FORMAT
     version: str = __version__  # the embedpipe that built it
 
@@ -109,7 +110,8 @@ class IndexRecord:
         d = _plain(self)
         d["sources"] = self.source_dirs
         d["updates"] = [dict(u) for u in self.updates]
-        for optional in ("updates", "auto", "build_seconds", "merged_from_parts"):
+        d["files"] = {name: dict(check) for name, check in self.files.items()}
+        for optional in ("updates", "auto", "build_seconds", "merged_from_parts", "files"):
             if not d[optional]:
                 del d[optional]
         return d

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from .. import atomic, store
 from . import keys
-from ..embedding.run_folder import committed_files
+from ..embedding.folder_view import committed_files
 from ..errors import UserError
 from .add import add_shards, shard_table
 from .layout import IDS_FILE, INDEX_FILE, IVFDATA, TRAINED, IdsWriter, load_faiss, read_record, result, write_record
@@ -133,7 +133,7 @@ def update(cfg: IndexConfig) -> dict[str, Any]:
                                         "seconds": round(time.perf_counter() - t0, 2)}))
             if rec.count != rec.next_id:
                 raise RuntimeError(f"index holds {rec.count} vectors but ids run to {rec.next_id}")
-            write_record(tmp, rec)
+            rec = write_record(tmp, rec)
     res = result(out, rec, added=added)
     res["summary"] += f" (search parameters tuned at {rec.tuned_at_count} vectors kept)"
     res["summary"] += f"; {note}" if note else ""
