@@ -276,7 +276,8 @@ def create_app(indexes: Sequence[str | Path] | dict[str, str | Path], options: S
     # Outermost first: a request beyond the concurrency limit is refused before anything else; the token before
     # any body is read; a body only once it fits the memory for bodies.
     middleware = [Middleware(LimitConcurrency, limit=opts.max_concurrent),
-                  Middleware(LimitBody, limit=opts.max_body, budget=opts.body_memory, timeout=opts.body_timeout)]
+                  Middleware(LimitBody, limit=opts.max_body, budget=opts.body_memory, wait=opts.header_timeout,
+                             timeout=opts.body_timeout)]
     if opts.token:
         middleware.insert(1, Middleware(RequireToken, token=opts.token))
     app = Starlette(

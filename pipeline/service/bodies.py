@@ -4,8 +4,9 @@ A JSON body is parsed whole before its query limits can be checked, and parsing 
 JSON is about 50 MB of Python floats), so the bodies in flight are admitted before their first byte is read:
 together they reserve at most ``budget`` bytes (each its Content-Length, a chunked one the size limit), held
 until its answer is sent. A body that does not fit waits, unread, in the kernel's socket buffers (uvicorn reads
-64 kB ahead), for at most ``timeout`` seconds, then gets a 503; how many wait is bounded by the requests answered
-at once (``guard.LimitConcurrency``). An admitted body must arrive within ``timeout`` seconds, else a 408.
+64 kB ahead), for at most ``wait`` seconds (``--header-timeout``: the time a request may take to reach its body),
+then gets a 503; how many wait is bounded by the requests answered at once (``guard.LimitConcurrency``). An
+admitted body must arrive within ``timeout`` seconds (``--body-timeout``), else a 408.
 """
 from __future__ import annotations
 
@@ -74,11 +75,11 @@ class BodyBudget:
 
 class LimitBody:
     """413 for a body above ``limit`` bytes (refused on its Content-Length, or counted as it streams in); a body
-    is read only once :class:`BodyBudget` has room for it (503 after ``timeout`` s) and must arrive within
+    is read only once :class:`BodyBudget` has room for it (503 after ``wait`` s) and must arrive within
     ``timeout`` s of that (408)."""
 
-    def __init__(self, app: ASGIApp, limit: int, budget: int, timeout: float):
-        self.app, self.limit, self.timeout = app, limit, timeout
+    def __init__(self, app: ASGIApp, limit: int, budget: int, wait: float, timeout: float):
+        self.app, self.limit, self.wait, self.timeout = app, limit, wait, timeout
         self.budget = BodyBudget(budget)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -94,7 +95,7 @@ class LimitBody:
         if size == 0:
             return await self.app(scope, receive, send)
         try:
-            held = await self.budget.hold(size, self.timeout)
+            held = await self.budget.hold(size, self.wait)
         except asyncio.TimeoutError:
             mb = self.budget.total / (1 << 20)
             return await send_json(send, 503, {"error": f"busy: the request bodies being answered fill the {mb:g} MB "

@@ -39,8 +39,9 @@ class ServeOptions:
     cache_mb: int = 1024  # decoded embedding files kept for key queries
     max_connections: int = 1000  # open connections; past it the one waiting longest for a request is closed
     max_concurrent: int = 256  # requests being answered at once (idle connections do not count); past it a 503
-    header_timeout: float = 10.0  # seconds to send a request's headers, from the connection's opening or first byte
-    body_timeout: float = 30.0  # seconds for a body to arrive once reading it starts; also the longest wait for room
+    header_timeout: float = 10.0  # seconds to send a request's headers (from the connection's opening or the
+    # request's first byte), and the longest a body then waits for room in body_memory_mb
+    body_timeout: float = 30.0  # seconds for a body to arrive once its reading starts
     keep_alive: float = 5.0  # seconds an idle connection stays open after an answer
     body_memory_mb: float = 64.0  # request bodies being read, parsed and answered at once, all requests together
     workers: int = 1  # processes sharing the port, each with its own copy of the indexes (and model)
