@@ -1,9 +1,9 @@
 """Request bodies: each one's size limit, the memory of all those in flight, and how long one may take to arrive.
 
-A JSON body is parsed whole before its query limits can be checked, and parsing multiplies it (15 MB of vector
-JSON is about 50 MB of Python floats), so the bodies in flight are admitted before their first byte is read:
-together they reserve at most ``budget`` bytes (each its Content-Length, a chunked one the size limit), held
-until its answer is sent. A body that does not fit waits, unread, in the kernel's socket buffers (uvicorn reads
+A JSON body is parsed whole before its query limits can be checked, and parsing multiplies it (each number of a
+vector becomes a 24-byte Python float in an 8-byte list slot), so the bodies in flight are admitted before their
+first byte is read: together they reserve at most ``budget`` bytes (each its Content-Length, a chunked one the
+size limit), held until its answer is sent. A body that does not fit waits, unread, in the kernel's socket buffers (uvicorn reads
 64 kB ahead), for at most ``wait`` seconds (``--header-timeout``: the time a request may take to reach its body),
 then gets a 503; how many wait is bounded by the requests answered at once (``guard.LimitConcurrency``). An
 admitted body must arrive within ``timeout`` seconds (``--body-timeout``), else a 408.

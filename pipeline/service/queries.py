@@ -87,8 +87,8 @@ def from_bytes(body: bytes | bytearray, opts: ServeOptions, dim: int | None = No
     vectors of that dimension is refused before it is parsed."""
     if dim is not None:
         most = opts.max_queries * (dim + 1) + 64  # the vectors' numbers, and what the other fields hold
-        # Each value but the last of an array or object is followed by a comma: a C-speed count bounds them
-        # before parsing makes each number a 24-byte Python float (15 MB of vector JSON: about 50 MB).
+        # Each value but the last of an array or object is followed by a comma: a count at C speed bounds them
+        # before parsing makes each number a 24-byte Python float in an 8-byte list slot.
         if body.count(b",") > most:
             raise bad(f"the body holds more than the {most} values that {opts.max_queries} queries (--max-queries) "
                       f"of dimension {dim} can; send fewer queries per request", 413)
