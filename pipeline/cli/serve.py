@@ -28,6 +28,12 @@ D = ServeOptions  # the defaults shown here are the service's own
 @click.option("--device", default=D.device, show_default=True, help="Device of the image model (auto: CUDA if available).")
 @click.option("--cache-mb", type=int, default=D.cache_mb, show_default=True, help="Memory for decoded embedding files (key queries, captions).")
 @click.option("--workers", type=int, default=D.workers, show_default=True, help="Processes sharing the port, each holding its own copy of the indexes.")
+@click.option("--max-connections", type=int, default=D.max_connections, show_default=True, help="Open connections per process; past it the one waiting longest for a request is closed.")
+@click.option("--max-concurrent", type=int, default=D.max_concurrent, show_default=True, help="Requests answered at once per process (idle connections do not count); past it a 503.")
+@click.option("--header-timeout", type=float, default=D.header_timeout, show_default=True, help="Seconds a client has to send a request's headers (then the connection is closed), and a body may wait for room (then a 503).")
+@click.option("--body-timeout", type=float, default=D.body_timeout, show_default=True, help="Seconds a body may take to arrive once its reading starts; then a 408.")
+@click.option("--keep-alive", type=float, default=D.keep_alive, show_default=True, help="Seconds an idle connection stays open after an answer.")
+@click.option("--body-memory-mb", type=float, default=D.body_memory_mb, show_default=True, help="Request bodies read and parsed at once per process; others wait for room.")
 @config_option
 def serve(index_dirs: tuple[str, ...], **options: Any) -> None:
     """Serve nearest-neighbour lookups in INDEX_DIR (or NAME=INDEX_DIR; several allowed) over HTTP, with a page at /.

@@ -6,12 +6,15 @@
     answer.py    a Query answered from one loaded index (captions, urls, thumbnail links)
     batcher.py   image queries batched into one model call
     thumbs.py    thumbnails read back from the shards the index records
-    guard.py     bearer token and request size limit (ASGI middleware)
+    guard.py     requests answered at once, bearer token (ASGI middleware)
+    bodies.py    request bodies: size limit, memory of those in flight, time to arrive (ASGI middleware)
+    protocol.py  uvicorn's HTTP protocol with a header deadline and a cap on open connections
     page.py      the page at /
     app.py       the Starlette app (``create_app``, mountable in another ASGI app)
     run.py       ``serve``: the app on uvicorn
 
-Starlette and uvicorn come with the ``embedpipe[serve]`` extra; only ``app.py`` and ``run.py`` import them.
+Starlette and uvicorn come with the ``embedpipe[serve]`` extra; the modules that import them are imported only
+once serving (``create_app``, ``serve``) starts.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
@@ -34,7 +34,8 @@ from .answer import answer, answer_together
 from .batcher import Batcher
 from .catalog import Catalog, NotFound, Served
 from .coalesce import Coalescer, Pending
-from .guard import LimitBody, RequireToken
+from .bodies import LimitBody
+from .guard import LimitConcurrency, RequireToken
 from .options import WORKERS_ENV, ServeOptions, index_names
 from .page import PAGE
 from .thumbs import ShardImages
@@ -104,7 +105,7 @@ class Service:
         out["took_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         return wire.dumps(out)
 
-    async def search_json(self, body: bytes, root: str, t0: float) -> bytes | queries.Query:
+    async def search_json(self, body: bytes | bytearray, root: str, t0: float) -> bytes | queries.Query:
         """A JSON body's answer, searched together with the JSON bodies that arrive with it; or its query, when
         it has images for the model to embed first."""
         loop = asyncio.get_running_loop()
@@ -116,9 +117,10 @@ class Service:
         """On the pool: each request's answer (or its image query, or its error), key and vector queries of one
         index, k and flags searched as one FAISS batch."""
         groups: dict[tuple[Any, ...], tuple[Served, list[tuple[Pending, queries.Query]]]] = {}
+        dim = max((s.index.dim for s in self.catalog.current.values()), default=None)
         for p in batch:
             try:
-                q = queries.from_bytes(p.body, self.options)
+                q = queries.from_bytes(p.body, self.options, dim)
                 if q.images:
                     p.result = q
                     continue
@@ -195,7 +197,7 @@ async def post_search(request: Request) -> Response:
     t0 = time.perf_counter()
     root = request.scope.get("root_path", "")
     got = await queries.read(request, svc.options)
-    if isinstance(got, bytes):  # JSON: decoded, searched and encoded in one trip to the pool, unless it has images
+    if isinstance(got, bytearray):  # JSON: decoded, searched and encoded in one trip to the pool, unless it has images
         got = await svc.search_json(got, root, t0)
         if isinstance(got, bytes):
             return Response(got, media_type="application/json")
@@ -231,7 +233,14 @@ def _error(status: int, message: str) -> Response:
 
 async def on_http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return _error(exc.status_code, str(exc.detail))
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def on_disconnect(request: Request, exc: Exception) -> Response:
+    # The client went away before its body was complete: no one to answer, nothing wrong here (no traceback).
+    log.debug("%s %s: the client closed the connection before sending its whole body", request.method,
+              request.url.path)
+    return _error(400, "the client closed the connection before sending its whole body")
 
 
 async def on_user(request: Request, exc: Exception) -> Response:
@@ -271,14 +280,19 @@ def create_app(indexes: Sequence[str | Path] | dict[str, str | Path], options: S
         yield
         svc.close()
 
-    middleware = [Middleware(LimitBody, limit=opts.max_body)]
+    # Outermost first: a request beyond the concurrency limit is refused before anything else; the token before
+    # any body is read; a body only once it fits the memory for bodies.
+    middleware = [Middleware(LimitConcurrency, limit=opts.max_concurrent),
+                  Middleware(LimitBody, limit=opts.max_body, budget=opts.body_memory, wait=opts.header_timeout,
+                             timeout=opts.body_timeout)]
     if opts.token:
-        middleware.insert(0, Middleware(RequireToken, token=opts.token))
+        middleware.insert(1, Middleware(RequireToken, token=opts.token))
     app = Starlette(
         routes=[Route("/", get_page), Route("/healthz", get_healthz), Route("/indexes", get_indexes),
                 Route("/search", post_search, methods=["POST"]), Route("/thumb/{index}/{key:path}", get_thumb)],
         middleware=middleware, lifespan=lifespan,
-        exception_handlers={HTTPException: on_http, UserError: on_user, NotFound: on_not_found, Exception: on_crash})
+        exception_handlers={HTTPException: on_http, UserError: on_user, NotFound: on_not_found,
+                            ClientDisconnect: on_disconnect, Exception: on_crash})
     app.state.service = svc
     return app
 

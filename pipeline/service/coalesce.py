@@ -18,7 +18,7 @@ from typing import Any, Callable
 class Pending:
     """One request's JSON body and, once answered, its result (answer bytes, or a query to embed) or error."""
 
-    body: bytes
+    body: bytes | bytearray
     root: str
     t0: float
     future: asyncio.Future
@@ -36,7 +36,7 @@ class Coalescer:
         self.batches = 0
         self.requests = 0
 
-    async def submit(self, body: bytes, root: str, t0: float) -> Any:
+    async def submit(self, body: bytes | bytearray, root: str, t0: float) -> Any:
         loop = asyncio.get_running_loop()
         p = Pending(body, root, t0, loop.create_future())
         self.queue.append(p)

@@ -1,18 +1,18 @@
-"""What stands before every route: the bearer token (when one is set) and the request size limit.
+"""What stands before every route: the limit on requests answered at once, and the bearer token (when one is set).
 
-Both are plain ASGI middleware, so they hold for every route, the 404s included, and for the app mounted
-inside another one. Browsers cannot put a header on an ``<img>`` request, so the page trades the token once
-(``/?token=...``) for an HttpOnly, SameSite=Strict cookie; API clients send ``Authorization: Bearer TOKEN``.
+Both are plain ASGI middleware (as is ``bodies.LimitBody``, the body limits, behind them), so they hold for every
+route, the 404s included, and for the app mounted inside another one. Browsers cannot put a header on an
+``<img>`` request, so the page trades the token once (``/?token=...``) for an HttpOnly, SameSite=Strict cookie;
+API clients send ``Authorization: Bearer TOKEN``.
 """
 from __future__ import annotations
 
 import hmac
 import json
-from http.cookies import SimpleCookie
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qsl, urlencode
 
-from starlette.exceptions import HTTPException
+from starlette.requests import cookie_parser
 
 Scope = dict[str, Any]
 ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
@@ -50,8 +50,9 @@ class RequireToken:
         scheme, _, value = auth.partition(" ")
         if scheme.lower() == "bearer" and self._ok(value.strip()):
             return await self.app(scope, receive, send)
-        cookie = SimpleCookie(_header(scope, b"cookie") or "")
-        if COOKIE in cookie and self._ok(cookie[COOKIE].value):
+        # Parsed as browsers do: never an error (http.cookies raised CookieError on a name such as 'a<b': a 500,
+        # with a traceback logged, for any unauthenticated client).
+        if self._ok(cookie_parser(_header(scope, b"cookie") or "").get(COOKIE)):
             return await self.app(scope, receive, send)
         query = parse_qsl(scope.get("query_string", b"").decode("latin-1"))
         token = next((v for k, v in query if k == "token"), None)
@@ -70,35 +71,22 @@ class RequireToken:
                         [(b"www-authenticate", b'Bearer realm="embedpipe"')])
 
 
-class BodyTooLarge(HTTPException):
-    def __init__(self, limit: int):
-        super().__init__(413, f"the request body is larger than {limit} bytes (--max-body-mb); send fewer or "
-                              "smaller images")
-
-
-class LimitBody:
-    """413 for a body above ``limit`` bytes: refused on its Content-Length, or counted as it streams in."""
+class LimitConcurrency:
+    """503 (with Retry-After) for a request beyond ``limit`` being answered at once: a burst is refused in a
+    microsecond instead of queueing without bound. Idle connections are not requests (``protocol.py``)."""
 
     def __init__(self, app: ASGIApp, limit: int):
-        self.app, self.limit = app, limit
+        self.app, self.limit, self.active = app, limit, 0
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = _header(scope, b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await send_json(send, 413 if length.isdigit() else 400,
-                                   {"error": BodyTooLarge(self.limit).detail if length.isdigit()
-                                    else "invalid Content-Length header"})
-        seen = 0
-
-        async def counted() -> Any:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:  # a chunked body without a length: stop reading it here
-                    raise BodyTooLarge(self.limit)
-            return message
-
-        await self.app(scope, counted, send)
+        if self.active >= self.limit:
+            return await send_json(send, 503, {"error": f"busy: {self.limit} requests are being answered "
+                                                        "(--max-concurrent); retry in a moment"},
+                                   [(b"retry-after", b"1")])
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1

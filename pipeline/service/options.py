@@ -1,7 +1,8 @@
 """The options of ``embedpipe serve`` (one frozen record the app, the CLI and ``pipeline.serve`` read), checked up front.
 
-Safe defaults: loopback only, bounded request bodies, bounded queries, images checked against ``max_pixels``
-before any pixel is allocated.
+Safe defaults: loopback only, bounded request bodies (each, and all being read at once), bounded queries, bounded
+connections and the time a client has to send a request, images checked against ``max_pixels`` before any pixel
+is allocated.
 """
 from __future__ import annotations
 
@@ -36,7 +37,13 @@ class ServeOptions:
     reload_every: float = 1.0  # seconds between checks for a swapped index directory (0: never reload)
     device: str = "auto"
     cache_mb: int = 1024  # decoded embedding files kept for key queries
-    max_connections: int = 256  # beyond this uvicorn answers 503 instead of queueing without bound
+    max_connections: int = 1000  # open connections; past it the one waiting longest for a request is closed
+    max_concurrent: int = 256  # requests being answered at once (idle connections do not count); past it a 503
+    header_timeout: float = 10.0  # seconds to send a request's headers (from the connection's opening or the
+    # request's first byte), and the longest a body then waits for room in body_memory_mb
+    body_timeout: float = 30.0  # seconds for a body to arrive once its reading starts
+    keep_alive: float = 5.0  # seconds an idle connection stays open after an answer
+    body_memory_mb: float = 64.0  # request bodies being read, parsed and answered at once, all requests together
     workers: int = 1  # processes sharing the port, each with its own copy of the indexes (and model)
 
     def validate(self) -> None:
@@ -49,7 +56,9 @@ class ServeOptions:
         for name, value in (("--max-body-mb", self.max_body_mb), ("--max-pixels", self.max_pixels),
                             ("--max-k", self.max_k), ("--max-queries", self.max_queries),
                             ("--max-batch", self.max_batch), ("--max-connections", self.max_connections),
-                            ("--workers", self.workers)):
+                            ("--max-concurrent", self.max_concurrent), ("--header-timeout", self.header_timeout),
+                            ("--body-timeout", self.body_timeout), ("--keep-alive", self.keep_alive),
+                            ("--body-memory-mb", self.body_memory_mb), ("--workers", self.workers)):
             if value <= 0:
                 raise UserError(f"{name} {value} must be positive")
         if self.batch_wait_ms < 0 or self.reload_every < 0 or self.threads < 0 or self.cache_mb < 0:
@@ -58,6 +67,10 @@ class ServeOptions:
     @property
     def max_body(self) -> int:
         return int(self.max_body_mb * (1 << 20))
+
+    @property
+    def body_memory(self) -> int:
+        return int(self.body_memory_mb * (1 << 20))
 
     @property
     def pool_size(self) -> int:

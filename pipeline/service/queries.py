@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,25 +51,48 @@ def bad(message: str, status: int = 400) -> HTTPException:
     return HTTPException(status, message)
 
 
+def shown(value: Any) -> str:
+    """``value`` in a message, cut short: a client's value can be megabytes long, or nested thousands deep (which
+    ``repr`` cannot show)."""
+    return reprlib.repr(value)
+
+
 class _InMemoryParser(MultiPartParser):
     # Uploads stay in memory (bounded by the request size limit) instead of spilling to temporary files:
     # no route of the service writes to disk.
     spool_max_size = 1 << 62
 
 
-async def read(request: Request, opts: ServeOptions) -> bytes | Query:
+async def read(request: Request, opts: ServeOptions) -> bytearray | Query:
     """A ``POST /search`` request's JSON body (decoded later, off the event loop, by :func:`from_bytes`) or its
     parsed multipart form."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
-        return await request.body()
+        return await body_of(request)
     if ctype == "multipart/form-data":
         return await from_form(request, opts)
     raise bad(f"POST /search takes application/json or multipart/form-data, not {ctype or 'no content-type'!r}", 415)
 
 
-def from_bytes(body: bytes, opts: ServeOptions) -> Query:
-    """The query of a JSON body."""
+async def body_of(request: Request) -> bytearray:
+    """The whole body, gathered in one buffer (``Request.body`` keeps the chunks until it joins them: twice the
+    body's size at its peak)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+    return body
+
+
+def from_bytes(body: bytes | bytearray, opts: ServeOptions, dim: int | None = None) -> Query:
+    """The query of a JSON body; with ``dim`` (the largest served), one holding more values than ``max_queries``
+    vectors of that dimension is refused before it is parsed."""
+    if dim is not None:
+        most = opts.max_queries * (dim + 1) + 64  # the vectors' numbers, and what the other fields hold
+        # Each value but the last of an array or object is followed by a comma: a count at C speed bounds them
+        # before parsing makes each number a 24-byte Python float in an 8-byte list slot.
+        if body.count(b",") > most:
+            raise bad(f"the body holds more than the {most} values that {opts.max_queries} queries (--max-queries) "
+                      f"of dimension {dim} can; send fewer queries per request", 413)
     try:
         obj = wire.loads(body)
     except wire.DecodeError as e:
@@ -87,7 +111,7 @@ def _k(value: Any, opts: ServeOptions) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= opts.max_k:
-        raise bad(f"k must be an integer in 1..{opts.max_k}, got {value!r}")
+        raise bad(f"k must be an integer in 1..{opts.max_k}, got {shown(value)}")
     return value
 
 
@@ -96,7 +120,7 @@ def _flag(value: Any, name: str) -> bool:
         return value
     if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
         return value.lower() in ("true", "1")
-    raise bad(f"{name} must be true or false, got {value!r}")
+    raise bad(f"{name} must be true or false, got {shown(value)}")
 
 
 def _strings(value: Any, name: str) -> list[str]:
@@ -170,8 +194,13 @@ def from_json(body: Any, opts: ServeOptions) -> Query:
         raise bad("the body must be a JSON object, e.g. {\"keys\": [\"000123\"], \"k\": 10}")
     unknown = sorted(set(body) - set(JSON_FIELDS))
     if unknown:
+<<<<<<< HEAD
         raise bad(f"unknown field(s) {unknown}; a search takes {', '.join(JSON_FIELDS)}")
     keys, key_shards = _keys(body["keys"]) if body.get("keys") is not None else ([], None)
+=======
+        raise bad(f"unknown field(s) {shown(unknown)}; a search takes {', '.join(JSON_FIELDS)}")
+    keys = _strings(body["keys"], "keys") if body.get("keys") is not None else []
+>>>>>>> i24-serve
     vectors = _vectors(body["vectors"]) if body.get("vectors") is not None else None
     images_in = body.get("images") or []
     if not isinstance(images_in, list):
@@ -200,7 +229,7 @@ async def from_form(request: Request, opts: ServeOptions) -> Query:
     try:
         unknown = sorted({name for name, _ in form.multi_items()} - set(FORM_FIELDS))
         if unknown:
-            raise bad(f"unknown form field(s) {unknown}; a search takes {', '.join(FORM_FIELDS)}")
+            raise bad(f"unknown form field(s) {shown(unknown)}; a search takes {', '.join(FORM_FIELDS)}")
         images = []
         for i, f in enumerate(form.getlist("image")):
             if not isinstance(f, UploadFile):

@@ -17,15 +17,19 @@ except ImportError:  # the app mounted in a process without the serve extra's or
 DecodeError = ValueError  # what both raise for bad JSON or bad UTF-8 (their own errors subclass it)
 
 
-def loads(body: bytes) -> Any:
-    """Decoded as the standard library would: what orjson refuses (NaN, integers beyond 64 bits, bad JSON) is
-    decoded again by ``json``, so that such bodies get the same answers and messages either way."""
+def loads(body: bytes | bytearray) -> Any:
+    """Decoded as the standard library would: what orjson refuses (NaN, integers beyond 64 bits, bad JSON, more
+    than 1024 levels of nesting) is decoded again by ``json``, so that such bodies get the same answers and
+    messages either way."""
     if orjson is not None:
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
             pass
-    return json.loads(body)
+    try:
+        return json.loads(body)
+    except RecursionError:  # `[[[[...` thousands deep: a client's mistake, not the service's
+        raise DecodeError("arrays or objects nested too deeply") from None
 
 
 def dumps(obj: Any) -> bytes:

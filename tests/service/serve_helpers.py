@@ -1,15 +1,19 @@
-"""Helpers for the service tests: a real uvicorn server on a free loopback port, and a small HTTP client."""
+"""Helpers for the service tests: a real uvicorn server on a free loopback port (in a thread, or the real
+``embedpipe serve`` in a process of its own), and a small HTTP client."""
 from __future__ import annotations
 
 import contextlib
 import http.client
 import json
+import os
+import re
 import subprocess
+import sys
 from html.parser import HTMLParser
-from pathlib import Path
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 
@@ -109,3 +113,48 @@ def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
                            "--disable-component-update", "--disable-sync", "--no-first-run",
                            f"--user-data-dir={profile}", "--virtual-time-budget=20000", *args],
                           check=True, timeout=120, capture_output=True, text=True)
+
+
+class Served:
+    """A real ``embedpipe serve`` process: its base url, pid and everything it has written to stderr (its log)."""
+
+    def __init__(self, proc: subprocess.Popen, base: str):
+        self.proc, self.base, self.lines = proc, base, []
+        self.address = (urlsplit(base).hostname, urlsplit(base).port)
+        self.reader = threading.Thread(target=lambda: self.lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+        self.reader.start()
+
+    def log(self, since: int = 0) -> str:
+        return "".join(self.lines[since:])
+
+    def memory(self) -> tuple[float, float]:
+        """(RSS, peak RSS) of the process in MiB, from /proc (VmRSS, VmHWM)."""
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines())
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+@contextlib.contextmanager
+def serving(*args: str, env: dict[str, str] | None = None) -> Iterator[Served]:
+    """``embedpipe serve ARGS --port 0`` in a process of its own; stopped (SIGTERM) on exit."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", *args, "--port", "0"],
+                            env={**os.environ, **(env or {})}, stderr=subprocess.PIPE, text=True)
+    try:
+        line, head = "", []
+        while "serving" not in line:
+            line = proc.stderr.readline()
+            head.append(line)
+            assert line or proc.poll() is None, f"embedpipe serve exited before serving: {''.join(head)}"
+        server = Served(proc, re.search(r"http://127\.0\.0\.1:\d+", line).group(0))
+        yield server
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def raise_open_files(need: int) -> None:
+    """This process may open at least ``need`` files (sockets), within its hard limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need if hard == resource.RLIM_INFINITY else min(need, hard), hard))

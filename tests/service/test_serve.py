@@ -342,6 +342,8 @@ def test_cli_serves_with_workers_until_terminated(data):
     (["IDX", "--token", "short"], "--token must be at least 8 characters"),
     (["a=IDX", "a=IDX"], "two indexes are named 'a'"),
     (["IDX", "--port", "70000"], "--port 70000 must be in 0..65535"),
+    (["IDX", "--header-timeout", "0"], "--header-timeout 0.0 must be positive"),
+    (["IDX", "--max-concurrent", "0"], "--max-concurrent 0 must be positive"),
 ])
 def test_cli_refuses_bad_arguments_before_listening(data, args, message, capsys):
     from pipeline.cli.main import main

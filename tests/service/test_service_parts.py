@@ -1,4 +1,5 @@
-"""The service's parts on their own: the image batcher, thumbnails from shards, index names, cached lookups, captions."""
+"""The service's parts on their own: the image batcher, the memory for bodies, thumbnails from shards, index names,
+cached lookups, captions."""
 from __future__ import annotations
 
 import asyncio
@@ -20,6 +21,7 @@ from pipeline.index.options import IndexConfig
 from pipeline.index.search import open_index
 from pipeline.service import create_app
 from pipeline.service.batcher import Batcher
+from pipeline.service.bodies import BodyBudget
 from pipeline.service.options import index_names
 from pipeline.service.run import serve
 from pipeline.service.thumbs import ShardImages
@@ -71,6 +73,30 @@ def test_batcher_respects_max_batch_and_keeps_requests_whole():
 def test_batcher_reports_a_model_error_to_every_request_of_the_batch():
     answers, calls, stats = run_batcher([1, 2], fail=True)
     assert calls == [3] and all(isinstance(a, RuntimeError) for a in answers) and stats["batches"] == 0
+
+
+def test_body_budget_admits_first_come_first_served_and_gives_back_what_a_timed_out_wait_held():
+    async def main():
+        budget, order = BodyBudget(10), []
+
+        async def body(name, n, timeout=5.0, hold=0.05):
+            held = await budget.hold(n, timeout)
+            order.append((name, held, budget.free))
+            await asyncio.sleep(hold)
+            budget.release(held)
+
+        first = asyncio.ensure_future(body("a", 6, hold=0.2))
+        await asyncio.sleep(0)
+        late = [asyncio.ensure_future(body("b", 6)), asyncio.ensure_future(body("c", 3))]  # c fits, but waits its turn
+        with pytest.raises(asyncio.TimeoutError):
+            await budget.hold(6, 0.05)  # gave up while a held the room: it leaves the queue, holding nothing
+        await asyncio.gather(first, *late)
+        await body("huge", 100)  # more than the whole budget: admitted alone, as the whole budget
+        return order, budget.free, len(budget.waiting)
+
+    order, free, waiting = asyncio.run(main())
+    assert order == [("a", 6, 4), ("b", 6, 1), ("c", 3, 1), ("huge", 10, 0)]  # b and c let in together
+    assert free == 10 and waiting == 0
 
 
 def test_thumbnails_from_plain_and_gzipped_shards_match_the_streamed_reader(digits_shards, tmp_path):
