@@ -39,6 +39,8 @@ D = EmbedConfig  # the defaults shown here are the embed stage's own
 @click.option("--keep", default=",".join(D.keep), show_default=True,
               help=f"Sample fields kept as columns (subset of {','.join(KEEPABLE)}; '' for none).")
 @click.option("--max-pixels", type=int, default=D.max_pixels, show_default=True, help="Images whose header claims more pixels are skipped (decompression bombs).")
+@click.option("--max-member-mb", type=float, default=D.max_member_mb, show_default=True, help="Samples with an image, cls, txt or json member larger than this are skipped unread (sparse or zero-filled bombs); members of other fields are never read.")
+@click.option("--max-shard-gb", type=float, default=D.max_shard_gb, show_default=True, help="A shard whose tar stream is longer than this after decompression fails (a gzip bomb); rerun with a larger value to retry it.")
 @click.option("--cache-dir", default=None, help="Compiled-model cache (default $EMBEDPIPE_CACHE or ~/.cache/embedpipe).")
 @click.option("--overwrite", is_flag=True, help="Replace embeddings made with different settings in --out.")
 @quiet_option(expose=True)

@@ -12,7 +12,7 @@ from ..model.device import (CPU_PRECISIONS, DEFAULT_COMPILE, DEVICE_AUTO, check_
 from ..model.image_header import DEFAULT_MAX_PIXELS
 from ..model.specs import DEFAULT_MODEL
 from ..records import ModelIdentity
-from .tar import KEEPABLE
+from .tar import DEFAULT_MAX_MEMBER_MB, DEFAULT_MAX_SHARD_GB, KEEPABLE
 
 OUT_DTYPES = tuple(store.DTYPES)
 
@@ -60,6 +60,8 @@ class EmbedConfig:
     normalize: bool = True
     keep: tuple[str, ...] = KEEPABLE
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_member_mb: float = DEFAULT_MAX_MEMBER_MB
+    max_shard_gb: float = DEFAULT_MAX_SHARD_GB
     cache_dir: str | None = None
     overwrite: bool = False
     quiet: bool = False
@@ -97,6 +99,9 @@ class EmbedConfig:
             raise UserError(f"--input-size must be between 16 and 2048 pixels, got {self.input_size}")
         if self.max_pixels < 1:
             raise UserError("--max-pixels must be positive")
+        for flag, value in (("--max-member-mb", self.max_member_mb), ("--max-shard-gb", self.max_shard_gb)):
+            if not value > 0:  # also NaN
+                raise UserError(f"{flag} must be a positive number of {flag[-2:].upper()}, got {value}")
         self._check_placement()
 
     def device_list(self) -> list[str] | None:

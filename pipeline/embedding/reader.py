@@ -11,11 +11,12 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..captions import bounded_field
 from ..model.decoders import DEFAULT_DECODER, get_decoder
 from ..model.image_header import DEFAULT_MAX_PIXELS, Header, SkipSample, read_header
 from ..model.preprocess import Preprocess
 from . import tar
-from .tar import IMAGE_EXTS, KEEPABLE
+from .tar import DEFAULT_MAX_MEMBER_MB, DEFAULT_MAX_SHARD_GB, IMAGE_EXTS, KEEPABLE, LABEL
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class Piece:
 
 def _label(sample: dict[str, Any]) -> tuple[int | None, str | None]:
     """The sample's ``cls`` as an int64 label, or None and why it is left empty."""
-    raw = sample.get("cls")
+    raw = sample.get(LABEL)
     if raw is None:
         return None, None
     try:
@@ -76,14 +77,17 @@ class ShardSamples(IterableDataset):
     """
 
     def __init__(self, urls: Sequence[str], pre: Preprocess, batch_size: int, keep: Sequence[str] = KEEPABLE,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, decode_threads: int = 1, decoder: str = DEFAULT_DECODER):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, decode_threads: int = 1, decoder: str = DEFAULT_DECODER,
+                 max_member_mb: float = DEFAULT_MAX_MEMBER_MB, max_shard_gb: float = DEFAULT_MAX_SHARD_GB):
         self.urls = list(urls)
         self.decode_threads = decode_threads
         self.decoder = get_decoder(decoder)
         self.pre = pre
         self.batch_size = batch_size
         self.keep = [k for k in keep if k in KEEPABLE]
+        self.fields = (*IMAGE_EXTS, LABEL, *self.keep)  # the only members whose data is read
         self.max_pixels = max_pixels
+        self.max_member_mb, self.max_shard_gb = max_member_mb, max_shard_gb
         if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
             # PIL refuses images above twice its own limit on open: an explicit larger --max-pixels wins.
             Image.MAX_IMAGE_PIXELS = max_pixels
@@ -155,7 +159,10 @@ class ShardSamples(IterableDataset):
                 piece.warnings.append((key, f"key is not valid UTF-8 ({sample[tar.RAW_KEY]!r}); stored escaped"))
             for k in self.keep:
                 v = sample.get(k)
-                piece.extra[k].append(v.decode("utf-8", "replace") if v is not None else None)
+                text, why = bounded_field(k, v.decode("utf-8", "replace")) if v is not None else (None, None)
+                piece.extra[k].append(text)
+                if why:
+                    piece.warnings.append((key, why))
         if images:
             piece.images = torch.stack(images)
         return piece
@@ -190,9 +197,16 @@ class ShardSamples(IterableDataset):
     def _shard(self, url: str, wid: int, nw: int) -> Iterator[Piece]:
         piece, raw, seen, keys_seen = self._empty(url), [], 0, set()
         pool = self._pool()
+        i = -1  # the sample's index in the shard (records of members that are no field take none)
         try:
-            for i, sample in enumerate(tar.iter_tar_samples(url)):
+            for sample in tar.iter_tar_samples(url, self.fields, self.max_member_mb, self.max_shard_gb):
                 key = sample["__key__"]
+                if tar.NOT_A_SAMPLE in sample:
+                    if wid == 0:  # one worker records it
+                        seen += 1
+                        piece.skipped.append((key, sample[tar.NOT_A_SAMPLE]))
+                    continue
+                i += 1
                 duplicate = key in keys_seen
                 keys_seen.add(key)
                 if i % nw != wid:
@@ -201,9 +215,13 @@ class ShardSamples(IterableDataset):
                 if duplicate:
                     piece.skipped.append((key, "duplicate key in shard (first occurrence kept)"))
                     continue
+                if tar.REFUSED in sample:
+                    piece.skipped.append((key, sample[tar.REFUSED]))
+                    continue
                 ext = next((e for e in IMAGE_EXTS if e in sample), None)
                 if ext is None:
-                    have = ", ".join(sorted(k for k in sample if not k.startswith("__"))) or "nothing"
+                    fields = [k for k in sample if not k.startswith("__")] + sample.get(tar.UNREAD, [])
+                    have = ", ".join(sorted(fields)) or "nothing"
                     piece.skipped.append((key, f"no image field (has: {have}; expected one of {', '.join(IMAGE_EXTS)})"))
                     continue
                 # Submitted as soon as read, so the pool decodes while this thread reads on through the tar.

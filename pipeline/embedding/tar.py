@@ -5,12 +5,26 @@ import collections
 import io
 import re
 import tarfile
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the image of a sample: the first of these fields it has
 KEEPABLE = ("txt", "json")  # sample fields the embed stage can keep as string columns
-_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's rule: the key ends at the first dot
+LABEL = "cls"  # the field of a sample's integer label
+USED = (*IMAGE_EXTS, LABEL, *KEEPABLE)  # the fields any reader of samples reads; the rest are skipped unread
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")  # webdataset's rule: the key ends at the first dot
 RAW_KEY = "__raw_key__"  # a sample's key as bytes, present when those bytes are not UTF-8 (the key is escaped)
+UNREAD = "__unread__"  # the fields a sample has whose data was not read (unused, or refused for their size)
+REFUSED = "__refused__"  # why the sample cannot be used: a used field above the size limit (its data unread)
+NOT_A_SAMPLE = "__not_a_sample__"  # a record for a tar member that is no sample field: why (its __key__: its name)
+# No real image comes near these; above them a member or a shard is a bomb (a sparse or zero-filled member that
+# would be read whole into memory, a gzip stream that decompresses forever). Options: --max-member-mb, --max-shard-gb.
+DEFAULT_MAX_MEMBER_MB = 64
+DEFAULT_MAX_SHARD_GB = 64.0
+MB, GB = 1 << 20, 1 << 30
+
+
+class ShardTooLarge(ValueError):
+    """The tar stream of a shard (after decompression) is longer than its limit: the shard fails."""
 
 
 class _Tap(io.RawIOBase):
@@ -22,7 +36,7 @@ class _Tap(io.RawIOBase):
 
     KEEP = 1 << 16  # > tarfile's read-ahead (one 10 KiB record past the header it could not parse)
 
-    def __init__(self, raw: Any):
+    def __init__(self, raw: Any, limit: int | None = None):
         head = raw.read(6) or b""
         self.raw, self.head = raw, head
         if head[:2] == b"\x1f\x8b":  # decompress here, not in tarfile: GzipFile checks the CRC and the length
@@ -36,7 +50,7 @@ class _Tap(io.RawIOBase):
             self.src = lzma.LZMAFile(_Prefixed(head, raw))
         else:
             self.src = _Prefixed(head, raw)
-        self.pos = 0
+        self.pos, self.limit = 0, limit
         self.chunks: collections.deque[bytes] = collections.deque()  # the last reads, >= KEEP bytes in all
         self.kept = 0
 
@@ -44,8 +58,14 @@ class _Tap(io.RawIOBase):
         return True
 
     def read(self, n: int = -1) -> bytes:
+        if self.limit is not None and (n is None or n < 0):
+            n = self.limit + 1 - self.pos  # never a whole bomb at once
         data = self.src.read(n) if n is not None and n >= 0 else self.src.read()
         self.pos += len(data)
+        if self.limit is not None and self.pos > self.limit:
+            raise ShardTooLarge(f"the shard's tar stream is longer than {self.limit / GB:g} GB (after decompression; "
+                                "--max-shard-gb): a decompression bomb? If the shard really is that large, raise "
+                                "--max-shard-gb")
         # References to the chunks, not a copy: keeping a rolling bytearray cost a 64 KiB move per read.
         self.chunks.append(data)
         self.kept += len(data)
@@ -97,48 +117,93 @@ def _check_tar_end(tap: _Tap, offset: int, members: int) -> None:
         raise tarfile.ReadError(f"invalid tar header at byte {offset}: the shard is corrupt from there on")
 
 
-def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
+def iter_tar_samples(url: str, fields: Collection[str] = USED, max_member_mb: float = DEFAULT_MAX_MEMBER_MB,
+                     max_shard_gb: float = DEFAULT_MAX_SHARD_GB) -> Iterator[dict[str, Any]]:
     """Stream a (gzipped) tar from a path or any url webdataset opens, grouping members by key.
 
+    Only the data of ``fields`` is read; the names of a sample's other fields are listed under ``UNREAD`` (their
+    data is streamed past, never held). A sample with a used field above ``max_member_mb`` carries ``REFUSED``
+    (why) instead of that field's data. A member that is no sample field (a link, FIFO or device; a name without
+    a key or an extension) comes as a record of its own, ``{"__key__": its name, NOT_A_SAMPLE: why}``, after the
+    sample it interrupts; directories are structure and pass silently.
+
     Raises (so the shard fails, never silently shortened) on a truncated or corrupt tar or gzip stream, a
-    garbled header mid-archive, and a ``pipe:`` command or download that exits with an error.
+    garbled header mid-archive, a tar stream longer than ``max_shard_gb`` (:class:`ShardTooLarge`), and a
+    ``pipe:`` command or download that exits with an error.
     """
     from webdataset import gopen
 
+    max_member = int(max_member_mb * MB)
     stream = gopen(url, "rb")
     try:
-        tap = _Tap(stream)
+        tap = _Tap(stream, int(max_shard_gb * GB))
         members = 0
         with tarfile.open(fileobj=tap, mode="r|") as tf:
             current: dict[str, Any] | None = None
-            for member in tf:
+            exts: set[str] = set()  # the current sample's fields, read or not
+            aside: list[dict[str, Any]] = []  # records of members that are no field, yielded after the sample
+            while (member := tf.next()) is not None:
                 members += 1
-                if not member.isfile():
-                    continue
-                split = member_key(member.name)
+                tf.members.clear()  # tarfile keeps every header it read: memory stays bounded, whatever the count
+                split = member_key(member.name) if member.isfile() else None
                 if split is None:
+                    why = not_a_field(member)
+                    if why:
+                        record = {"__key__": _text(member.name)[0], "__url__": url, NOT_A_SAMPLE: why}
+                        if current is None:
+                            yield record
+                        else:
+                            aside.append(record)
                     continue
                 key, ext, raw = split
-                data = tf.extractfile(member).read()  # type: ignore[union-attr]
                 # A member whose key and extension repeat the current sample's starts a new sample (with a
                 # duplicate key, skipped downstream with a reason) instead of silently replacing the first.
-                if current is None or current["__key__"] != key or ext in current:
+                if current is None or current["__key__"] != key or ext in exts:
                     if current is not None:
                         yield current
-                    current = {"__key__": key, "__url__": url}
+                        yield from aside
+                        aside = []
+                    current, exts = {"__key__": key, "__url__": url}, set()
                     if raw is not None:
                         current[RAW_KEY] = raw
-                current[ext] = data
+                exts.add(ext)
+                if ext not in fields:
+                    current.setdefault(UNREAD, []).append(ext)
+                elif member.size > max_member:
+                    current.setdefault(UNREAD, []).append(ext)
+                    current.setdefault(REFUSED, f"its .{ext} member is {member.size / MB:.1f} MB, above the limit of "
+                                                f"{max_member_mb:g} MB (--max-member-mb); not read")
+                else:
+                    current[ext] = tf.extractfile(member).read()  # type: ignore[union-attr]
             if current is not None:
                 yield current
+                yield from aside
             _check_tar_end(tap, tf.offset, members)
     finally:
         _close(stream)
 
 
+def not_a_field(member: tarfile.TarInfo) -> str:
+    """Why a tar member is no field of a sample ('' for a directory, which is only structure)."""
+    if member.isdir():
+        return ""
+    name = repr(_text(member.name)[0])
+    if not member.isfile():
+        kind = (f"a symbolic link (to {member.linkname!r})" if member.issym() else
+                f"a hard link (to {member.linkname!r})" if member.islnk() else "a FIFO" if member.isfifo() else
+                "a character device" if member.ischr() else "a block device" if member.isblk() else
+                f"of tar type {member.type!r}")
+        return f"tar member {name} is {kind}, not a regular file; not read"
+    base = member.name.rsplit("/", 1)[-1]
+    if base.startswith("."):
+        return (f"tar member {name} has no sample key (its name starts with a dot; a sample's members are named "
+                "KEY.EXT); not read")
+    return f"tar member {name} has no extension (a sample's members are named KEY.EXT); not read"
+
+
 def member_key(name: str) -> tuple[str, str, bytes | None] | None:
     """A tar member's sample key, its lower-cased extension and the key's raw bytes when they are not UTF-8 (the
-    key is then escaped); None for a name without an extension. webdataset's rule: the key ends at the first dot
+    key is then escaped); None for a name without a key or an extension. webdataset's rule: the key ends at the first dot
     of the file name. Every reader of shards (embed, thumbnails) names samples with this one function."""
     m = _KEY_EXT.match(name)
     if not m:

@@ -168,7 +168,7 @@ def iter_embedded(pending: list[str], names: dict[str, str], state: RunState, bb
     if workers:
         quiet_worker_handoffs()
     data = ShardSamples(pending, bb.preprocess, cfg.batch_size, cfg.keep, cfg.max_pixels, decode_threads=threads,
-                        decoder=decoder)
+                        decoder=decoder, max_member_mb=cfg.max_member_mb, max_shard_gb=cfg.max_shard_gb)
     loader = DataLoader(data, batch_size=None, num_workers=workers, pin_memory=ex.device.type == "cuda",
                         prefetch_factor=4 if workers else None, persistent_workers=False,
                         multiprocessing_context="fork" if workers and os.name == "posix" else None,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .. import store
+from ..captions import parse_json
 from ..errors import UserError
 from .options import VAL_FRACTION
 
@@ -46,10 +46,7 @@ class LabelSource:
         v = columns[self.column][i]
         if self.field is None or v is None:
             return v
-        try:
-            obj = json.loads(v) if isinstance(v, (str, bytes)) else v
-        except json.JSONDecodeError:
-            return None
+        obj = parse_json(v) if isinstance(v, (str, bytes)) else v  # None for bad or hostile json
         for part in self.field.split("."):
             if not isinstance(obj, dict) or part not in obj:
                 return None

@@ -26,6 +26,9 @@ BAD = [
     pytest.param({"precision": "fp16"}, FP16_ON_CPU, marks=NO_CUDA, id="fp16-auto-device-without-cuda"),
     pytest.param({"device": "cuda"}, "device cuda requested but CUDA is not available here; use --device cpu",
                  marks=NO_CUDA, id="cuda-without-cuda"),
+    pytest.param({"max_member_mb": 0}, "--max-member-mb must be a positive number of MB, got 0", id="max-member-mb"),
+    pytest.param({"max_shard_gb": float("nan")}, "--max-shard-gb must be a positive number of GB, got nan",
+                 id="max-shard-gb"),
 ]
 
 
@@ -53,7 +56,8 @@ def test_bad_placement_fails_before_the_lock_and_the_model(bad, message, digits_
     assert not out.exists()
 
 
-@pytest.mark.parametrize("bad, message", [p for p in BAD if p.id in ("fp16-on-cpu", "cuda-without-cuda", "device")])
+@pytest.mark.parametrize("bad, message", [p for p in BAD if p.id in ("fp16-on-cpu", "cuda-without-cuda", "device",
+                                                                       "max-member-mb")])
 def test_the_command_exits_2_with_the_message_and_no_folder(bad, message, digits_shards, tmp_path, capsys,
                                                              nothing_touched):
     out = tmp_path / "out"

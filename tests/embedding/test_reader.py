@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.embedding.tar import iter_tar_samples
+from pipeline.embedding.tar import UNREAD, USED, iter_tar_samples
 from pipeline.model.decoders.cpu import decode_one
 from pipeline.model.decoders.cpu import decode_rgb as decode_checked
 from pipeline.model.image_header import DEFAULT_MAX_PIXELS, SkipSample, read_header
@@ -82,6 +82,13 @@ def test_decode_one_is_header_check_decode_and_crop():
 
 def test_tar_samples_grouped_by_key_with_dots_and_dirs(tmp_path):
     write_tar(tmp_path / "s.tar", [{"__key__": "dir/a", "jpg": b"x", "cls": 1}, {"__key__": "b", "seg.png": b"y"}])
-    got = list(iter_tar_samples(str(tmp_path / "s.tar")))
+    got = list(iter_tar_samples(str(tmp_path / "s.tar"), fields=(*USED, "seg.png")))
     assert [s["__key__"] for s in got] == ["dir/a", "b"]
     assert got[0]["cls"] == b"1" and got[1]["seg.png"] == b"y"
+
+
+def test_only_the_used_fields_of_a_sample_are_read(tmp_path):
+    write_tar(tmp_path / "s.tar", [{"__key__": "a", "jpg": b"x", "cls": 1, "bin": b"z" * 5000, "seg.png": b"y"}])
+    (got,) = iter_tar_samples(str(tmp_path / "s.tar"))  # by default the fields any reader uses
+    assert {k: v for k, v in got.items() if not k.startswith("__")} == {"jpg": b"x", "cls": b"1"}
+    assert sorted(got[UNREAD]) == ["bin", "seg.png"]
