@@ -194,13 +194,8 @@ def from_json(body: Any, opts: ServeOptions) -> Query:
         raise bad("the body must be a JSON object, e.g. {\"keys\": [\"000123\"], \"k\": 10}")
     unknown = sorted(set(body) - set(JSON_FIELDS))
     if unknown:
-<<<<<<< HEAD
-        raise bad(f"unknown field(s) {unknown}; a search takes {', '.join(JSON_FIELDS)}")
-    keys, key_shards = _keys(body["keys"]) if body.get("keys") is not None else ([], None)
-=======
         raise bad(f"unknown field(s) {shown(unknown)}; a search takes {', '.join(JSON_FIELDS)}")
-    keys = _strings(body["keys"], "keys") if body.get("keys") is not None else []
->>>>>>> i24-serve
+    keys, key_shards = _keys(body["keys"]) if body.get("keys") is not None else ([], None)
     vectors = _vectors(body["vectors"]) if body.get("vectors") is not None else None
     images_in = body.get("images") or []
     if not isinstance(images_in, list):
