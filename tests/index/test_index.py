@@ -284,7 +284,7 @@ def test_update_from_another_folder_for_every_kind(tmp_path, kind):
     assert meta["count"] == meta["next_id"] == 3000 and meta["factory"] == built["factory"]
     assert meta["sources"] == [str(first.resolve()), str(second.resolve())]
     assert meta["updates"][-1]["source"] == str(second.resolve())
-    assert run_verify(out) == ([], {"vectors": 3000, "factory": meta["factory"], "findings": []})  # ids checked in both folders
+    assert run_verify(out) == ([], {"vectors": 3000, "factory": meta["factory"], "findings": []})  # both folders
     assert pq.read_table(out / "ids.parquet").column("id").to_pylist() == list(range(3000))
     idx = open_index(out)
     new = x[2000:2200].astype(np.float16).astype(np.float32)  # the added vectors are found (k=10: refine kinds
