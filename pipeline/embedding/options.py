@@ -12,6 +12,7 @@ from ..model.device import (CPU_PRECISIONS, DEFAULT_COMPILE, DEVICE_AUTO, check_
 from ..model.image_header import DEFAULT_MAX_PIXELS
 from ..model.specs import DEFAULT_MODEL
 from ..records import ModelIdentity
+from ..threads import usable_cpus
 from .tar import KEEPABLE
 
 OUT_DTYPES = tuple(store.DTYPES)
@@ -97,6 +98,7 @@ class EmbedConfig:
             raise UserError(f"--input-size must be between 16 and 2048 pixels, got {self.input_size}")
         if self.max_pixels < 1:
             raise UserError("--max-pixels must be positive")
+        usable_cpus()  # a bad EMBEDPIPE_THREADS is refused here, before the lock and the model
         self._check_placement()
 
     def device_list(self) -> list[str] | None:

@@ -1,7 +1,6 @@
 """Where and how the model runs: device, precision and compile-mode names, and their resolution on this machine."""
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
@@ -57,8 +56,3 @@ def resolve_precision(precision: str, device: "torch.device") -> str:
 def check_compile_mode(compile: str) -> None:
     if compile not in COMPILE_MODES:
         raise UserError(f"unknown compile mode {compile!r}; use one of {', '.join(COMPILE_MODES)}")
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (the scheduler's CPU set, not the machine's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from ..errors import UserError
 from ..records import EmbeddingMeta
+from ..threads import model_threads
 from . import queries, wire
 from .answer import answer, answer_together
 from .batcher import Batcher
@@ -73,8 +74,8 @@ class Service:
 
             from ..model.rebuild import ImageEmbedder
 
-            if self.options.workers > 1:  # N processes each running the model on every core would thrash
-                torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.options.workers))
+            # N processes each running the model on every usable CPU would thrash: each gets its part
+            torch.set_num_threads(model_threads(share=self.options.workers))
 
             log.info("building the image model %s for queries (first image query)", meta.model)
             self.embedders[model] = ImageEmbedder(meta, self.options.device, self.options.max_pixels)
