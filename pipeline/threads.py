@@ -123,31 +123,32 @@ def usable_cpus(environ: Mapping[str, str] = os.environ, root: Path = CGROUP_ROO
     return max(1, min(cpus, quota) if quota else cpus)
 
 
-def _omp_num_threads(environ: Mapping[str, str]) -> int | None:
-    """``OMP_NUM_THREADS``' first level (``"4,2"`` -> 4), when it is a positive number."""
-    raw = environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    return int(raw) if raw.isdigit() and int(raw) > 0 else None
-
-
-def model_threads(workers: int = 0, share: int = 1, environ: Mapping[str, str] = os.environ) -> int:
+def model_threads(workers: int = 0, share: int = 1, cap: int | None = None,
+                  environ: Mapping[str, str] = os.environ) -> int:
     """Intra-op threads for a model on CPU: this process's share of the usable CPUs (``share`` processes run a
-    model on them) less its ``workers`` decode processes, which need CPUs beside it; never more than
-    ``OMP_NUM_THREADS`` (a user's choice, or the usable CPUs, set by :func:`set_openmp_defaults`)."""
+    model on them) less its ``workers`` decode processes, which need CPUs beside it; at most ``cap`` (torch's
+    own count: physical cores rather than hyperthreads, or ``OMP_NUM_THREADS``), so that no default rises."""
     own = max(1, usable_cpus(environ) // max(1, share) - max(0, workers))
-    asked = _omp_num_threads(environ)
-    return min(own, asked) if asked else own
+    return min(own, cap) if cap else own
 
 
-def set_openmp_defaults(environ: MutableMapping[str, str] = os.environ) -> None:
-    """Before an OpenMP runtime loads: passive waiting unless a wait setting is already there, and
-    ``OMP_NUM_THREADS`` = the usable CPUs unless set (so torch, MKL and FAISS follow the cgroup quota and
-    ``EMBEDPIPE_THREADS``, here and in every child process). ``EMBEDPIPE_OPENMP_DEFAULTS=0`` leaves both alone."""
+def set_openmp_defaults(environ: MutableMapping[str, str] = os.environ, root: Path = CGROUP_ROOT,
+                        proc_cgroup: Path = PROC_CGROUP) -> None:
+    """Before an OpenMP runtime loads: passive waiting unless a wait setting is already there; and, unless set,
+    ``OMP_NUM_THREADS`` = the usable CPUs where they are fewer than the affinity mask (a cgroup quota) or
+    ``EMBEDPIPE_THREADS`` names them, so that torch, MKL and FAISS follow them here and in every child process
+    (elsewhere their own defaults stand: torch's is the physical cores). ``EMBEDPIPE_OPENMP_DEFAULTS=0`` leaves
+    the environment alone."""
     if environ.get(DEFAULTS_ENV, "").strip() == "0":
         return
     if not any(k in environ for k in WAIT_SETTINGS):
         environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    if "OMP_NUM_THREADS" not in environ:
-        try:
-            environ["OMP_NUM_THREADS"] = str(usable_cpus(environ))
-        except UserError:  # a bad EMBEDPIPE_THREADS: the command that sizes its threads says so, not an import
-            pass
+    if "OMP_NUM_THREADS" in environ:
+        return
+    try:
+        cpus = usable_cpus(environ, root, proc_cgroup)
+    except UserError:  # a bad EMBEDPIPE_THREADS: the command that sizes its threads says so, not an import
+        return
+    mask = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if _override(environ) is not None or cpus < mask:
+        environ["OMP_NUM_THREADS"] = str(cpus)

@@ -93,20 +93,27 @@ def test_model_threads_leave_room_for_decode_workers_and_other_model_processes()
     assert threads.model_threads(workers=2, environ=env) == 6
     assert threads.model_threads(workers=1, share=2, environ=env) == 3
     assert threads.model_threads(workers=9, environ=env) == 1  # never none
-    assert threads.model_threads(environ={**env, "OMP_NUM_THREADS": "2"}) == 2  # the user's cap holds
-    assert threads.model_threads(workers=2, environ={**env, "OMP_NUM_THREADS": "16,2"}) == 6
+    assert threads.model_threads(cap=4, environ=env) == 4  # torch's own count (physical cores) is never raised
+    assert threads.model_threads(workers=2, cap=16, environ=env) == 6
 
 
-def test_openmp_defaults_fill_only_what_the_user_left_unset():
+def test_openmp_defaults_fill_only_what_the_user_left_unset(tmp_path):
     env = dict(BARE)
     threads.set_openmp_defaults(env)
-    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["OMP_NUM_THREADS"] == str(threads.usable_cpus(BARE))
+    assert env == {**BARE, "OMP_WAIT_POLICY": "PASSIVE"}  # no quota here: torch's own thread count stands
+    env = {**BARE, "EMBEDPIPE_THREADS": "3"}
+    threads.set_openmp_defaults(env)
+    assert env["OMP_NUM_THREADS"] == "3"
+    root, proc = cgroup(tmp_path, "0::/\n", {"cpu.max": "100000 100000"})  # a quota of 1 CPU
+    env = dict(BARE)
+    threads.set_openmp_defaults(env, root, proc)
+    assert env["OMP_NUM_THREADS"] == "1" and env["OMP_WAIT_POLICY"] == "PASSIVE"
     for mine in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "300000"}, {"KMP_BLOCKTIME": "200"}):
         env = {**BARE, **mine, "OMP_NUM_THREADS": "3"}
-        threads.set_openmp_defaults(env)
+        threads.set_openmp_defaults(env, root, proc)
         assert env == {**BARE, **mine, "OMP_NUM_THREADS": "3"}
     env = {**BARE, "EMBEDPIPE_OPENMP_DEFAULTS": "0"}
-    threads.set_openmp_defaults(env)
+    threads.set_openmp_defaults(env, root, proc)
     assert env == {**BARE, "EMBEDPIPE_OPENMP_DEFAULTS": "0"}
     env = {**BARE, "EMBEDPIPE_THREADS": "lots"}
     threads.set_openmp_defaults(env)  # not at import: the command that sizes its threads reports it
@@ -122,11 +129,11 @@ def _openmp_runtime_says(env: dict[str, str]) -> str:
 
 
 def test_torch_openmp_waits_passively_when_embedpipe_is_imported_first():
-    said = _openmp_runtime_says(BARE)
+    said = _openmp_runtime_says({**BARE, "EMBEDPIPE_THREADS": "3"})
     if "GOMP_SPINCOUNT" not in said:
         pytest.skip("torch's OpenMP runtime here is not libgomp (it reports no GOMP_SPINCOUNT)")
     assert "GOMP_SPINCOUNT = '0'" in said  # passive: no spinning (libgomp's own default spins 300000 times)
-    assert f"OMP_NUM_THREADS = '{threads.usable_cpus(BARE)}'" in said
+    assert "OMP_NUM_THREADS = '3'" in said
     users = _openmp_runtime_says({**BARE, "OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1"})
     assert "OMP_WAIT_POLICY = 'ACTIVE'" in users and "OMP_NUM_THREADS = '1'" in users
 
@@ -145,16 +152,20 @@ def test_a_bad_embedpipe_threads_stops_embed_before_any_model(digits_shards, tmp
 def test_the_cpu_model_gets_the_usable_cpus_less_its_decode_workers(monkeypatch):
     from pipeline.embedding.options import EmbedConfig
     from pipeline.embedding.worker import prepare_model
+    from pipeline.model import device
 
     import tiny
 
     before = torch.get_num_threads()
     monkeypatch.setenv("EMBEDPIPE_THREADS", "5")
-    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # as set_openmp_defaults leaves it for EMBEDPIPE_THREADS=5
+    monkeypatch.setattr(device, "_torch_threads", 8, raising=False)  # as if torch's own count were 8 cores
     try:
         prepare_model(EmbedConfig(**tiny.options(device="cpu", workers=1, micro_batch=0)))
         assert torch.get_num_threads() == 4
         prepare_model(EmbedConfig(**tiny.options(device="cpu", workers=0, micro_batch=0)))
         assert torch.get_num_threads() == 5
+        monkeypatch.setattr(device, "_torch_threads", 3)  # torch's own count is never raised
+        prepare_model(EmbedConfig(**tiny.options(device="cpu", workers=0, micro_batch=0)))
+        assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)

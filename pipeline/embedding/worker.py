@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader
 from ..model.backbones import Backbone, load_backbone
 from ..model.compile import Extractor, build_extractor
 from ..model.decoders import DEFAULT_DECODER
-from ..model.device import FIXED_BATCH_MODES, resolve_device
+from ..model.device import FIXED_BATCH_MODES, resolve_device, set_cpu_threads
 from ..records import EmbeddingMeta
-from ..threads import model_threads, usable_cpus
+from ..threads import usable_cpus
 from ..version import __version__
 from .options import EmbedConfig, Fingerprint
 from .reader import Piece, ShardSamples
@@ -47,7 +47,7 @@ def prepare_model(cfg: EmbedConfig, share: int = 1) -> tuple[Backbone, Extractor
     device = resolve_device(cfg.device)
     if device.type == "cpu":
         workers = cfg.workers if cfg.workers is not None else default_workers(device)
-        torch.set_num_threads(model_threads(workers, share))
+        set_cpu_threads(workers, share)
     bb = load_configured_backbone(cfg)
     ex = build_extractor(bb, cfg.device, cfg.precision, cfg.compile, cfg.cache_dir, micro_batch=cfg.micro_batch)
     if cfg.compile in FIXED_BATCH_MODES:  # compile now, at the batch size of the run, not inside the timed loop

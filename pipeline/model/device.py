@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
+from ..threads import model_threads
 
 if TYPE_CHECKING:
     import torch
@@ -56,3 +57,19 @@ def resolve_precision(precision: str, device: "torch.device") -> str:
 def check_compile_mode(compile: str) -> None:
     if compile not in COMPILE_MODES:
         raise UserError(f"unknown compile mode {compile!r}; use one of {', '.join(COMPILE_MODES)}")
+
+
+_torch_threads: int | None = None  # torch's count before embedpipe first changed it
+
+
+def set_cpu_threads(workers: int = 0, share: int = 1) -> int:
+    """Set torch's intra-op threads for a model on CPU to ``threads.model_threads`` and return the count: never
+    more than torch had before embedpipe first set it (its default, ``OMP_NUM_THREADS``, or the caller's)."""
+    import torch
+
+    global _torch_threads
+    if _torch_threads is None:
+        _torch_threads = torch.get_num_threads()
+    n = model_threads(workers, share, cap=_torch_threads)
+    torch.set_num_threads(n)
+    return n

@@ -29,7 +29,6 @@ from starlette.routing import Route
 
 from ..errors import UserError
 from ..records import EmbeddingMeta
-from ..threads import model_threads
 from . import queries, wire
 from .answer import answer, answer_together
 from .batcher import Batcher
@@ -70,12 +69,11 @@ class Service:
     def _embedder(self, model: str, meta: EmbeddingMeta) -> Any:
         """On the model thread (so one build at a time): the embedder of this model, built on first use."""
         if model not in self.embedders:
-            import torch
-
+            from ..model.device import set_cpu_threads
             from ..model.rebuild import ImageEmbedder
 
             # N processes each running the model on every usable CPU would thrash: each gets its part
-            torch.set_num_threads(model_threads(share=self.options.workers))
+            set_cpu_threads(share=self.options.workers)
 
             log.info("building the image model %s for queries (first image query)", meta.model)
             self.embedders[model] = ImageEmbedder(meta, self.options.device, self.options.max_pixels)
