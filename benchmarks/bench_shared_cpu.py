@@ -2,7 +2,7 @@
 before the issue 26 item 5 fix and after it, side by side in one run.
 
 Usage:
-    python benchmarks/bench_shared_cpu.py [--images 128] [--repeats 2] [--cpus 0,1] [--before-tree DIR]
+    python benchmarks/bench_shared_cpu.py [--images 100] [--repeats 2] [--cpus 0,1] [--before-tree DIR]
                                           [--json OUT.json]
 
 Each cell is ``embedpipe embed`` of one fresh shard of real JPEGs (``pipeline.bench.make_bench_shards``: 500x375
@@ -70,7 +70,7 @@ def cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=int, default=128, help="JPEGs in the shard (default 128).")
+    ap.add_argument("--images", type=int, default=100, help="JPEGs in the shard (default 100).")
     ap.add_argument("--repeats", type=int, default=2, help="Runs of each cell (default 2).")
     ap.add_argument("--cpus", default=None, help="Run on these CPUs only, e.g. 0,1 (default: as started).")
     ap.add_argument("--before-tree", default=None, help="A checkout of the code before (default: this one with "
