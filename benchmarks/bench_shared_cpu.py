@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -93,21 +94,24 @@ def main(argv: list[str] | None = None) -> dict:
         tree, own = paths[path]
         return embed_rate(tree, shard, tmp / f"out-{runs}", tmp / f"cache-{path}", {**own, **env})
 
-    for path in paths:  # the compile cache and both thread counts' micro-batch, measured on the idle machine
-        for env in ({}, {"OMP_NUM_THREADS": "1"}):
-            rate(path, env)
     cells: dict[tuple[str, str], list[dict]] = {}
-    for _ in range(a.repeats):
-        for name, busy, env in CONDITIONS:
-            other = busy_loop() if busy else None
-            try:
-                time.sleep(0.5 if busy else 0)
-                for path in paths:
-                    cells.setdefault((name, path), []).append(rate(path, env))
-            finally:
-                if other is not None:
-                    other.kill()
-                    other.wait()
+    try:
+        for path in paths:  # the compile cache and both thread counts' micro-batch, measured on the idle machine
+            for env in ({}, {"OMP_NUM_THREADS": "1"}):
+                rate(path, env)
+        for _ in range(a.repeats):
+            for name, busy, env in CONDITIONS:
+                other = busy_loop() if busy else None
+                try:
+                    time.sleep(0.5 if busy else 0)
+                    for path in paths:
+                        cells.setdefault((name, path), []).append(rate(path, env))
+                finally:
+                    if other is not None:
+                        other.kill()
+                        other.wait()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     med = {k: statistics.median(r["images_per_s"] for r in v) for k, v in cells.items()}
     result = {
         "machine": {"cpus": len(os.sched_getaffinity(0)), "cpu": cpu_name(), "python": sys.version.split()[0]},
