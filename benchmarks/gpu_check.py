@@ -20,7 +20,7 @@ from pipeline.embedding.runner import embed
 from pipeline.embedding.tar import iter_tar_samples
 from pipeline.model.backbones import load_backbone
 from pipeline.model.compile import build_extractor
-from pipeline.model.device import usable_cores
+from pipeline.threads import usable_cpus
 
 
 def model_rate(ex, batch: torch.Tensor, seconds: float = 5.0) -> float:
@@ -59,13 +59,13 @@ def check(spec: str, weights: str, urls: list[str], tmp: Path, batch_size: int) 
     cos = F.cosine_similarity(fp16(x).float(), fp32(x)).min().item()
     x = x.repeat((batch_size + len(x) - 1) // len(x), 1, 1, 1)[:batch_size]
     r_m = model_rate(fp16, x.cuda())
-    bound = min(usable_cores() * r_d, r_m)  # GPU model: decode on the CPU cores and the model overlap
+    bound = min(usable_cpus() * r_d, r_m)  # GPU model: decode on the CPU cores and the model overlap
     opts = dict(model=spec, weights=weights, device="cuda", precision="fp16", batch_size=batch_size, quiet=True,
                 cache_dir=str(tmp / "cache"))
     embed(urls[:1], tmp / f"warm-{spec.replace(':', '_')}", **opts)
     T = embed(urls, tmp / f"out-{spec.replace(':', '_')}", **opts).images_per_s
     T_gpu_decode = nvjpeg_rate(urls, bb.preprocess, fp16, batch_size)
-    return {"model": spec, "fp16_vs_fp32_min_cosine": cos, "r_d_per_core": r_d, "cores": usable_cores(),
+    return {"model": spec, "fp16_vs_fp32_min_cosine": cos, "r_d_per_core": r_d, "cores": usable_cpus(),
             "r_m": r_m, "T_star": bound, "T": T, "E": T / bound,
             "T_nvjpeg": T_gpu_decode, "E_nvjpeg": T_gpu_decode / r_m}  # nvJPEG: decode and model share the GPU
 

@@ -22,7 +22,12 @@ if TYPE_CHECKING:
     from .probe.linear import ProbeReport
     from .store import Batch
 
+from .threads import set_openmp_defaults
 from .version import __version__
+
+# Here, at the first import of any part of embedpipe and before torch or FAISS load their OpenMP runtime, which
+# reads its environment once: passive waiting, and threads for the CPUs this process may use (pipeline/threads.py).
+set_openmp_defaults()
 
 __all__ = ["__version__", "embed", "build_index", "open_index", "serve", "train_probe", "load_probe",
            "load_embeddings"]

@@ -13,8 +13,8 @@ import torch
 
 from .model.backbones import Backbone, load_backbone
 from .model.compile import Extractor, build_extractor
-from .model.device import usable_cores
 from .model.specs import DEFAULT_MODEL
+from .threads import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def decode_rate(urls: list[str], bb: Backbone, limit: int) -> tuple[float, float
     def one(data: bytes) -> torch.Tensor:
         return decode_one(data, pre)
 
-    C = usable_cores()
+    C = usable_cpus()
     with ThreadPoolExecutor(C, thread_name_prefix="decode") as pool:
         list(pool.map(one, raw[: 2 * C]))  # threads started
         t0 = time.perf_counter()
@@ -217,7 +217,7 @@ def run_bench(model: str = DEFAULT_MODEL, weights: str = "default", quick: bool 
 
     Everything is measured in one run, side by side, because these machines are shared and noisy.
     """
-    C = usable_cores()
+    C = usable_cpus()
     n_images = images or (384 if quick else 1536)
     secs = 1.5 if quick else 5.0
     tmp = Path(workdir or tempfile.mkdtemp(prefix="embedpipe-bench-"))

@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 # Lower layers never import higher ones; one layer's packages never import each other (index and probe).
 LAYERS = [
     ("pipeline.errors", "pipeline.version"),
-    ("pipeline.config", "pipeline.atomic", "pipeline.progress", "pipeline.records", "pipeline.registry"),
+    ("pipeline.config", "pipeline.atomic", "pipeline.progress", "pipeline.records", "pipeline.registry",
+     "pipeline.threads"),
     ("pipeline.store", "pipeline.sample_data", "pipeline.captions"),
     ("pipeline.model",),
     ("pipeline.embedding",),

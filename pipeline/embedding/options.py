@@ -12,6 +12,7 @@ from ..model.device import (CPU_PRECISIONS, DEFAULT_COMPILE, DEVICE_AUTO, check_
 from ..model.image_header import DEFAULT_MAX_PIXELS
 from ..model.specs import DEFAULT_MODEL
 from ..records import ModelIdentity
+from ..threads import usable_cpus
 from .tar import DEFAULT_MAX_MEMBER_MB, DEFAULT_MAX_SHARD_GB, KEEPABLE
 
 OUT_DTYPES = tuple(store.DTYPES)
@@ -102,6 +103,7 @@ class EmbedConfig:
         for flag, value in (("--max-member-mb", self.max_member_mb), ("--max-shard-gb", self.max_shard_gb)):
             if not value > 0:  # also NaN
                 raise UserError(f"{flag} must be a positive number of {flag[-2:].upper()}, got {value}")
+        usable_cpus()  # a bad EMBEDPIPE_THREADS is refused here, before the lock and the model
         self._check_placement()
 
     def device_list(self) -> list[str] | None:

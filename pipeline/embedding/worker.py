@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader
 from ..model.backbones import Backbone, load_backbone
 from ..model.compile import Extractor, build_extractor
 from ..model.decoders import DEFAULT_DECODER
-from ..model.device import FIXED_BATCH_MODES, usable_cores
+from ..model.device import FIXED_BATCH_MODES, resolve_device, set_cpu_threads
 from ..records import EmbeddingMeta
+from ..threads import usable_cpus
 from ..version import __version__
 from .options import EmbedConfig, Fingerprint
 from .reader import Piece, ShardSamples
@@ -33,12 +34,20 @@ log = logging.getLogger(__name__)
 def default_workers(device: torch.device) -> int:
     """Decode workers: most cores feed a GPU. On CPU the model needs the cores, and decoding in-process (no
     worker, one decode thread per core between model calls) avoids oversubscribing small machines."""
-    cores = usable_cores()
+    cores = usable_cpus()
     return min(cores, 16) if device.type == "cuda" else cores // 4
 
 
-def prepare_model(cfg: EmbedConfig) -> tuple[Backbone, Extractor]:
-    """The frozen backbone and its compiled extractor for ``cfg`` (the same in every engine and process)."""
+def prepare_model(cfg: EmbedConfig, share: int = 1) -> tuple[Backbone, Extractor]:
+    """The frozen backbone and its compiled extractor for ``cfg`` (the same in every engine and process).
+
+    On CPU the model gets this process's part of the usable CPUs (``share`` processes run a model on them) less
+    the decode workers, set before the micro-batch is measured for that thread count.
+    """
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        workers = cfg.workers if cfg.workers is not None else default_workers(device)
+        set_cpu_threads(workers, share)
     bb = load_configured_backbone(cfg)
     ex = build_extractor(bb, cfg.device, cfg.precision, cfg.compile, cfg.cache_dir, micro_batch=cfg.micro_batch)
     if cfg.compile in FIXED_BATCH_MODES:  # compile now, at the batch size of the run, not inside the timed loop

@@ -149,8 +149,12 @@ def build_extractor(
     cache_dir: str | Path | None = None,
     channels_last: bool | None = None,
     micro_batch: int | None = None,
+    measure: bool = True,
 ) -> Extractor:
     """Wrap a backbone into a uint8 -> float32 features module on ``device``, compiled and cached.
+
+    ``micro_batch=None`` on CPU takes the count measured for this model and machine; ``measure=False`` (query
+    time: someone is waiting) never measures it, using the remembered one or ``micro_batch.DEFAULT``.
 
     Example:
         >>> ex = build_extractor(load_backbone("resnet18", weights="none"), device="cpu", compile="eager")
@@ -202,6 +206,6 @@ def build_extractor(
         ex = Extractor(_optimize(module, dev), dev, prec, compile, bb.num_features, path, hit, micro_batch=micro)
     if micro == micro_batches.TUNE:
         ex.micro_batch = micro_batches.remembered(cache / "micro_batch.json", f"{key}-{compile}", ex._forward,
-                                                  bb.preprocess.input_size)
+                                                  bb.preprocess.input_size, measure_now=measure)
         ex.fixed_batch = ex.micro_batch if compile in FIXED_BATCH_MODES else None
     return ex

@@ -1,10 +1,10 @@
 """Where and how the model runs: device, precision and compile-mode names, and their resolution on this machine."""
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
+from ..threads import model_threads
 
 if TYPE_CHECKING:
     import torch
@@ -59,6 +59,17 @@ def check_compile_mode(compile: str) -> None:
         raise UserError(f"unknown compile mode {compile!r}; use one of {', '.join(COMPILE_MODES)}")
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (the scheduler's CPU set, not the machine's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+_torch_threads: int | None = None  # torch's count before embedpipe first changed it
+
+
+def set_cpu_threads(workers: int = 0, share: int = 1) -> int:
+    """Set torch's intra-op threads for a model on CPU to ``threads.model_threads`` and return the count: never
+    more than torch had before embedpipe first set it (its default, ``OMP_NUM_THREADS``, or the caller's)."""
+    import torch
+
+    global _torch_threads
+    if _torch_threads is None:
+        _torch_threads = torch.get_num_threads()
+    n = model_threads(workers, share, cap=_torch_threads)
+    torch.set_num_threads(n)
+    return n

@@ -1,12 +1,16 @@
 """How many images the model takes per call on CPU: measured once per model and machine, then remembered.
 
 A few images at a time keep each layer's activations in the core's L2 cache; a whole batch streams them
-through memory. The best count depends on the model and the machine, so it is measured (README, Performance).
+through memory. The best count depends on the model and the machine, so it is measured (README, Performance)
+and remembered per model, compile mode, thread count, torch version and CPU model: a new machine or a new torch
+measures again. Query-time callers (the service, search by image) never measure: they take what is remembered,
+else :data:`DEFAULT`.
 """
 from __future__ import annotations
 
 import json
 import logging
+import platform
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,6 +24,7 @@ log = logging.getLogger(__name__)
 
 CANDIDATES = (4, 8)
 TUNE = -1  # "measure it": what resolve() returns for the default on CPU
+DEFAULT = CANDIDATES[0]  # nothing remembered, no measuring (query time); a query of 1-4 images is one call
 
 
 def resolve(micro_batch: int | None, device: torch.device) -> int:
@@ -51,15 +56,39 @@ def measure(forward: Callable[[torch.Tensor], torch.Tensor], input_size: int, ro
     return min(best, key=best.get)
 
 
-def remembered(cache_file: Path, key: str, forward: Callable[[torch.Tensor], torch.Tensor], input_size: int) -> int:
-    """The measured micro-batch for ``key``, from ``cache_file`` or measured now and stored there."""
-    key = f"{key}-threads{torch.get_num_threads()}"
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows: a measurement holds for that CPU."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                name, sep, value = line.partition(":")
+                if sep and name.strip() in ("model name", "Model", "cpu model") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def entry_key(key: str) -> str:
+    """What a measurement depends on besides the model (``key``): threads, torch and the CPU it ran on."""
+    return f"{key}-threads{torch.get_num_threads()}-torch{torch.__version__}-{cpu_model()}"
+
+
+def remembered(cache_file: Path, key: str, forward: Callable[[torch.Tensor], torch.Tensor], input_size: int,
+               measure_now: bool = True) -> int:
+    """The measured micro-batch for ``key`` on this machine, from ``cache_file``, or measured now and stored
+    there; with ``measure_now=False`` (a query waiting), :data:`DEFAULT` when none is stored."""
+    key = entry_key(key)
     try:
         known = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         known = {}
     if isinstance(known.get(key), int):
         return known[key]
+    if not measure_now:
+        log.debug("no micro-batch measured for this model here yet; model calls of %d images (embedpipe embed "
+                  "measures it)", DEFAULT)
+        return DEFAULT
     log.info("measuring how many images per model call run fastest here (%s; once, remembered in %s)",
              " or ".join(map(str, CANDIDATES)), cache_file)
     value = measure(forward, input_size)

@@ -56,7 +56,8 @@ class ImageEmbedder:
         precision = meta.precision or "auto"
         if precision == "fp16" and resolve_device(device).type == "cpu":
             precision = "fp32"  # GPU-made fp16 embeddings, queried from a CPU: fp32 is the closest CPU can do
-        self.extractor = build_extractor(bb, device, precision, "eager")
+        # Query time: a micro-batch measurement (seconds) would be paid by the first query; never measured here.
+        self.extractor = build_extractor(bb, device, precision, "eager", measure=False)
         self.normalize = meta.normalize
         self.max_pixels = max_pixels
         # What the vectors made here are comparable with.

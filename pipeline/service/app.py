@@ -70,12 +70,11 @@ class Service:
     def _embedder(self, model: str, meta: EmbeddingMeta) -> Any:
         """On the model thread (so one build at a time): the embedder of this model, built on first use."""
         if model not in self.embedders:
-            import torch
-
+            from ..model.device import set_cpu_threads
             from ..model.rebuild import ImageEmbedder
 
-            if self.options.workers > 1:  # N processes each running the model on every core would thrash
-                torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.options.workers))
+            # N processes each running the model on every usable CPU would thrash: each gets its part
+            set_cpu_threads(share=self.options.workers)
 
             log.info("building the image model %s for queries (first image query)", meta.model)
             self.embedders[model] = ImageEmbedder(meta, self.options.device, self.options.max_pixels)

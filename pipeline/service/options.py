@@ -6,13 +6,13 @@ is allocated.
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
 from ..model.image_header import DEFAULT_MAX_PIXELS
+from ..threads import usable_cpus
 
 TOKEN_ENV = "EMBEDPIPE_SERVE_TOKEN"  # where --token is read from when not given (keeps it out of `ps`)
 WORKERS_ENV = "EMBEDPIPE_SERVE_WORKER"  # how --workers N hands the indexes and options to each worker process
@@ -33,7 +33,7 @@ class ServeOptions:
     max_queries: int = 64  # keys, vectors or images in one request
     batch_wait_ms: float = 5.0  # how long the first image query waits for others to share its model call
     max_batch: int = 64  # images in one model call
-    threads: int = 0  # FAISS / decode / shard-reading threads; 0: one per core
+    threads: int = 0  # FAISS / decode / shard-reading threads; 0: one per usable CPU (pipeline/threads.py)
     reload_every: float = 1.0  # seconds between checks for a swapped index directory (0: never reload)
     device: str = "auto"
     cache_mb: int = 1024  # decoded embedding files kept for key queries
@@ -63,6 +63,7 @@ class ServeOptions:
                 raise UserError(f"{name} {value} must be positive")
         if self.batch_wait_ms < 0 or self.reload_every < 0 or self.threads < 0 or self.cache_mb < 0:
             raise UserError("--batch-wait-ms, --reload-every, --threads and --cache-mb cannot be negative")
+        usable_cpus()  # a bad EMBEDPIPE_THREADS is refused before any index is read
 
     @property
     def max_body(self) -> int:
@@ -74,7 +75,7 @@ class ServeOptions:
 
     @property
     def pool_size(self) -> int:
-        return self.threads or os.cpu_count() or 1
+        return self.threads or usable_cpus()
 
 
 def index_names(dirs: list[str | Path]) -> dict[str, Path]:

@@ -101,3 +101,44 @@ def test_unreadable_aot_package_is_rebuilt(small_bb, tmp_path: Path):
     again = build_extractor(small_bb, "cpu", "fp32", "aot", tmp_path, micro_batch=4)
     assert torch.allclose(again(x), expected, atol=1e-4)
     assert again.module.loaded_from_cache == 0 and package.stat().st_size > 1000
+
+
+def test_a_measurement_from_another_machine_or_torch_is_not_used(small_bb, tmp_path: Path):
+    """Issue 26, item 5: a cache folder shared by machines (a cluster's volume) or kept across a torch upgrade
+    holds measurements that are not this machine's; each machine measures its own and keeps the others'."""
+    build_extractor(small_bb, "cpu", "fp32", "torchscript", tmp_path)
+    cache = tmp_path / "micro_batch.json"
+    (recorded,) = json.loads(cache.read_text())
+    head, _, cpu = recorded.partition(f"-torch{torch.__version__}-")
+    foreign = {  # 3 is no candidate: a build that returns it took another machine's entry
+        recorded.split("-threads")[0] + f"-threads{torch.get_num_threads()}": 3,  # as releases before wrote it
+        f"{head}-torch1.13.0-{cpu}": 3,
+        f"{head}-torch{torch.__version__}-Another CPU": 3,
+    }
+    cache.write_text(json.dumps(foreign))
+    ex = build_extractor(small_bb, "cpu", "fp32", "torchscript", tmp_path)
+    assert ex.micro_batch in micro_batch.CANDIDATES
+    assert json.loads(cache.read_text()) == {**foreign, recorded: ex.micro_batch}
+
+
+def test_query_time_never_measures(tiny_index: Path, digits_shards, tmp_path: Path, monkeypatch, caplog):
+    """Issue 26, item 5: the first image query of a process (search --image, the service's ImageEmbedder) takes the
+    remembered micro-batch or the default; a measurement would cost that query seconds."""
+    import logging
+    import tarfile
+
+    from pipeline import open_index
+    from pipeline.index.query import run_search
+    from pipeline.model.rebuild import ImageEmbedder
+
+    monkeypatch.setenv("EMBEDPIPE_CACHE", str(tmp_path / "cache"))  # an empty cache: nothing measured here yet
+    with tarfile.open(digits_shards[0]) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        (tmp_path / "q.jpg").write_bytes(tar.extractfile(member).read())
+    caplog.set_level(logging.DEBUG, logger="pipeline")
+    found = list(run_search(tiny_index / "idx", images=[str(tmp_path / "q.jpg")], k=1, fmt="json"))
+    assert json.loads(found[0])[0]["results"][0]["key"] == member.name[: -len(".jpg")]
+    embedder = ImageEmbedder(open_index(tiny_index / "idx").record.embedding_meta, "cpu")
+    assert not (tmp_path / "cache" / "micro_batch.json").exists()
+    assert not [r.getMessage() for r in caplog.records if "measuring" in r.getMessage()]
+    assert embedder.extractor.micro_batch == micro_batch.DEFAULT

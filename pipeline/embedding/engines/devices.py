@@ -14,7 +14,6 @@ from dataclasses import replace
 from typing import Any
 
 from ...errors import UserError
-from ...model.device import usable_cores
 from ..options import EmbedConfig, EmbedSummary
 from . import Engine, EngineJob
 
@@ -27,16 +26,13 @@ def _worker(wid: int, device: str, cfg: EmbedConfig, out: str, tasks: Any, resul
     """Runs in a child process: build the model on ``device`` once, then embed shards until told to stop."""
     from pathlib import Path
 
-    import torch
-
     from ..run_folder import RunState
     from ..worker import default_workers, embed_one_shard, outcome, prepare_model
 
+    # The CPU workers share the usable CPUs instead of each oversubscribing them (prepare_model sets the threads).
     cpu_workers = int(os.environ.get("EMBEDPIPE_CPU_WORKERS", "1"))
-    if device == "cpu":  # share the cores between the CPU workers instead of oversubscribing them
-        torch.set_num_threads(max(1, usable_cores() // max(1, cpu_workers)))
     cfg = replace(cfg, device=device)
-    bb, ex = prepare_model(cfg)
+    bb, ex = prepare_model(cfg, share=cpu_workers if device == "cpu" else 1)
     state = RunState(Path(out))
     workers = cfg.workers if cfg.workers is not None else default_workers(ex.device)
     results.put(("ready", wid, None, None))
