@@ -33,7 +33,7 @@ def run_demo(out: str | Path, dataset: str = "digits", echo: Callable[[str], Non
     from .probe.knn import run_knn
     from .probe.linear import run_probe
     from .probe.options import ProbeOptions
-    from .sample_data import write_sample_shards
+    from .sample_data import GROUP_FIELDS, write_sample_shards
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -76,16 +76,19 @@ def run_demo(out: str | Path, dataset: str = "digits", echo: Callable[[str], Non
     echo(f"      precision@10 over all {len(label_of)} items: {p10:.3f} (chance: {1 / len(set(label_of.values())):.3f})")
     step("search", t)
 
-    echo(f"[5/6] linear probe on frozen features (80/20 split by key hash) -> {out / 'probe'}")
+    # Variants of one photo are near copies: a split that put them on both sides would test memory, not features.
+    group = GROUP_FIELDS.get(dataset)
+    split = f"whole {group}s to one side, by hash" if group else "by key hash"
+    echo(f"[5/6] linear probe on frozen features (80/20 split, {split}) -> {out / 'probe'}")
     t = time.perf_counter()
-    metrics = run_probe(out / "emb", out / "probe", ProbeOptions(val_fraction=0.2))
+    metrics = run_probe(out / "emb", out / "probe", ProbeOptions(val_fraction=0.2, group_field=group))
     echo(f"      top-1 {metrics['top1'] * 100:.2f}% on {metrics['n_val']} validation images "
          f"(weight decay {metrics['hyperparameters'].get('weight_decay')})")
     step("probe", t)
 
     echo("[6/6] k-NN classification (cosine, weighted vote)")
     t = time.perf_counter()
-    knn = run_knn(out / "emb", val_fraction=0.2, out=out / "knn.json")
+    knn = run_knn(out / "emb", val_fraction=0.2, group_field=group, out=out / "knn.json")
     echo("      " + ", ".join(f"k={k}: {v * 100:.2f}%" for k, v in knn["top1"].items()))
     step("knn", t)
 
