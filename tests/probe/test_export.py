@@ -85,6 +85,6 @@ def test_cli_probe_with_export(digit_embeddings, tmp_path):
     with torchscript_calls():
         assert torch.jit.load(str(tmp_path / "c.pt")).classes == list(DIGIT_NAMES)  # named by the json label
     r = CliRunner().invoke(cli, ["knn", str(digit_embeddings), "-k", "5"])
-    assert r.exit_code == 0 and r.output.startswith("knn: k=5 top-1 "), r.output
+    assert r.exit_code == 0 and r.stdout.startswith("knn: k=5 top-1 "), r.output  # the log (stderr) says where names came from
     r = CliRunner().invoke(cli, ["predict", str(tmp_path / "p"), str(digit_embeddings)])
     assert r.exit_code == 0 and "300 rows from 3 shard(s)" in r.output, r.output

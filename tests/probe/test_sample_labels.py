@@ -17,7 +17,6 @@ from pipeline.probe.classes import NameScan, name_classes
 from pipeline.probe.head import load_head
 from pipeline.probe.labels import LabelSource, load_split, plan_stream, stable_split
 from pipeline.sample_data import DIGIT_NAMES, PHOTO_CLASSES
-from pipeline.model.deprecations import torchscript_calls
 
 import tiny
 
