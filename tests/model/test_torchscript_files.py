@@ -81,6 +81,22 @@ def test_file_no_reduced_precision_runs_is_refused_before_any_shard(digits_shard
     assert code == 0, err  # the same file in fp32 is fine
 
 
+def test_devices_workers_refuse_such_a_file_in_one_line(digits_shards, tmp_path):
+    """With --devices each worker prepares the model: the first refusal stops the run (exit 2, the message once),
+    where each worker died with a traceback and was respawned to die again."""
+    import os
+    import subprocess
+    import sys
+
+    model = tiny.save_fp32_cast_tower(tmp_path / "lerp.pt", "trace", lerp=True)
+    r = subprocess.run([sys.executable, "-m", "pipeline", *map(str, embed_args(digits_shards[0], tmp_path / "out", model,
+                        "--precision", "bf16", "--devices", "cpu,cpu", "-q"))], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("cannot run in bf16") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "died" not in r.stderr
+
+
 CLIP_LIKE = {"input_size": 64, "crop_pct": 0.875, "interpolation": "bicubic", "mean": [0.48, 0.46, 0.41],
              "std": [0.27, 0.26, 0.28]}
 

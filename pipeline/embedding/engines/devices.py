@@ -36,7 +36,11 @@ def _worker(wid: int, device: str, cfg: EmbedConfig, out: str, tasks: Any, resul
     if device == "cpu":  # share the cores between the CPU workers instead of oversubscribing them
         torch.set_num_threads(max(1, usable_cores() // max(1, cpu_workers)))
     cfg = replace(cfg, device=device)
-    bb, ex = prepare_model(cfg)
+    try:
+        bb, ex = prepare_model(cfg)
+    except UserError as e:  # a setting this model cannot run with: the same on every worker, so the run stops
+        results.put(("refused", wid, None, str(e)))
+        return
     state = RunState(Path(out))
     workers = cfg.workers if cfg.workers is not None else default_workers(ex.device)
     results.put(("ready", wid, None, None))
@@ -140,6 +144,8 @@ class _Pool:
                     self.progress.update(info)
             elif kind == "ready":
                 self.give_work(wid)
+            elif kind == "refused":
+                raise UserError(info)
             elif kind == "done":
                 self.current[wid] = None
                 self.summary.add(url, **info)
