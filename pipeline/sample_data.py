@@ -22,13 +22,28 @@ DATASETS = ("digits", "photos")
 FORMATS = ("jpg", "png", "mixed")
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 NUM_DIGITS = 1797
-# skimage.data images that ship inside the scikit-image wheel (no pooch download). The label of a
-# photo is its index here, so append only: never reorder. ("cat" is an alias of "chelsea".)
+# skimage.data images that ship inside the scikit-image wheel (no pooch download). A photo's
+# ``photo_index`` is its index here, so append only: never reorder. ("cat" is an alias of "chelsea":
+# the same picture, so it is not a second photo.)
 PHOTOS = (
     "astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "colorwheel",
     "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "page", "retina",
     "rocket", "text",
 )
+# The classes of the photos dataset: each holds several different photos, so that a split keeping every
+# variant of a photo on one side (``--group-field photo``) asks a probe to recognise photos it has not seen.
+# (With a class per photo, variants of one photo landed on both sides: a meaningless 100%.) The label is the
+# index here: append only.
+PHOTO_CLASSES = (
+    ("portrait", ("astronaut", "camera", "chelsea")),
+    ("texture", ("brick", "grass", "gravel")),
+    ("biomedical", ("cell", "immunohistochemistry", "retina")),
+    ("document", ("page", "text")),
+    ("space", ("hubble_deep_field", "moon", "rocket")),
+    ("object", ("clock", "coffee", "coins", "colorwheel")),
+)
+PHOTO_CLASS = {photo: (i, name) for i, (name, photos) in enumerate(PHOTO_CLASSES) for photo in photos}
+GROUP_FIELDS = {"photos": "photo"}  # the json field that names the source a sample was cut from, per dataset
 TAR_MTIME = 0.0  # fixed member mtime so the same seed gives byte-identical tars
 
 Sample = dict[str, Any]
@@ -54,8 +69,10 @@ def write_sample_shards(
 
     ``digits``: the 1797 scikit-learn 8x8 digits, upscaled (bicubic) to ``image_size`` RGB, with
     ``.cls`` (the digit) and ``.json`` (``{"label": "seven", "digit": 7, "source_index": i}``).
-    ``photos``: ``variants`` augmented crops of each scikit-image sample photo, with ``.cls`` (the
-    photo's index in ``PHOTOS``), ``.txt`` (its name) and ``.json``. Samples are shuffled with
+    ``photos``: ``variants`` augmented crops of each scikit-image sample photo, with ``.cls`` (its
+    class's index in ``PHOTO_CLASSES``: several photos each), ``.txt`` (the photo's name) and ``.json``
+    (``{"label": "texture", "photo": "brick", "photo_index": 1, "variant": 3}``; ``photo`` is the group
+    a split keeps on one side: ``embedpipe probe --group-field photo``). Samples are shuffled with
     ``seed`` so every shard mixes classes; ``limit`` keeps the first N of that order. ``fmt`` is
     ``jpg``, ``png`` or ``mixed`` (a seeded choice per sample). Each shard is written to a temporary
     name and renamed into place, so a crash never leaves a partial tar under a final name.
@@ -218,13 +235,14 @@ def _photo_samples(image_size: int, fmt: str, seed: int, limit: int | None, vari
     if limit is not None:
         order = order[:limit]
     for j in order:
-        label, variant = pairs[int(j)]
-        name = PHOTOS[label]
-        rng = np.random.default_rng([seed, label, variant])  # independent of order and limit
+        index, variant = pairs[int(j)]
+        name = PHOTOS[index]
+        label, class_name = PHOTO_CLASS[name]
+        rng = np.random.default_rng([seed, index, variant])  # independent of order and limit
         img = augment(load_photo(name), image_size, rng, plain=variant == 0)
         ext = _pick_ext(fmt, rng)
         quality = int(rng.integers(60, 96))
-        meta = {"label": name, "photo_index": label, "variant": variant}
+        meta = {"label": class_name, "photo": name, "photo_index": index, "variant": variant}
         if ext == "jpg":
             meta["jpeg_quality"] = quality
         yield {

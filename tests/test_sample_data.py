@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 
 from pipeline import sample_data
 from pipeline.errors import UserError
-from pipeline.sample_data import DIGIT_NAMES, PHOTOS, count_samples, write_sample_shards
+from pipeline.sample_data import DIGIT_NAMES, PHOTO_CLASSES, PHOTOS, count_samples, write_sample_shards
 
 from shards import (
     FAULTS,
@@ -135,14 +135,25 @@ def test_photo_fixture_shards(photo_shards: list[Path]) -> None:
     assert len({s["__key__"] for s in samples}) == 54
     formats = set()
     for s in samples:
-        name = s["txt"].decode()
-        assert PHOTOS[int(s["cls"])] == name and json.loads(s["json"])["label"] == name
+        name, meta = s["txt"].decode(), json.loads(s["json"])
+        assert PHOTOS[meta["photo_index"]] == meta["photo"] == name and s["__key__"].startswith(f"photos_{name}_")
+        assert PHOTO_CLASSES[int(s["cls"])][0] == meta["label"] and name in PHOTO_CLASSES[int(s["cls"])][1]
         ext = "jpg" if "jpg" in s else "png"
         img = decode(s[ext])
         assert img.size == (96, 96) and img.mode == "RGB"
         formats.add(img.format)
     assert formats == {"JPEG", "PNG"}
-    assert {int(s["cls"]) for s in samples} == set(range(len(PHOTOS)))
+    assert {int(s["cls"]) for s in samples} == set(range(len(PHOTO_CLASSES)))
+    assert {s["txt"].decode() for s in samples} == set(PHOTOS)
+
+
+def test_every_photo_class_holds_several_different_photos():
+    """A class per photo put variants of one photo on both sides of a split: a meaningless 100% (issue 26,
+    item 6). Each class now holds two or more photos, each photo in one class ("cat" is "chelsea" itself)."""
+    placed = [p for _, photos in PHOTO_CLASSES for p in photos]
+    assert sorted(placed) == sorted(PHOTOS) and len(placed) == len(set(placed))
+    assert all(len(photos) >= 2 for _, photos in PHOTO_CLASSES)
+    assert len({name for name, _ in PHOTO_CLASSES}) == len(PHOTO_CLASSES) and "cat" not in PHOTOS
 
 
 def test_photo_variants_differ_and_are_deterministic(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ D = EmbedConfig  # the defaults shown here are the embed stage's own
 @click.option("--weights", default=D.weights, show_default=True, help="default (embedded or downloaded), none (random), or a state-dict / .safetensors PATH.")
 @click.option("--layer", default=None, help="Use the pooled output of this graph node (see `embedpipe models SPEC --nodes`).")
 @click.option("--input-size", type=int, default=None, help="Crop size in pixels (default: the model's own).")
+@click.option("--preprocess", default=None, help="A torchscript: file's preprocessing, replacing its preprocess.json or ImageNet's defaults: a JSON object or its FILE, with any of input_size, resize_size or crop_pct, interpolation (bilinear, bicubic), mean, std.")
 @click.option("--compile", "compile_mode", type=click.Choice(COMPILE_MODES), default=D.compile, show_default=True)
 @click.option("--precision", type=click.Choice(PRECISION_CHOICES), default=D.precision, show_default=True, help="auto: fp16 on CUDA, fp32 on CPU.")
 @click.option("--device", default=D.device, show_default=True, help="auto, cpu, cuda or cuda:N (one process).")

@@ -19,6 +19,10 @@ from .group import cli
 from .logs import quiet_option
 
 D, F = ProbeOptions, FinetuneOptions  # the defaults shown here are the probe stage's own
+CLASS_NAMES_HELP = ("Names of integer labels: one per line (line i names label i) or a JSON object {label: name} "
+                    "[default: the json column's label field or the txt column, where it names each label one-to-one].")
+GROUP_HELP = ("Field (dotted path) of the JSON column: rows sharing its value (the variants of one photo) stay on one "
+              "side of the key-hash split.")
 
 
 def _floats(ctx: click.Context, param: click.Parameter, value: Any) -> tuple[float, ...] | None:
@@ -37,6 +41,8 @@ def _floats(ctx: click.Context, param: click.Parameter, value: Any) -> tuple[flo
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Probe folder (head.pt, metrics.json, report.txt).")
 @click.option("--label-column", default=None, help="Column holding the label [default: label, or json with --label-field].")
 @click.option("--label-field", default=None, help="Field (dotted path) inside the JSON column holding the label, e.g. 'species'.")
+@click.option("--class-names", default=None, type=click.Path(dir_okay=False), help=CLASS_NAMES_HELP)
+@click.option("--group-field", default=None, help=GROUP_HELP)
 @click.option("--val", default=None, type=click.Path(), help="Validation embedding folder (default: a key-hash split of EMB_DIR).")
 @click.option("--val-fraction", type=float, default=D.val_fraction, show_default=True, help="Share of each class held out when --val is not given.")
 @click.option("--weight-decays", callback=_floats, default=None, help="L2 strengths to try, comma-separated [default: 1e-6..1e-1, 11 values].")
@@ -111,6 +117,8 @@ def predict(probe_dir: str, emb_dir: str, out: str | None, batch_size: int) -> N
 @click.option("--val-fraction", type=float, default=D.val_fraction, show_default=True)
 @click.option("--label-column", default=None, help="Column holding the label [default: label].")
 @click.option("--label-field", default=None, help="Field inside the JSON column holding the label.")
+@click.option("--class-names", default=None, type=click.Path(dir_okay=False), help=CLASS_NAMES_HELP)
+@click.option("--group-field", default=None, help=GROUP_HELP)
 @click.option("-k", "--k", "ks", type=int, multiple=True, default=KNN_KS, show_default=True, help="Neighbours (repeat for several).")
 @click.option("--temperature", type=float, default=KNN_TEMPERATURE, show_default=True, help="Vote weight exp(cosine / T).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the result as JSON here.")
@@ -144,6 +152,7 @@ def knn(emb_dir: str, ks: tuple[int, ...], **opts: Any) -> None:
 @click.option("--weight-decay", type=float, default=F.weight_decay, show_default=True)
 @click.option("--hflip/--no-hflip", default=F.hflip, show_default=True, help="Random horizontal flips.")
 @click.option("--label-field", default=None, help="Label from this .json field instead of .cls.")
+@click.option("--class-names", default=None, type=click.Path(dir_okay=False), help=CLASS_NAMES_HELP)
 @click.option("--device", default=F.device, show_default=True, help="auto (CUDA if visible, else CPU), cpu, cuda, cuda:N.")
 @click.option("--workers", type=int, default=F.workers, show_default=True)
 @click.option("--seed", type=int, default=F.seed, show_default=True)

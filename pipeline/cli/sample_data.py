@@ -14,7 +14,7 @@ from .logs import quiet_option
 @cli.command("sample-data")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--dataset", type=click.Choice(DATASETS), default="digits", show_default=True,
-              help="digits: sklearn's 1797 labelled digits; photos: augmented scikit-image sample photos.")
+              help="digits: sklearn's 1797 labelled digits; photos: augmented scikit-image sample photos, 6 classes of 2-4 photos (probe --group-field photo).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=500, show_default=True, help="Samples per shard.")
 @click.option("--image-size", type=click.IntRange(8, 4096), default=224, show_default=True, help="Square image side, pixels.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Write only the first N samples (of the seeded order).")

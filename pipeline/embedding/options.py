@@ -31,7 +31,7 @@ class Fingerprint:
 
     # The options that decide each part: a rerun whose run.json records the same values of these is known to
     # have the same fingerprint without loading the model.
-    DECIDED_BY = {"identity": ("model", "weights", "layer", "input_size"), "precision": ("precision",),
+    DECIDED_BY = {"identity": ("model", "weights", "layer", "input_size", "preprocess"), "precision": ("precision",),
                   "dtype": ("out_dtype",), "normalize": ("normalize",), "keep": ("keep",)}
 
     def to_dict(self) -> dict[str, Any]:
@@ -51,6 +51,8 @@ class EmbedConfig:
     weights: str = "default"
     layer: str | None = None
     input_size: int | None = None
+    # a TorchScript file's preprocessing by hand: a JSON object or its file (the runner keeps the object's text)
+    preprocess: str | None = None
     compile: str = DEFAULT_COMPILE
     precision: str = "auto"
     device: str = DEVICE_AUTO
@@ -104,7 +106,18 @@ class EmbedConfig:
             if not value > 0:  # also NaN
                 raise UserError(f"{flag} must be a positive number of {flag[-2:].upper()}, got {value}")
         usable_cpus()  # a bad EMBEDPIPE_THREADS is refused here, before the lock and the model
+        if self.preprocess is not None:
+            from ..model.sources import check_preprocess_option
+
+            self.preprocess_changes()
+            check_preprocess_option(self.model)
         self._check_placement()
+
+    def preprocess_changes(self) -> dict[str, Any] | None:
+        """``--preprocess`` read and checked (``model/preprocess.read_changes``), or None without it."""
+        from ..model.preprocess import read_changes  # torchvision: only when the option is given
+
+        return read_changes(self.preprocess) if self.preprocess is not None else None
 
     def device_list(self) -> list[str] | None:
         """``--devices`` as torch device strings (None without it)."""

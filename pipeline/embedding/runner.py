@@ -1,6 +1,7 @@
 """The embed runner: plan (expand, partition), claim the output folder, dispatch pending shards to an engine."""
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -38,6 +39,8 @@ def embed(shards: Sequence[str] | str, out: str | Path, **options: Any) -> Embed
     t0 = time.time()
     cfg = EmbedConfig(**options)
     cfg.validate()
+    if cfg.preprocess is not None:  # the values, not a file's name: run.json and every worker process see them
+        cfg = replace(cfg, preprocess=json.dumps(cfg.preprocess_changes(), sort_keys=True))
     devices = cfg.device_list()
     engine = engine_for(cfg.engine, devices)
     all_urls = expand([shards] if isinstance(shards, str) else shards)

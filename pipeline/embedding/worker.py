@@ -58,7 +58,12 @@ def prepare_model(cfg: EmbedConfig, share: int = 1) -> tuple[Backbone, Extractor
 
 def load_configured_backbone(cfg: EmbedConfig) -> Backbone:
     """The frozen backbone ``cfg`` names, at its input size (no extractor: nothing compiled or measured)."""
-    return load_backbone(cfg.model, cfg.weights, cfg.layer, cfg.input_size)
+    given = cfg.preprocess_changes()
+    bb = load_backbone(cfg.model, cfg.weights, cfg.layer, cfg.input_size, given)
+    if given:
+        log.info("%s: preprocessing from the command line (--preprocess %s): %s", bb.spec, cfg.preprocess,
+                 bb.preprocess.to_dict())
+    return bb
 
 
 def fingerprint(bb: Backbone, precision: str, cfg: EmbedConfig) -> Fingerprint:

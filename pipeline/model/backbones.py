@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -65,7 +65,7 @@ class Classifier:
 
 
 def load_backbone(spec: str = DEFAULT_MODEL, weights: str = "default", layer: str | None = None,
-                  input_size: int | None = None) -> Backbone:
+                  input_size: int | None = None, preprocess: Mapping[str, Any] | None = None) -> Backbone:
     """Build a frozen feature extractor from a model spec (the spec's source loads it).
 
     Args:
@@ -74,6 +74,8 @@ def load_backbone(spec: str = DEFAULT_MODEL, weights: str = "default", layer: st
         weights: ``default`` (embedded or the library's download), ``none`` (random, seeded), or a file path.
         layer: optional graph node whose pooled output replaces the final features.
         input_size: optional crop size instead of the model's own.
+        preprocess: optional preprocessing fields replacing the model's own (``--preprocess``, checked by
+            ``preprocess.read_changes``), for a source that takes them (a TorchScript file); others refuse them.
 
     Example:
         >>> bb = load_backbone("torchvision:resnet18", weights="none")
@@ -81,7 +83,7 @@ def load_backbone(spec: str = DEFAULT_MODEL, weights: str = "default", layer: st
         512
     """
     source, name = resolve_spec(spec)
-    return get_source(source).load(name, weights, layer, input_size)
+    return get_source(source).load(name, weights, layer, input_size, preprocess)
 
 
 def load_classifier(spec: str = DEFAULT_MODEL, weights: str = "default") -> Classifier:

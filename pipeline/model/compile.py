@@ -25,7 +25,7 @@ from .device import (
     resolve_precision,
 )
 from .packaged import PackagedModule
-from .precision import in_precision
+from .precision import Autocast, in_precision
 from .preprocess import UInt8Normalize
 
 log = logging.getLogger(__name__)
@@ -165,9 +165,13 @@ def build_extractor(
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     micro = micro_batches.resolve(micro_batch, dev)
+    model, in_dtype = in_precision(bb.model, prec, bb.preprocess.input_size, dev)
+    if isinstance(model, Autocast) and compile != "eager":
+        log.info("--compile %s: a TorchScript file under autocast runs as loaded (it is compiled already, and "
+                 "compiling it again would drop the autocast); recorded as eager", compile)
+        compile = "eager"
     if channels_last is None:
         channels_last = dev.type == "cuda" or compile != "eager"
-    model, in_dtype = in_precision(bb.model, prec, bb.preprocess.input_size)
     wrapper = UInt8Features(model, bb.preprocess.mean, bb.preprocess.std, in_dtype, channels_last)
     wrapper = wrapper.to(device=dev)
     if channels_last:

@@ -1,13 +1,19 @@
 """How images must look on the way in: the preprocessing record, resize + centre crop, and the one uint8 normaliser."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
+
+from ..errors import UserError
+
+INTERPOLATIONS = ("bilinear", "bicubic")  # what resize_crop and the exported classifiers can do
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,69 @@ class Preprocess:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    def changed(self, changes: Mapping[str, Any]) -> "Preprocess":
+        """This preprocessing with the fields of ``changes`` (checked by :func:`read_changes`) replaced; timm's
+        ``crop_pct`` sets ``resize_size = floor(input_size / crop_pct)``."""
+        changes = dict(changes)
+        crop_pct = changes.pop("crop_pct", None)
+        new = replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
+        if crop_pct is not None:
+            new = replace(new, resize_size=int(new.input_size / crop_pct))
+        if new.resize_size < new.input_size:
+            raise UserError(f"preprocessing {new.to_dict()}: resize_size {new.resize_size} is below input_size "
+                            f"{new.input_size} (the centre crop would pad); give a resize_size of at least "
+                            f"{new.input_size}, or a crop_pct of at most 1")
+        return new
+
+
+def read_changes(value: str | Mapping[str, Any], what: str = "--preprocess") -> dict[str, Any]:
+    """A preprocessing given by hand (``--preprocess``): a JSON object, inline or in a file, with any of
+    ``input_size``, ``resize_size`` or ``crop_pct``, ``interpolation``, ``mean``, ``std``; every field checked.
+
+    Example:
+        >>> read_changes('{"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic"}')
+        {'mean': [0.5, 0.5, 0.5], 'std': [0.5, 0.5, 0.5], 'interpolation': 'bicubic'}
+    """
+    example = ('{"input_size": 224, "crop_pct": 1.0, "interpolation": "bicubic", "mean": [0.481, 0.458, 0.408], '
+               '"std": [0.269, 0.261, 0.276]}')
+    d: Any = value
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.startswith("{"):  # a file's name
+            path = Path(text)
+            if not path.is_file():
+                raise UserError(f"{what} {value!r} is neither a JSON object nor a file; give one, e.g. {example}")
+            text = path.read_text()
+            what = f"{what} file {path}"
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{what} is not valid JSON ({e}); give an object, e.g. {example}") from None
+    if not isinstance(d, Mapping) or not d:
+        raise UserError(f"{what} must be a JSON object with at least one field, e.g. {example}")
+    known = [f.name for f in fields(Preprocess)] + ["crop_pct"]
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise UserError(f"{what}: unknown field(s) {', '.join(unknown)}; the fields are {', '.join(known)}")
+    if "crop_pct" in d and "resize_size" in d:
+        raise UserError(f"{what}: give resize_size or crop_pct, not both (crop_pct sets resize_size = input_size / "
+                        "crop_pct)")
+    for key in ("input_size", "resize_size"):
+        if key in d and (not isinstance(d[key], int) or isinstance(d[key], bool) or not 16 <= d[key] <= 4096):
+            raise UserError(f"{what}: {key} must be a whole number of pixels from 16 to 4096, got {d[key]!r}")
+    if "crop_pct" in d and not (isinstance(d["crop_pct"], (int, float)) and 0 < d["crop_pct"] <= 1):
+        raise UserError(f"{what}: crop_pct must be a number in (0, 1], got {d['crop_pct']!r}")
+    if "interpolation" in d and d["interpolation"] not in INTERPOLATIONS:
+        raise UserError(f"{what}: interpolation must be {' or '.join(INTERPOLATIONS)}, got {d['interpolation']!r}")
+    for key in ("mean", "std"):
+        v = d.get(key)
+        if key in d and not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float))
+                                                                          and not isinstance(x, bool) for x in v)):
+            raise UserError(f"{what}: {key} must be a list of 3 numbers (R, G, B, for 0..1 pixels), got {v!r}")
+    if "std" in d and min(d["std"]) <= 0:
+        raise UserError(f"{what}: std must be positive, got {d['std']}")
+    return {k: ([float(x) for x in v] if k in ("mean", "std") else v) for k, v in d.items()}
 
 
 class UInt8Normalize(nn.Module):

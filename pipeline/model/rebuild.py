@@ -16,16 +16,19 @@ from .decoders.cpu import decode_one
 from .device import resolve_device
 from .image_header import DEFAULT_MAX_PIXELS, SkipSample
 from .preprocess import Preprocess
+from .sources import source_of
 
 
 def rebuild_backbone(meta: EmbeddingMeta) -> Backbone:
-    """The backbone recorded in ``meta`` (model, weights, layer, input size), checked by its weights' sha256.
+    """The backbone recorded in ``meta`` (model, weights, layer, input size; the whole preprocessing for a source
+    that takes one by hand, as a TorchScript file embedded with ``--preprocess``), checked by its weights' sha256.
 
     Example:
         >>> bb = rebuild_backbone(store.read_metadata("emb/embeddings/shard-000000.parquet"))  # doctest: +SKIP
     """
     ident = meta.identity
-    bb = load_backbone(ident.model, ident.weights_arg(), ident.layer)
+    given = dict(ident.preprocess) if ident.preprocess and source_of(ident.model).takes_preprocess else None
+    bb = load_backbone(ident.model, ident.weights_arg(), ident.layer, preprocess=given)
     want = Preprocess.from_dict(ident.preprocess) if ident.preprocess else bb.preprocess
     if want.input_size != bb.preprocess.input_size:
         bb = with_input_size(bb, want.input_size)

@@ -54,8 +54,10 @@ def report(metrics: dict[str, Any]) -> str:
     chosen = ", ".join(f"{k}={v:g}" for k, v in hp.items() if k in ("weight_decay", "learning_rate"))
     lines = [f"top-1 {metrics['top1'] * 100:.2f}% on {metrics['n_val']} validation rows"
              + (f", top-5 {metrics['top5'] * 100:.2f}%" if "top5" in metrics else ""),
-             f"chosen: {chosen} ({hp.get('method', '?')}, standardize={hp.get('standardize')})",
-             "per-class accuracy:"]
+             f"chosen: {chosen} ({hp.get('method', '?')}, standardize={hp.get('standardize')})"]
+    if metrics.get("split", {}).get("class_names"):
+        lines.append(f"class names: from {metrics['split']['class_names']}")
+    lines.append("per-class accuracy:")
     for name, pc in metrics["per_class"].items():
         acc = "   n/a" if pc["accuracy"] is None else f"{pc['accuracy'] * 100:6.2f}%"
         lines.append(f"  {name}: {acc}  (n={pc['support']})")

@@ -24,7 +24,8 @@ from ..model.sources import classifier_source
 from ..progress import Progress
 from .export import attach_head, build_classifier, save_scripted
 from .evaluate import evaluate as evaluate_head
-from .labels import ClassMap, Labeled, LabelSource, split_rows
+from .classes import ClassMap, NameScan
+from .labels import Labeled, LabelSource, feed_names, split_rows
 from .linear import best_head, choose, fit_in_memory
 from .options import FinetuneOptions, ProbeOptions
 
@@ -62,18 +63,26 @@ def blocks(model: nn.Module, head: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, ms[0] if len(ms) == 1 else nn.ModuleList(ms)) for n, ms in out]
 
 
-def scan_tar_labels(urls: Sequence[str], source: LabelSource) -> list[Any]:
-    """Labels of every sample (from ``.cls``, or a ``.json`` field), reading no pixels."""
+def scan_tar_labels(urls: Sequence[str], source: LabelSource, scan: NameScan | None = None) -> list[Any]:
+    """Labels of every sample (from ``.cls``, or a ``.json`` field), reading no pixels; the samples' names for
+    their ``.cls`` labels (``.json`` label, ``.txt``) go to ``scan``."""
     from ..embedding.tar import iter_tar_samples
 
-    raw = []
+    raw: list[Any] = []
     for url in urls:
+        labels: list[Any] = []
+        text: dict[str, list[str | None]] = {"json": [], "txt": []}
         for s in iter_tar_samples(url):
+            for k in text:
+                text[k].append(s[k].decode("utf-8", "replace") if s.get(k) else None)
             if source.field:
-                raw.append(source.value({"json": [s.get("json", b"").decode("utf-8", "replace") or None]}, 0))
+                labels.append(source.value({"json": text["json"][-1:]}, 0))
             else:
                 cls = s.get("cls")
-                raw.append(int(cls.decode().strip()) if cls and cls.strip().isdigit() else None)
+                labels.append(int(cls.decode().strip()) if cls and cls.strip().isdigit() else None)
+        if not source.field:
+            feed_names(scan, labels, {k: v for k, v in text.items() if any(x is not None for x in v)})
+        raw += labels
     return raw
 
 
@@ -197,7 +206,7 @@ def probe_baseline(bb: Backbone, urls: Sequence[str], val_urls: Sequence[str], o
     torch.manual_seed(popts.seed)
     grid, std, scores = fit_in_memory(train, val, len(split.cmap), popts)
     best = choose(scores)
-    head = best_head(grid, std, best, split.cmap.classes, source, None)
+    head = best_head(grid, std, best, split.cmap, source, None)
     top1 = evaluate_head(head, [(val.x, val.y)], split.cmap.names)["top1"]
     wd = grid.params[best]["weight_decay"]
     log.info("finetune: linear probe baseline: val top-1 %.2f%% (weight decay %g; %d train, %d val images)",
@@ -327,8 +336,9 @@ def run_finetune(shards: Sequence[str], val_shards: Sequence[str], out: str | Pa
     out = Path(out)
     dev = resolve_device(opts.device)
     log.info("finetune: reading the labels of %d training shard(s)", len(urls))
-    labels = scan_tar_labels(urls, LabelSource.make(field=opts.label_field))
-    cmap = ClassMap.from_labels(labels)
+    scan = NameScan()
+    labels = scan_tar_labels(urls, LabelSource.make(field=opts.label_field), scan)
+    cmap, _ = ClassMap.from_labels(labels).named(scan, opts.class_names)
     if len(cmap) < 2:
         raise UserError(f"finetune needs at least two classes in the training shards; found {cmap.names}")
     bb = load_backbone(opts.model, opts.weights, input_size=opts.input_size)

@@ -32,10 +32,11 @@ class Head:
     classes: list[Any]  # label values, index = class id
     label_source: dict[str, Any]
     feature_spec: EmbeddingMeta | None  # the metadata of the embeddings it was trained on (None: they had none)
+    names: list[str] | None = None  # the classes' names where the labels are numbers (probe/classes.py)
 
     @property
     def class_names(self) -> list[str]:
-        return [str(c) for c in self.classes]
+        return list(self.names) if self.names else [str(c) for c in self.classes]
 
     def __repr__(self) -> str:
         shown = ", ".join(self.class_names[:5]) + (", ..." if len(self.classes) > 5 else "")
@@ -81,7 +82,9 @@ def load_head(probe_dir: str | Path) -> Head:
         raise UserError(f"{f} is not an embedpipe probe head (expected format {HEAD_FORMAT!r})")
     spec = d["feature_spec"]  # {"dim": D} alone when the embeddings recorded no model
     meta = EmbeddingMeta.from_dict(spec, f"{f}: feature_spec") if "model" in spec else None
-    return Head(d["weight"].float(), d["bias"].float(), d["classes"], d["label_source"], meta)
+    names = d.get("class_names")  # what every head wrote; named classes since issue 26
+    return Head(d["weight"].float(), d["bias"].float(), d["classes"], d["label_source"], meta,
+                names if names and names != [str(c) for c in d["classes"]] else None)
 
 
 def save_probe(out: Path, head: Head, metrics: dict[str, Any], plots: bool = False) -> None:

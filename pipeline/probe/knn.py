@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .. import atomic
 from ..errors import UserError
 from .labels import LabelSource, StreamSet, plan_stream
-from .options import KNN_KS, KNN_TEMPERATURE, VAL_FRACTION
+from .options import KNN_KS, KNN_TEMPERATURE, VAL_FRACTION, ProbeOptions
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ def run_knn(
     val_fraction: float = VAL_FRACTION,
     label_column: str | None = None,
     label_field: str | None = None,
+    group_field: str | None = None,
+    class_names: str | None = None,
     ks: Sequence[int] = KNN_KS,
     temperature: float = KNN_TEMPERATURE,
     out: str | Path | None = None,
@@ -88,14 +90,18 @@ def run_knn(
         raise UserError(f"--k needs one or more values >= 1, got {list(ks)}")
     if temperature <= 0:
         raise UserError(f"--temperature must be > 0, got {temperature}")
+    ProbeOptions(val=str(val) if val else None, group_field=group_field, class_names=class_names).check()
     t0 = time.perf_counter()
     source = LabelSource.make(label_column, label_field)
-    train, vset, cmap, split = plan_stream(emb_dir, source, str(val) if val else None, val_fraction)
+    group = LabelSource.make(field=group_field) if group_field else None
+    train, vset, cmap, split = plan_stream(emb_dir, source, str(val) if val else None, val_fraction, group,
+                                           class_names)
     xv, yv = _collect(vset)
     scores = knn_scores(train.batches(), xv, len(cmap), ks, temperature)
     y = torch.from_numpy(yv)
     result: dict[str, Any] = {"top1": {}, "top5": {}, "n_train": len(train), "n_val": len(yv),
-                              "num_classes": len(cmap), "temperature": temperature, "metric": "cosine",
+                              "num_classes": len(cmap), "classes": cmap.names, "temperature": temperature,
+                              "metric": "cosine",
                               "split": split, "emb_dir": str(emb_dir)}
     for k, s in scores.items():
         result["top1"][k] = float((s.argmax(1) == y).float().mean())

@@ -1,4 +1,5 @@
-"""Labelled features for probes: where labels come from, class maps, and the one train/validation split policy."""
+"""Labelled features for probes: where labels and split groups come from, and the one train/validation split
+policy (class maps and their names: ``classes.py``)."""
 from __future__ import annotations
 
 import hashlib
@@ -13,6 +14,7 @@ import pyarrow.parquet as pq
 from .. import store
 from ..captions import parse_json
 from ..errors import UserError
+from .classes import NAME_COLUMNS, ClassMap, NameScan
 from .options import VAL_FRACTION
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,13 @@ class LabelSource:
         return [self.value(columns, i) for i in range(n)]
 
 
+def feed_names(scan: NameScan | None, labels: Sequence[Any], columns: dict[str, list[Any]]) -> None:
+    """Give ``scan`` the names that the name columns among ``columns`` give these rows (``class_names.py``)."""
+    if scan is not None:
+        scan.add(labels, {(c, f): LabelSource(c, f).values(columns, len(labels)) for c, f in NAME_COLUMNS
+                          if c in columns})
+
+
 def batch_columns(batch: store.Batch, source: LabelSource) -> dict[str, list[Any]]:
     """The columns ``source`` needs, from a store.Batch (base ``label`` or a requested extra column)."""
     if source.column == "label":
@@ -75,35 +84,6 @@ def check_label_column(files: Sequence[Path], source: LabelSource) -> None:
             )
 
 
-@dataclass(frozen=True)
-class ClassMap:
-    """Sorted distinct labels <-> contiguous class ids 0..C-1."""
-
-    classes: list[Any]
-
-    @classmethod
-    def from_labels(cls, labels: Sequence[Any]) -> "ClassMap":
-        present = {v for v in labels if v is not None}
-        if any(isinstance(v, str) for v in present):
-            present = {str(v) for v in present}
-        return cls(sorted(present))
-
-    @property
-    def names(self) -> list[str]:
-        return [str(c) for c in self.classes]
-
-    def __len__(self) -> int:
-        return len(self.classes)
-
-    def encode(self, labels: Sequence[Any]) -> np.ndarray:
-        """Class ids, with -1 for missing labels and labels not in the map."""
-        as_str = bool(self.classes) and isinstance(self.classes[0], str)
-        index = {c: i for i, c in enumerate(self.classes)}
-        return np.array(
-            [-1 if v is None else index.get(str(v) if as_str else v, -1) for v in labels], dtype=np.int64
-        )
-
-
 def _h64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
 
@@ -117,30 +97,51 @@ def key_hashes(keys: Sequence[str], shards: Sequence[str] | None = None) -> tupl
 
 
 def stable_split(
-    keys: Sequence[str], class_ids: np.ndarray, fraction: float, shards: Sequence[str] | None = None
+    keys: Sequence[str], class_ids: np.ndarray, fraction: float, shards: Sequence[str] | None = None,
+    groups: Sequence[Any] | None = None,
 ) -> np.ndarray:
     """Stratified validation mask chosen by key hash: the same keys land in validation on every run and
     whatever the order of rows or shards. Within each class the ``round(fraction * n)`` rows with the
     smallest hash are validation (at least one, and at least one left for training, when the class has
     two or more rows). Rows with class id -1 are in neither set (mask False).
 
+    With ``groups`` (one value per row: the photo, video or product a row was cut from), rows of one group
+    stay on one side: within each class whole groups go to validation, smallest group hash first, until they
+    hold ``round(fraction * n)`` rows (at least one group, and at least one left for training, when the class has
+    two or more groups). A row without a group value is a group of its own.
+
     Example:
         >>> stable_split(["a", "b", "c", "d"], np.array([0, 0, 1, 1]), 0.5).sum()
+        2
+        >>> stable_split(["a", "b", "c", "d"], np.array([0, 0, 0, 0]), 0.5, groups=["x", "x", "y", "y"]).sum()
         2
     """
     if not 0.0 < fraction < 1.0:
         raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {fraction}")
     class_ids = np.asarray(class_ids)
     h1, h2 = key_hashes(keys, shards)
+    if groups is not None:  # every row of a group gets the group's hash, whatever its key and shard: they sort together
+        for i, g in enumerate(groups):
+            if g is not None:
+                h1[i] = h2[i] = _h64(f"\0group\0{g}")
     is_val = np.zeros(len(class_ids), dtype=bool)
     for c in np.unique(class_ids[class_ids >= 0]):
         rows = np.flatnonzero(class_ids == c)
         n = len(rows)
-        if n < 2:
+        order = rows[np.lexsort((h2[rows], h1[rows]))]  # primary h1, then h2: a group's rows come together
+        if groups is None:
+            if n >= 2:
+                is_val[order[:min(max(1, int(round(fraction * n))), n - 1)]] = True
             continue
-        n_val = min(max(1, int(round(fraction * n))), n - 1)
-        order = np.lexsort((h2[rows], h1[rows]))  # primary h1, then h2
-        is_val[rows[order[:n_val]]] = True
+        _, starts = np.unique(np.stack([h1[order], h2[order]], 1), axis=0, return_index=True)
+        starts = np.sort(starts)  # where each group begins in ``order``
+        if len(starts) < 2:
+            continue
+        want = max(1, int(round(fraction * n)))
+        # whole groups, in hash order, until they hold ``want`` rows; never the last group
+        ends = np.append(starts[1:], n)
+        n_groups = min(int(np.searchsorted(ends, want)) + 1, len(starts) - 1)
+        is_val[order[:ends[n_groups - 1]]] = True
     return is_val
 
 
@@ -155,13 +156,38 @@ class Labeled:
     raw: list[Any]  # the labels as found
 
 
-def load_labeled(path: Path | str, source: LabelSource) -> tuple[store.Batch, list[Any]]:
-    """Every row under ``path`` and its raw label (None where missing)."""
+def check_group_column(files: Sequence[Path], group: LabelSource) -> None:
+    for f in files:
+        names = pq.read_schema(f).names
+        if group.column not in names:
+            raise UserError(f"{f}: no column {group.column!r} for --group-field {group.field} (columns: "
+                            f"{', '.join(names)}); embed with --keep json, or drop --group-field")
+
+
+def _name_columns(files: Sequence[Path], source: LabelSource, scan: NameScan | None) -> list[str]:
+    """The name columns every file has, when the labels may need names (the integer ``label`` column)."""
+    if scan is None or source.column != "label":
+        return []
+    schemas = [set(pq.read_schema(f).names) for f in files]
+    return [c for c in scan.columns_in(sorted(set.intersection(*schemas)))] if schemas else []
+
+
+def load_labeled(path: Path | str, source: LabelSource, group: LabelSource | None = None,
+                 scan: NameScan | None = None) -> tuple[store.Batch, list[Any], list[Any] | None]:
+    """Every row under ``path``, its raw label (None where missing) and its ``group`` value (None without one);
+    the rows' names for their labels go to ``scan``."""
     files = store.list_shards(path)
     check_label_column(files, source)
-    extra = [] if source.column == "label" else [source.column]
+    if group is not None:
+        check_group_column(files, group)
+    names = _name_columns(files, source, scan)
+    extra = list(dict.fromkeys([c for c in (source.column, group.column if group else "label") if c != "label"]
+                               + names))
     batch = store.read_all(path, files=files, columns=extra)
-    return batch, source.values(batch_columns(batch, source), len(batch.keys))
+    raw = source.values(batch_columns(batch, source), len(batch.keys))
+    feed_names(scan, raw, {c: batch.extra[c] for c in names})
+    groups = group.values(batch_columns(batch, group), len(batch.keys)) if group is not None else None
+    return batch, raw, groups
 
 
 def select(batch: store.Batch, raw: list[Any], class_ids: np.ndarray, mask: np.ndarray) -> Labeled:
@@ -201,21 +227,30 @@ class Split:
 
 def split_rows(keys: Sequence[str], shards: Sequence[str], raw: Sequence[Any], source: LabelSource, where: Path | str,
                val_raw: Sequence[Any] | None = None, val_where: Path | str | None = None,
-               val_fraction: float = VAL_FRACTION) -> Split:
+               val_fraction: float = VAL_FRACTION, groups: Sequence[Any] | None = None,
+               group: LabelSource | None = None) -> Split:
     """The split policy, the same for in-memory and streamed probes and for k-NN.
 
     Classes come from the training labels. Without a validation folder, a stratified key-hash split of the
-    training rows (:func:`stable_split`); with one, all its rows whose label is a training class (the others
-    are left out, with a warning). Rows without a label are in neither set (with a warning).
+    training rows (:func:`stable_split`), keeping each group's rows on one side when ``groups`` gives each row's
+    ``group`` value (``--group-field``: the variants of one photo); with one, all its rows whose label is a
+    training class (the others are left out, with a warning). Rows without a label are in neither set (with a
+    warning).
     """
     cmap = ClassMap.from_labels(raw)
     check_classes(cmap, where, source, len(raw))
     ids = cmap.encode(raw)
     info: dict[str, Any] = {"unlabelled": sum(v is None for v in raw)}
     if val_raw is None:
-        is_val = stable_split(keys, ids, val_fraction, shards)
+        is_val = stable_split(keys, ids, val_fraction, shards, groups)
         train_mask, val_ids, val_mask = (ids >= 0) & ~is_val, ids, is_val
         info.update(method="key-hash", fraction=val_fraction, hash="blake2b-64")
+        if groups is not None:
+            info.update(method="group-hash", group=group.describe() if group else None,
+                        ungrouped=sum(g is None for g, i in zip(groups, ids) if i >= 0))
+            if info["ungrouped"]:
+                log.warning("%d labelled rows of %s have no %s value: each is a group of its own", info["ungrouped"],
+                            where, info["group"])
     else:
         val_ids = cmap.encode(val_raw)
         unseen = sum(1 for v, i in zip(val_raw, val_ids) if v is not None and i < 0)
@@ -241,38 +276,53 @@ def load_split(
     source: LabelSource,
     val_path: Path | str | None = None,
     val_fraction: float = VAL_FRACTION,
+    group: LabelSource | None = None,
+    class_names: str | Path | None = None,
 ) -> tuple[Labeled, Labeled, ClassMap, dict[str, Any]]:
-    """Train and validation sets in memory, with the class map (built from the training labels); see :func:`split_rows`."""
-    batch, raw = load_labeled(train_path, source)
-    vbatch, vraw = (batch, None) if val_path is None else load_labeled(val_path, source)
+    """Train and validation sets in memory, with the class map (built from the training labels, named from their
+    rows or ``class_names``); see :func:`split_rows`."""
+    scan = NameScan()
+    batch, raw, groups = load_labeled(train_path, source, None if val_path else group, scan)
+    vbatch, vraw = (batch, None) if val_path is None else load_labeled(val_path, source)[:2]
     if vbatch.embeddings.shape[1] != batch.embeddings.shape[1]:
         raise UserError(f"--val {val_path} has dim {vbatch.embeddings.shape[1]}, {train_path} has "
                         f"{batch.embeddings.shape[1]}; embed both with the same model")
-    s = split_rows(batch.keys, batch.shards, raw, source, train_path, vraw, val_path, val_fraction)
+    s = split_rows(batch.keys, batch.shards, raw, source, train_path, vraw, val_path, val_fraction, groups, group)
     train = select(batch, raw, s.train_ids, s.train_mask)
     val = select(vbatch, raw if vraw is None else vraw, s.val_ids, s.val_mask)
-    return train, val, s.cmap, s.info
+    cmap, s.info["class_names"] = s.cmap.named(scan, class_names)
+    return train, val, cmap, s.info
 
 
-def scan_labels(files: Sequence[Path], source: LabelSource) -> tuple[list[str], list[str], list[Any], list[int]]:
-    """Keys, shard names and raw labels of every row, reading only those columns (no embeddings).
+def scan_labels(files: Sequence[Path], source: LabelSource, group: LabelSource | None = None,
+                scan: NameScan | None = None) -> tuple[list[str], list[str], list[Any], list[int], list[Any] | None]:
+    """Keys, shard names, raw labels and ``group`` values (None without one) of every row, reading only those
+    columns (no embeddings), and the rows' names for their labels into ``scan``.
 
     Returns the per-file row counts too, so streamed batches can be matched back to rows.
     """
     check_label_column(files, source)
+    if group is not None:
+        check_group_column(files, group)
     keys: list[str] = []
     shards: list[str] = []
     raw: list[Any] = []
     counts: list[int] = []
-    cols = list(dict.fromkeys(["key", "shard", source.column]))
+    groups: list[Any] | None = [] if group is not None else None
     for f in files:
+        names = _name_columns([f], source, scan)
+        cols = list(dict.fromkeys(["key", "shard", source.column, *([group.column] if group else []), *names]))
         t = pq.read_table(f, columns=cols)
         data = {c: t.column(c).to_pylist() for c in cols}
         keys += data["key"]
         shards += data["shard"]
-        raw += source.values(data, t.num_rows)
+        labels = source.values(data, t.num_rows)
+        raw += labels
+        feed_names(scan, labels, {c: data[c] for c in names})
+        if groups is not None and group is not None:
+            groups += group.values(data, t.num_rows)
         counts.append(t.num_rows)
-    return keys, shards, raw, counts
+    return keys, shards, raw, counts, groups
 
 
 @dataclass
@@ -304,17 +354,20 @@ class StreamSet:
 
 
 def plan_stream(
-    train_path: Path | str, source: LabelSource, val_path: Path | str | None = None, val_fraction: float = VAL_FRACTION
+    train_path: Path | str, source: LabelSource, val_path: Path | str | None = None, val_fraction: float = VAL_FRACTION,
+    group: LabelSource | None = None, class_names: str | Path | None = None,
 ) -> tuple[StreamSet, StreamSet, ClassMap, dict[str, Any]]:
     """Like :func:`load_split`, but keeps only labels and masks in memory; features are streamed later."""
     files = store.list_shards(train_path)
     store.check_consistent([store.shard_info(f) for f in files])
-    keys, shards, raw, counts = scan_labels(files, source)
+    scan = NameScan()
+    keys, shards, raw, counts, groups = scan_labels(files, source, None if val_path else group, scan)
     vfiles, vraw, vcounts = files, None, counts
     if val_path is not None:
         vfiles = store.list_shards(val_path)
-        _, _, vraw, vcounts = scan_labels(vfiles, source)
-    s = split_rows(keys, shards, raw, source, train_path, vraw, val_path, val_fraction)
+        _, _, vraw, vcounts, _ = scan_labels(vfiles, source)
+    s = split_rows(keys, shards, raw, source, train_path, vraw, val_path, val_fraction, groups, group)
     train = StreamSet(files, counts, s.train_ids, s.train_mask)
     val = StreamSet(vfiles, vcounts, s.val_ids, s.val_mask)
-    return train, val, s.cmap, s.info
+    cmap, s.info["class_names"] = s.cmap.named(scan, class_names)
+    return train, val, cmap, s.info

@@ -17,6 +17,7 @@ from .. import store
 from ..records import EmbeddingMeta
 from .evaluate import evaluate
 from .head import Head, save_probe
+from .classes import ClassMap
 from .labels import Labeled, LabelSource, StreamSet, load_split, plan_stream
 from .options import ProbeOptions
 
@@ -242,11 +243,13 @@ def fit_in_memory(train: Labeled, val: Labeled, n_classes: int, opts: ProbeOptio
     return grid, std, _grid_val_scores(grid, [(std(torch.from_numpy(val.x)), torch.from_numpy(val.y))])
 
 
-def best_head(grid: GridResult, std: Standardizer, best: int, classes: list[Any], source: LabelSource,
+def best_head(grid: GridResult, std: Standardizer, best: int, cmap: ClassMap, source: LabelSource,
               feature_spec: EmbeddingMeta | None) -> Head:
-    """Head ``best`` of the grid, the standardisation folded in, so it takes raw features."""
+    """Head ``best`` of the grid, the standardisation folded in, so it takes raw features; ``cmap``'s classes and
+    their names."""
     w, b = std.fold(grid.weight[best], grid.bias[best])
-    return Head(weight=w, bias=b, classes=classes, label_source=source.to_dict(), feature_spec=feature_spec)
+    return Head(weight=w, bias=b, classes=cmap.classes, label_source=source.to_dict(), feature_spec=feature_spec,
+                names=cmap.names if cmap.display else None)
 
 
 def run_probe(emb_dir: str | Path, out: str | Path, opts: ProbeOptions | None = None) -> dict[str, Any]:
@@ -261,16 +264,18 @@ def run_probe(emb_dir: str | Path, out: str | Path, opts: ProbeOptions | None = 
     t0 = time.perf_counter()
     torch.manual_seed(opts.seed)
     source = LabelSource.make(opts.label_column, opts.label_field)
+    group = LabelSource.make(field=opts.group_field) if opts.group_field else None
     fits, need_gb = _fits(emb_dir, opts.val, opts.max_memory_gb)
     method = opts.method if opts.method != "auto" else ("lbfgs" if fits else "sgd")
     if method == "lbfgs" and not fits:
         log.warning("features need ~%.1f GB, over --max-memory-gb %.1f; L-BFGS loads them anyway", need_gb, opts.max_memory_gb)
     log.info("probe: %s, ~%.2f GB of features, method %s", emb_dir, need_gb, method)
     if method == "lbfgs":
-        train, val, cmap, split = load_split(emb_dir, source, opts.val, opts.val_fraction)
+        train, val, cmap, split = load_split(emb_dir, source, opts.val, opts.val_fraction, group, opts.class_names)
         grid, std, scores = fit_in_memory(train, val, len(cmap), opts)
     else:
-        strain, sval, cmap, split = plan_stream(emb_dir, source, opts.val, opts.val_fraction)
+        strain, sval, cmap, split = plan_stream(emb_dir, source, opts.val, opts.val_fraction, group,
+                                                opts.class_names)
         dim = store.shard_info(strain.files[0]).dim
         std = _stream_standardizer(strain, dim) if opts.standardize else Standardizer.identity(dim)
         grid = fit_sgd(lambda e: _rows(strain, std, opts.batch_size, opts.seed, e, True), len(strain), dim, len(cmap),
@@ -278,7 +283,7 @@ def run_probe(emb_dir: str | Path, out: str | Path, opts: ProbeOptions | None = 
         scores = _grid_val_scores(grid, _rows(sval, std, 65536, opts.seed, 0, False))
         val = sval
     best = choose(scores)
-    head = best_head(grid, std, best, cmap.classes, source, _feature_spec(emb_dir))
+    head = best_head(grid, std, best, cmap, source, _feature_spec(emb_dir))
     val_iter = [(val.x, val.y)] if isinstance(val, Labeled) else val.batches()
     metrics = evaluate(head, val_iter, cmap.names)
     metrics.update(

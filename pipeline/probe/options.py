@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -17,12 +18,20 @@ KNN_TEMPERATURE = 0.07  # DINO's vote weight exp(cosine / T)
 PREDICT_BATCH = 65536
 
 
+def check_class_names_file(path: str | None) -> None:
+    if path is not None and not Path(path).is_file():
+        raise UserError(f"--class-names {path} does not exist; give a file of one name per line (line i names label "
+                        "i), or a JSON object {\"<label>\": \"<name>\", ...}")
+
+
 @dataclass(frozen=True)
 class ProbeOptions:
     """Every option of ``embedpipe probe``; validated before any data is read."""
 
     label_column: str | None = None
     label_field: str | None = None
+    group_field: str | None = None  # rows sharing this json field's value stay on one side of the split
+    class_names: str | None = None  # a file naming the integer labels (probe/classes.py)
     val: str | None = None
     val_fraction: float = VAL_FRACTION
     weight_decays: tuple[float, ...] = DEFAULT_WDS
@@ -45,6 +54,10 @@ class ProbeOptions:
             raise UserError("--learning-rates needs one or more values > 0, e.g. 0.001,0.01,0.1")
         if self.val is None and not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
+        if self.val is not None and self.group_field:
+            raise UserError("--group-field groups the rows of the split of EMB_DIR; with --val there is no split: "
+                            "drop one of them")
+        check_class_names_file(self.class_names)
         for name in ("max_iter", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -72,6 +85,7 @@ class FinetuneOptions:
     weight_decay: float = 0.05
     hflip: bool = True
     label_field: str | None = None
+    class_names: str | None = None
     device: str = DEVICE_AUTO
     workers: int = 0
     seed: int = 0
@@ -79,6 +93,7 @@ class FinetuneOptions:
     stop_after: int | None = None  # stop after this many epochs in this run (tests, time-boxed jobs)
 
     def check(self) -> None:
+        check_class_names_file(self.class_names)
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1")

@@ -53,7 +53,7 @@ def test_every_source_has_the_one_signature(name):
     assert isinstance(source.argument, str) and source.argument.startswith("<")
     assert isinstance(source.about, str) and source.about
     assert source.bare_order is None or isinstance(source.bare_order, int)
-    assert isinstance(source.has_classifier, bool)
+    assert isinstance(source.has_classifier, bool) and isinstance(source.takes_preprocess, bool)
     for method in ("names", "check", "load", "classifier"):
         assert _signature(getattr(source, method)) == _signature(getattr(ModelSource, method)), (name, method)
     assert isinstance(source.names(), frozenset)
@@ -160,6 +160,7 @@ class TinySource:
     about: str = "a tiny conv net, for the registry's tests"
     bare_order: int | None = None
     has_classifier: bool = True
+    takes_preprocess: bool = False
 
     def names(self) -> frozenset[str]:
         return frozenset()
@@ -169,7 +170,7 @@ class TinySource:
             raise ValueError("a width")
 
     def load(self, name: str, weights: str = "default", layer: str | None = None,
-             input_size: int | None = None) -> Backbone:
+             input_size: int | None = None, preprocess=None) -> Backbone:
         return features_of(self.classifier(name, weights), layer, input_size, lambda c: remove_head(c.model, c.spec))
 
     def classifier(self, name: str, weights: str = "default") -> Classifier:

@@ -18,6 +18,7 @@ from pipeline.probe.export import FeatureHead, attach_head, export_classifier
 from pipeline.probe.linear import run_probe
 from pipeline.probe.options import ProbeOptions
 from pipeline.probe.predict import run_predict
+from pipeline.sample_data import DIGIT_NAMES
 from pipeline.model.deprecations import torchscript_calls
 import tiny
 
@@ -82,8 +83,8 @@ def test_cli_probe_with_export(digit_embeddings, tmp_path):
     assert r.exit_code == 0, r.output
     assert r.output.startswith("probe: top-1 ") and "classifier" in r.output
     with torchscript_calls():
-        assert torch.jit.load(str(tmp_path / "c.pt")).classes == [str(i) for i in range(10)]
+        assert torch.jit.load(str(tmp_path / "c.pt")).classes == list(DIGIT_NAMES)  # named by the json label
     r = CliRunner().invoke(cli, ["knn", str(digit_embeddings), "-k", "5"])
-    assert r.exit_code == 0 and r.output.startswith("knn: k=5 top-1 "), r.output
+    assert r.exit_code == 0 and r.stdout.startswith("knn: k=5 top-1 "), r.output  # the log (stderr) says where names came from
     r = CliRunner().invoke(cli, ["predict", str(tmp_path / "p"), str(digit_embeddings)])
     assert r.exit_code == 0 and "300 rows from 3 shard(s)" in r.output, r.output

@@ -11,6 +11,7 @@ from pipeline.errors import UserError
 from pipeline.model.backbones import load_backbone
 from pipeline.probe.finetune import blocks, run_finetune
 from pipeline.probe.options import FinetuneOptions
+from pipeline.sample_data import DIGIT_NAMES
 from pipeline.model.deprecations import torchscript_calls
 
 
@@ -48,7 +49,7 @@ def test_finetune_improves_and_resumes(digits_shards, tmp_path, one_thread):
     assert json.loads((tmp_path / "metrics.json").read_text())["history"][-1]["val_top1"] == acc[-1]
     with torchscript_calls():
         clf = torch.jit.load(str(tmp_path / "classifier.pt"))
-    assert clf.classes == [str(i) for i in range(10)]
+    assert clf.classes == list(DIGIT_NAMES)  # named by the shards' json label
     assert clf(torch.zeros(2, 3, 80, 60, dtype=torch.uint8)).shape == (2, 10)
     with pytest.raises(UserError, match="other settings"):
         run_finetune(train, val, tmp_path, FinetuneOptions(**{**opts.__dict__, "unfreeze": 2}))
@@ -111,3 +112,4 @@ def test_best_epoch_is_reported_kept_and_exported(digits_shards, tmp_path, monke
         clf = torch.jit.load(str(tmp_path / "classifier.pt"))
     exported = [v for k, v in clf.state_dict().items() if k.endswith("fc.weight")]
     assert len(exported) == 1 and torch.equal(exported[0], best)
+    assert clf.classes == r["classes"] == list(DIGIT_NAMES)  # the digit shards' json label names each class (was "0")

@@ -32,7 +32,11 @@ def _worker(wid: int, device: str, cfg: EmbedConfig, out: str, tasks: Any, resul
     # The CPU workers share the usable CPUs instead of each oversubscribing them (prepare_model sets the threads).
     cpu_workers = int(os.environ.get("EMBEDPIPE_CPU_WORKERS", "1"))
     cfg = replace(cfg, device=device)
-    bb, ex = prepare_model(cfg, share=cpu_workers if device == "cpu" else 1)
+    try:
+        bb, ex = prepare_model(cfg, share=cpu_workers if device == "cpu" else 1)
+    except UserError as e:  # a setting this model cannot run with: the same on every worker, so the run stops
+        results.put(("refused", wid, None, str(e)))
+        return
     state = RunState(Path(out))
     workers = cfg.workers if cfg.workers is not None else default_workers(ex.device)
     results.put(("ready", wid, None, None))
@@ -136,6 +140,8 @@ class _Pool:
                     self.progress.update(info)
             elif kind == "ready":
                 self.give_work(wid)
+            elif kind == "refused":
+                raise UserError(info)
             elif kind == "done":
                 self.current[wid] = None
                 self.summary.add(url, **info)

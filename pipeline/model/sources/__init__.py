@@ -13,7 +13,7 @@ the names (:func:`source_names`) imports nothing; a source's module is imported 
 from __future__ import annotations
 
 import difflib
-from typing import Iterable, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 from ...errors import UserError
 from ...registry import Registry
@@ -35,6 +35,9 @@ class ModelSource(Protocol):
     bare_order: int | None
     # classifier() gives the full model with its classification head; fine-tuning and --export-classifier need one
     has_classifier: bool
+    # load() takes a preprocessing given by hand (--preprocess): for models whose file may not record their own (a
+    # TorchScript file); a library's model has its library's, so its source refuses one (preprocess_refused)
+    takes_preprocess: bool
 
     def names(self) -> frozenset[str]:
         """The model names a bare spec can mean (built once per process); empty when names are paths."""
@@ -45,14 +48,16 @@ class ModelSource(Protocol):
         ...
 
     def load(self, name: str, weights: str = "default", layer: str | None = None,
-             input_size: int | None = None) -> "Backbone":
+             input_size: int | None = None, preprocess: Mapping[str, Any] | None = None) -> "Backbone":
         """The frozen feature extractor for ``name``.
 
         ``weights``: ``default`` (embedded in a package, or the library's download), ``none`` (random, seeded:
         the same in every process) or a file path. ``layer``: a graph node whose pooled output replaces the
         features. ``input_size``: crops of that many pixels instead of the model's own (checked by a forward
-        pass). The result's ``model`` is in eval mode with no parameter requiring grad, its ``num_features`` is
-        what one forward pass returned, and its ``identity`` is what every output records.
+        pass). ``preprocess``: fields of a preprocessing (``model/preprocess.read_changes``) replacing the model's
+        own, only where ``takes_preprocess``. The result's ``model`` is in eval mode with no parameter requiring
+        grad, its ``num_features`` is what one forward pass returned, and its ``identity`` is what every output
+        records.
         """
         ...
 
@@ -105,6 +110,20 @@ def source_of(spec: str) -> ModelSource:
     """The source of a spec; a recorded (canonical, prefixed) spec is read without checking its name."""
     prefix, sep, _ = ALIASES.get(spec, spec).partition(":")
     return get_source(prefix if sep and prefix in source_names() else resolve_spec(spec)[0])
+
+
+def preprocess_refused(spec: str) -> UserError:
+    """The error for ``--preprocess`` with a model whose source has its own preprocessing."""
+    able = [f"{s.name}:" for s in all_sources() if s.takes_preprocess]
+    return UserError(f"--preprocess sets the preprocessing of a model file that may not record its own "
+                     f"({', '.join(able)} models); {spec} takes its library's preprocessing, which every output "
+                     "records: drop --preprocess (--input-size changes the crop size)")
+
+
+def check_preprocess_option(spec: str) -> None:
+    """Refuse ``--preprocess`` for ``spec`` before any work, unless its source takes one."""
+    if not source_of(spec).takes_preprocess:
+        raise preprocess_refused(spec)
 
 
 def classifier_source(spec: str, what: str) -> ModelSource:

@@ -3,12 +3,13 @@ its weights, then drops its head. Each such source says how to create a model, h
 names it has. (A module starting with ``_`` is no source of the registry.)"""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Mapping
 
 from torch import nn
 
 from ..backbones import Backbone, Classifier, classifier_with_weights, features_of
 from ..preprocess import Preprocess
+from . import preprocess_refused
 
 
 class ClassifierLibrary:
@@ -16,6 +17,7 @@ class ClassifierLibrary:
     a subclass (a frozen dataclass with the source's fields) defines ``check``, ``create`` and ``drop_head``."""
 
     name: str
+    takes_preprocess: ClassVar[bool] = False  # the library's own, recorded in every output
 
     def check(self, name: str) -> None:
         raise NotImplementedError
@@ -29,7 +31,9 @@ class ClassifierLibrary:
         raise NotImplementedError
 
     def load(self, name: str, weights: str = "default", layer: str | None = None,
-             input_size: int | None = None) -> Backbone:
+             input_size: int | None = None, preprocess: Mapping[str, Any] | None = None) -> Backbone:
+        if preprocess:
+            raise preprocess_refused(f"{self.name}:{name}")
         return features_of(self.classifier(name, weights), layer, input_size, self.drop_head)
 
     def classifier(self, name: str, weights: str = "default") -> Classifier:
