@@ -179,7 +179,8 @@ async def get_page(request: Request) -> Response:
 async def get_healthz(request: Request) -> Response:
     svc = _service(request)
     cat = svc.catalog
-    return JSONResponse({"status": "ok", "uptime_s": round(time.time() - svc.started, 1),
+    # "degraded": still serving, but an index's newest version could not be loaded (reload_errors says why)
+    return JSONResponse({"status": "degraded" if cat.reload_errors else "ok", "uptime_s": round(time.time() - svc.started, 1),
                          "indexes": {n: {"generation": s.generation, "count": s.index.count}
                                      for n, s in cat.current.items()},
                          "reloads": cat.reloads, "reload_errors": cat.reload_errors, "image_queries": svc.image_stats(),
