@@ -5,7 +5,8 @@ Nothing here writes a file, and no route opens a path taken from a request.
 
 The event loop only parses and answers: FAISS searches, key lookups, stored-column reads, image decoding and
 thumbnails run in a pool of ``threads`` (FAISS releases the GIL), and the model runs on its own thread, fed by
-one :class:`~pipeline.service.batcher.Batcher` per model.
+one :class:`~pipeline.service.batcher.Batcher` per model. Thumbnails of remote shards are read on a pool of
+their own (``thumb_threads``), each within ``thumb_timeout``: a slow host never holds a search thread.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from .coalesce import Coalescer, Pending
 from .guard import LimitBody, RequireToken
 from .options import WORKERS_ENV, ServeOptions, index_names
 from .page import PAGE
+from .remote import ShardTimeout
 from .thumbs import ShardImages
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,8 @@ class Service:
         self.embedders: dict[str, Any] = {}  # model record (json) -> ImageEmbedder, built on first image query
         self.batchers: dict[tuple[str, int], Batcher] = {}  # (model record, event loop) -> Batcher
         self.coalescers: dict[int, Coalescer] = {}  # event loop -> the JSON searches' Coalescer
-        self.thumbs = ShardImages(options.max_pixels)
+        self.thumbs = ShardImages(options.max_pixels, timeout=options.thumb_timeout)
+        self.remote_pool = ThreadPoolExecutor(options.thumb_threads, thread_name_prefix="embedpipe-remote")
         self.started = time.time()
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -65,6 +68,22 @@ class Service:
         self.catalog.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.model_thread.shutdown(wait=False, cancel_futures=True)
+        self.remote_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def thumbnail(self, shard: str, key: str) -> bytes | None:
+        """A thumbnail: local shards on the search pool, remote ones on their own pool within the timeout."""
+        if not self.thumbs.is_remote(shard):
+            return await self.run(self.thumbs.thumbnail, shard, key)
+        kept, jpeg = self.thumbs.recent(shard, key)
+        if kept:
+            return jpeg
+        read = asyncio.get_running_loop().run_in_executor(self.remote_pool, self.thumbs.thumbnail, shard, key)
+        try:  # waiting for a free remote thread counts too (a read still queued is cancelled)
+            return await asyncio.wait_for(read, self.options.thumb_timeout + 0.5)
+        except asyncio.TimeoutError:
+            raise ShardTimeout(f"the thumbnail of {key!r} was not read from {shard} within "
+                               f"{self.options.thumb_timeout:g} s (--thumb-timeout; other remote reads were "
+                               "waiting too)") from None
 
     def _embedder(self, model: str, meta: EmbeddingMeta) -> Any:
         """On the model thread (so one build at a time): the embedder of this model, built on first use."""
@@ -220,7 +239,7 @@ async def get_thumb(request: Request) -> Response:
         raise UserError(f"key {key!r} is in {len(rows.ids)} shards of the index {served.name}; pick one with "
                         f"?shard= (its url, the end of its path or its file name): {rows.shards[:3]}")
     shard = rows.shards[0]
-    jpeg = await svc.run(svc.thumbs.thumbnail, shard, key)
+    jpeg = await svc.thumbnail(shard, key)
     if jpeg is None:
         raise NotFound(f"the image of {key!r} could not be read back from its shard {Path(shard).name}")
     return Response(jpeg, media_type="image/jpeg", headers={"cache-control": "private, max-age=3600"})
@@ -241,6 +260,10 @@ async def on_user(request: Request, exc: Exception) -> Response:
 
 async def on_not_found(request: Request, exc: Exception) -> Response:
     return _error(404, str(exc))
+
+
+async def on_timeout(request: Request, exc: Exception) -> Response:
+    return _error(504, str(exc))
 
 
 async def on_crash(request: Request, exc: Exception) -> Response:
@@ -279,7 +302,8 @@ def create_app(indexes: Sequence[str | Path] | dict[str, str | Path], options: S
         routes=[Route("/", get_page), Route("/healthz", get_healthz), Route("/indexes", get_indexes),
                 Route("/search", post_search, methods=["POST"]), Route("/thumb/{index}/{key:path}", get_thumb)],
         middleware=middleware, lifespan=lifespan,
-        exception_handlers={HTTPException: on_http, UserError: on_user, NotFound: on_not_found, Exception: on_crash})
+        exception_handlers={HTTPException: on_http, UserError: on_user, NotFound: on_not_found,
+                            ShardTimeout: on_timeout, Exception: on_crash})
     app.state.service = svc
     return app
 

@@ -38,6 +38,8 @@ class ServeOptions:
     cache_mb: int = 1024  # decoded embedding files kept for key queries
     max_connections: int = 256  # beyond this uvicorn answers 503 instead of queueing without bound
     workers: int = 1  # processes sharing the port, each with its own copy of the indexes (and model)
+    thumb_timeout: float = 10.0  # seconds for one thumbnail read from a remote (http, https...) shard
+    thumb_threads: int = 4  # remote thumbnail reads at once, on their own pool (never the search pool)
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -49,7 +51,8 @@ class ServeOptions:
         for name, value in (("--max-body-mb", self.max_body_mb), ("--max-pixels", self.max_pixels),
                             ("--max-k", self.max_k), ("--max-queries", self.max_queries),
                             ("--max-batch", self.max_batch), ("--max-connections", self.max_connections),
-                            ("--workers", self.workers)):
+                            ("--workers", self.workers), ("--thumb-timeout", self.thumb_timeout),
+                            ("--thumb-threads", self.thumb_threads)):
             if value <= 0:
                 raise UserError(f"{name} {value} must be positive")
         if self.batch_wait_ms < 0 or self.reload_every < 0 or self.threads < 0 or self.cache_mb < 0:
