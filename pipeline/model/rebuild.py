@@ -16,15 +16,18 @@ from .decoders.cpu import decode_one
 from .device import resolve_device
 from .image_header import DEFAULT_MAX_PIXELS, SkipSample
 from .preprocess import Preprocess
+from .trust import check_code_file
 
 
 def rebuild_backbone(meta: EmbeddingMeta) -> Backbone:
-    """The backbone recorded in ``meta`` (model, weights, layer, input size), checked by its weights' sha256.
+    """The backbone recorded in ``meta`` (model, weights, layer, input size), checked by its weights' sha256 (a
+    TorchScript file before it is loaded: loading runs its code).
 
     Example:
         >>> bb = rebuild_backbone(store.read_metadata("emb/embeddings/shard-000000.parquet"))  # doctest: +SKIP
     """
     ident = meta.identity
+    check_code_file(ident)  # a TorchScript file runs code as it loads: it must be the recorded one first
     bb = load_backbone(ident.model, ident.weights_arg(), ident.layer)
     want = Preprocess.from_dict(ident.preprocess) if ident.preprocess else bb.preprocess
     if want.input_size != bb.preprocess.input_size:

@@ -29,6 +29,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import UserError
+from ..model.trust import TrustedFiles, UntrustedModel
 from ..records import EmbeddingMeta
 from . import queries, wire
 from .answer import answer, answer_together
@@ -57,6 +58,7 @@ class Service:
         self.batchers: dict[tuple[str, int], Batcher] = {}  # (model record, event loop) -> Batcher
         self.coalescers: dict[int, Coalescer] = {}  # event loop -> the JSON searches' Coalescer
         self.thumbs = ShardImages(options.max_pixels, timeout=options.thumb_timeout)
+        self.trusted = TrustedFiles.of(options.trust_models)
         self.remote_pool = ThreadPoolExecutor(options.thumb_threads, thread_name_prefix="embedpipe-remote")
         self.started = time.time()
 
@@ -105,6 +107,7 @@ class Service:
         if meta is None:
             raise UserError(f"the index {served.name} records no embedding model, so images cannot be embedded "
                             "like its vectors; query it with vectors or keys")
+        self.trusted.check(meta.identity, served.name)  # before anything reads a file the index names
         model = meta.rebuild_key()
         loop = asyncio.get_running_loop()
         emb = await loop.run_in_executor(self.model_thread, self._embedder, model, meta)
@@ -262,6 +265,10 @@ async def on_not_found(request: Request, exc: Exception) -> Response:
     return _error(404, str(exc))
 
 
+async def on_untrusted(request: Request, exc: Exception) -> Response:
+    return _error(403, str(exc))
+
+
 async def on_timeout(request: Request, exc: Exception) -> Response:
     return _error(504, str(exc))
 
@@ -303,7 +310,7 @@ def create_app(indexes: Sequence[str | Path] | dict[str, str | Path], options: S
                 Route("/search", post_search, methods=["POST"]), Route("/thumb/{index}/{key:path}", get_thumb)],
         middleware=middleware, lifespan=lifespan,
         exception_handlers={HTTPException: on_http, UserError: on_user, NotFound: on_not_found,
-                            ShardTimeout: on_timeout, Exception: on_crash})
+                            UntrustedModel: on_untrusted, ShardTimeout: on_timeout, Exception: on_crash})
     app.state.service = svc
     return app
 

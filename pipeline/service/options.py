@@ -40,6 +40,12 @@ class ServeOptions:
     workers: int = 1  # processes sharing the port, each with its own copy of the indexes (and model)
     thumb_timeout: float = 10.0  # seconds for one thumbnail read from a remote (http, https...) shard
     thumb_threads: int = 4  # remote thumbnail reads at once, on their own pool (never the search pool)
+    # Model files (TorchScript, weights) an index's embedding_meta may name for image queries: loading one runs
+    # or reads a file the index names, so only those the operator lists (model/trust.py)
+    trust_models: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "trust_models", tuple(map(str, self.trust_models)))  # a list, from JSON or a caller
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -57,6 +63,10 @@ class ServeOptions:
                 raise UserError(f"{name} {value} must be positive")
         if self.batch_wait_ms < 0 or self.reload_every < 0 or self.threads < 0 or self.cache_mb < 0:
             raise UserError("--batch-wait-ms, --reload-every, --threads and --cache-mb cannot be negative")
+        if self.trust_models:
+            from ..model.trust import TrustedFiles
+
+            TrustedFiles.of(self.trust_models)  # each a file that exists
 
     @property
     def max_body(self) -> int:

@@ -35,6 +35,9 @@ class ModelSource(Protocol):
     bare_order: int | None
     # classifier() gives the full model with its classification head; fine-tuning and --export-classifier need one
     has_classifier: bool
+    # A name is a file whose loading runs its code (TorchScript), its weights_sha256 that file's sha256: a rebuild
+    # checks the file against the record before loading it, and a service loads it only when trusted (trust.py).
+    runs_code: bool
 
     def names(self) -> frozenset[str]:
         """The model names a bare spec can mean (built once per process); empty when names are paths."""
@@ -105,6 +108,15 @@ def source_of(spec: str) -> ModelSource:
     """The source of a spec; a recorded (canonical, prefixed) spec is read without checking its name."""
     prefix, sep, _ = ALIASES.get(spec, spec).partition(":")
     return get_source(prefix if sep and prefix in source_names() else resolve_spec(spec)[0])
+
+
+def code_file(spec: str) -> str | None:
+    """The file that loading the recorded ``spec`` would run as code (a source whose names are such files), else
+    None. Imports only that source's module."""
+    prefix, sep, name = ALIASES.get(spec, spec).partition(":")
+    if sep and name and prefix in source_names() and get_source(prefix).runs_code:
+        return name
+    return None
 
 
 def classifier_source(spec: str, what: str) -> ModelSource:
