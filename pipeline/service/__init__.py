@@ -1,11 +1,13 @@
 """``embedpipe serve``: nearest-neighbour lookup over HTTP, with a web page, for indexes built by ``embedpipe index``.
 
     options.py   ServeOptions (defaults, limits), index names
-    catalog.py   the loaded indexes and their hot reload when ``index --update`` swaps a directory
+    catalog.py   the loaded indexes and their hot reload when ``index --update`` swaps a directory (each new
+                 version loaded and probed before it is swapped in)
     queries.py   POST /search bodies -> a checked Query
     answer.py    a Query answered from one loaded index (captions, urls, thumbnail links)
     batcher.py   image queries batched into one model call
     thumbs.py    thumbnails read back from the shards the index records
+    remote.py    one image read from a remote shard within a deadline (for thumbnails)
     guard.py     bearer token and request size limit (ASGI middleware)
     page.py      the page at /
     app.py       the Starlette app (``create_app``, mountable in another ASGI app)
