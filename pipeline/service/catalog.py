@@ -54,8 +54,8 @@ PROBE_K = 10  # an approximate index must return a stored vector's own row withi
 
 def probe(idx: Index) -> None:
     """Check that an opened index answers: its first row's key finds that row, and a search for its stored vector
-    returns it (an approximate index: within the first :data:`PROBE_K`; a duplicate of it also counts). A
-    UserError says what did not answer."""
+    returns it within the first :data:`PROBE_K` hits (approximate indexes), or hits at least as close (duplicates
+    of it; longer vectors under inner product). A UserError says what did not answer."""
     if idx.count == 0:
         return
     key = idx.ids.column("key")[0].as_py()
@@ -66,12 +66,16 @@ def probe(idx: Index) -> None:
     except UserError as e:  # stored vectors gone and not reconstructible: vector queries may still work
         log.warning("%s: not probed with a search (%s)", idx.path, e)
         return
-    hits = idx.search(x, min(PROBE_K, idx.count), where="the probe's stored vector").ids[0]
-    if 0 in hits.tolist() or (hits[0] >= 0 and np.allclose(idx.vectors(hits[:1]), x)):
+    k = min(PROBE_K, idx.count)
+    res = idx.search(x, k, where="the probe's stored vector")
+    hits, best = res.ids[0], float(res.scores[0, 0])
+    own = float(x[0] @ x[0])  # its score against itself: inner product, or 0 as a distance
+    if 0 in hits.tolist() or (best >= own - 1e-3 * own if idx.record.metric == "ip" else best <= 1e-3 * own):
         return
     raise UserError(f"{idx.path}: a search for the stored vector of row 0 (key {key!r}) did not return it in the "
-                    f"first {min(PROBE_K, idx.count)} hits (got ids {hits[:5].tolist()}): index.faiss does not hold "
-                    "the vectors ids.parquet names; rebuild the index")
+                    f"first {k} hits, nor anything as close (got ids {hits[:5].tolist()}, best score {best:.4g}, "
+                    f"its own {0.0 if idx.record.metric != 'ip' else own:.4g}): index.faiss does not hold the vectors "
+                    "ids.parquet names; rebuild the index")
 
 
 @dataclass

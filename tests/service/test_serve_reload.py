@@ -21,9 +21,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import atomic
+from pipeline.index import kinds
 from pipeline.index.build import run_index
 from pipeline.index.options import IndexConfig
+from pipeline.index.search import open_index
 from pipeline.service import create_app
+from pipeline.service.catalog import probe
 
 from index_data import clustered, write_shards
 from serve_helpers import call, post_json, running
@@ -182,3 +185,21 @@ def test_the_watcher_survives_an_error_outside_any_one_index(served, monkeypatch
     before = s.catalog.current["live"].generation
     swap_in(s.live, s.good)
     assert wait_for(lambda: s.catalog.current["live"].generation == before + 1), "no reload after the error"
+
+
+@pytest.mark.parametrize("kind", kinds.kind_names())
+def test_the_probe_passes_a_good_index_of_every_kind(tmp_path, kind):
+    write_shards(tmp_path / "emb", clustered(2000, 32, seed=4), shards=2)
+    run_index(IndexConfig(str(tmp_path / "emb"), out=str(tmp_path / "idx"), kind=kind))
+    probe(open_index(tmp_path / "idx"))
+
+
+def test_the_probe_accepts_a_row_outranked_by_longer_vectors(tmp_path):
+    """(Refusing an index.faiss of other vectors is the reload case above.)"""
+    x = clustered(100, 8, seed=5)
+    x[0] *= 0.1  # not normalised: under inner product every vector near it outranks row 0
+    write_shards(tmp_path / "emb", x, shards=1)
+    run_index(IndexConfig(str(tmp_path / "emb"), out=str(tmp_path / "idx"), kind="flat"))
+    idx = open_index(tmp_path / "idx")
+    assert 0 not in idx.search(x[:1], 10).ids[0].tolist()
+    probe(idx)
