@@ -28,8 +28,8 @@ D = ServeOptions  # the defaults shown here are the service's own
 @click.option("--device", default=D.device, show_default=True, help="Device of the image model (auto: CUDA if available).")
 @click.option("--cache-mb", type=int, default=D.cache_mb, show_default=True, help="Memory for decoded embedding files (key queries, captions).")
 @click.option("--workers", type=int, default=D.workers, show_default=True, help="Processes sharing the port, each holding its own copy of the indexes.")
-@click.option("--thumb-timeout", type=float, default=D.thumb_timeout, show_default=True, help="Seconds a thumbnail may take to read from a remote (http, https...) shard; then 504.")
 @click.option("--trust-model", "trust_models", multiple=True, metavar="FILE", help="A model file (TorchScript, or weights) an index's embedding_meta may name for image queries (repeatable); its sha256 is checked against the index. Library models need none.")
+@click.option("--thumb-timeout", type=float, default=D.thumb_timeout, show_default=True, help="Seconds a thumbnail may take to read from a remote (http, https...) shard; then 504.")
 @click.option("--thumb-threads", type=int, default=D.thumb_threads, show_default=True, help="Remote thumbnail reads at once (their own pool: searches never wait for them).")
 @config_option
 def serve(index_dirs: tuple[str, ...], **options: Any) -> None:
