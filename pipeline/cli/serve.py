@@ -34,6 +34,9 @@ D = ServeOptions  # the defaults shown here are the service's own
 @click.option("--body-timeout", type=float, default=D.body_timeout, show_default=True, help="Seconds a body may take to arrive once its reading starts; then a 408.")
 @click.option("--keep-alive", type=float, default=D.keep_alive, show_default=True, help="Seconds an idle connection stays open after an answer.")
 @click.option("--body-memory-mb", type=float, default=D.body_memory_mb, show_default=True, help="Request bodies read and parsed at once per process; others wait for room.")
+@click.option("--trust-model", "trust_models", multiple=True, metavar="FILE", help="A model file (TorchScript, or weights) an index's embedding_meta may name for image queries (repeatable); its sha256 is checked against the index. Library models need none.")
+@click.option("--thumb-timeout", type=float, default=D.thumb_timeout, show_default=True, help="Seconds a thumbnail may take to read from a remote (http, https...) shard; then 504.")
+@click.option("--thumb-threads", type=int, default=D.thumb_threads, show_default=True, help="Remote thumbnail reads at once (their own pool: searches never wait for them).")
 @config_option
 def serve(index_dirs: tuple[str, ...], **options: Any) -> None:
     """Serve nearest-neighbour lookups in INDEX_DIR (or NAME=INDEX_DIR; several allowed) over HTTP, with a page at /.

@@ -113,6 +113,26 @@ def result(out: Path, rec: IndexRecord, added: int | None = None) -> dict[str, A
     return {"path": str(out), "summary": summary, "meta": rec.to_dict(), "record": rec}
 
 
+def check_ids(table: pa.Table, path: Path) -> None:
+    """An id table a search can use: :data:`IDS_SCHEMA`'s columns (text as string or large_string, integers of
+    any width) and ids 0..n-1 in order; a UserError naming what is wrong otherwise."""
+    def fix() -> str:
+        return "the directory is damaged or was edited: rebuild the index with `embedpipe index ... --overwrite`"
+
+    missing = [f.name for f in IDS_SCHEMA if f.name not in table.column_names]
+    if missing:
+        raise UserError(f"{path} lacks the column(s) {', '.join(missing)} (it must hold {', '.join(IDS_SCHEMA.names)}); "
+                        + fix())
+    for f in IDS_SCHEMA:
+        got = table.schema.field(f.name).type
+        text = pa.types.is_string(f.type)
+        if not (pa.types.is_string(got) or pa.types.is_large_string(got) if text else pa.types.is_integer(got)):
+            raise UserError(f"{path}: column {f.name!r} holds {got}, not {'strings' if text else 'integers'}; " + fix())
+    ids = table.column("id").to_numpy()
+    if len(ids) and not np.array_equal(ids, np.arange(len(ids))):
+        raise UserError(f"{path}: ids are not 0..{len(ids) - 1} in order (row i must hold id i); " + fix())
+
+
 def check_dense(ids_path: Path, ntotal: int) -> None:
     """ids.parquet must hold ids 0..ntotal-1 in order (row i is id i): search relies on it."""
     ids = pq.read_table(ids_path, columns=["id"]).column("id").to_numpy()

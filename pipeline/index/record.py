@@ -6,6 +6,7 @@ The one place that knows its field names. ``from_dict`` refuses unknown and miss
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping
@@ -119,6 +120,7 @@ class IndexRecord:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "index record") -> "IndexRecord":
         values = _typed(cls, d, where)
+        _check_types(values, where)
         values["sources"] = tuple(values.get("sources") or ())
         values["updates"] = tuple(values.get("updates") or ())
         return cls(**values)
@@ -159,6 +161,35 @@ def _plain(record: IndexRecord | TrainRecord) -> dict[str, Any]:
     d["shards"] = {name: s.to_dict() for name, s in record.shards.items()}
     d["embedding_meta"] = record.embedding_meta.to_dict() if record.embedding_meta else {}
     return d
+
+
+# The JSON type of each field a reader uses as a value (a service would load "dim": "abc" and fail on every search).
+_TYPES: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(("factory", "kind", "metric", "embedding_dtype", "source", "created", "updated", "reason",
+                     "format", "version"), (str,)),
+    **dict.fromkeys(("dim", "count", "memory_budget", "estimated_bytes", "next_id", "tuned_at_count"), (int,)),
+    **dict.fromkeys(("tuning", "config", "search_params"), (Mapping,)),
+    "on_disk": (bool,), "merged_from_parts": (int, type(None)), "auto": (Mapping, type(None)),
+    "build_seconds": (Mapping, type(None)), "sources": (list,), "updates": (list,),
+}
+_NAMES = {str: "a string", int: "an integer", bool: "true or false", Mapping: "an object", list: "a list"}
+
+
+def _check_types(values: dict[str, Any], where: str) -> None:
+    """Refuse a field of the wrong JSON type, a dim below 1 and search parameters that are not integers."""
+    def bad(name: str, want: str, got: Any) -> UserError:
+        return UserError(f"{where}: {name!r} must be {want}, found {reprlib.repr(got)}; the file is damaged or was edited: "
+                         "rebuild the index with `embedpipe index ... --overwrite`")
+
+    for name, types in _TYPES.items():
+        value = values.get(name)
+        if name in values and (not isinstance(value, types) or (bool not in types and isinstance(value, bool))):
+            raise bad(name, " or ".join(_NAMES.get(t, "null") for t in types), value)
+    if values["dim"] < 1:
+        raise bad("dim", "a positive integer", values["dim"])
+    for name, value in values["search_params"].items():
+        if not isinstance(name, str) or not isinstance(value, int) or isinstance(value, bool):
+            raise bad(f"search_params.{name}", "an integer", value)
 
 
 def _typed(cls: type, d: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from . import tune
 from ..records import ModelIdentity
 from .columns import FileCache, Strings, codes, read_column, read_vectors
 from .keys import KeyRows, KeyTable, short_shard
-from .layout import IDS_FILE, load_faiss, read_record
+from .layout import IDS_FILE, INDEX_FILE, check_ids, load_faiss, read_record
 from .record import IndexRecord
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,12 @@ class Index:
         self.path = Path(path)
         self.record: IndexRecord = read_record(self.path)
         self.index = load_faiss(self.path, self.record, mmap=mmap)
+        if self.index.d != self.record.dim:
+            raise UserError(f"{self.path / INDEX_FILE} holds vectors of dimension {self.index.d} but index.json says "
+                            f"{self.record.dim}; the directory is damaged: rebuild it")
         tune.set_params(self.index, dict(self.record.search_params))
         self.ids = pq.read_table(self.path / IDS_FILE)
+        check_ids(self.ids, self.path / IDS_FILE)
         if len(self.ids) != self.index.ntotal:
             raise UserError(f"{self.path / IDS_FILE} has {len(self.ids)} rows but the index holds "
                             f"{self.index.ntotal} vectors; the directory is damaged: rebuild it")

@@ -192,7 +192,7 @@ def set_params(index: Any, params: dict[str, int]) -> None:
     for name, value in params.items():
         try:
             ps.set_index_parameter(index, name, value)
-        except RuntimeError as e:
+        except (RuntimeError, TypeError) as e:  # TypeError: a value that is not a number
             raise UserError(f"search parameter {name}={value} does not apply to this index: {e}") from None
 
 

@@ -17,16 +17,19 @@ from .device import resolve_device
 from .image_header import DEFAULT_MAX_PIXELS, SkipSample
 from .preprocess import Preprocess
 from .sources import source_of
+from .trust import check_code_file
 
 
 def rebuild_backbone(meta: EmbeddingMeta) -> Backbone:
     """The backbone recorded in ``meta`` (model, weights, layer, input size; the whole preprocessing for a source
-    that takes one by hand, as a TorchScript file embedded with ``--preprocess``), checked by its weights' sha256.
+    that takes one by hand, as a TorchScript file embedded with ``--preprocess``), checked by its weights' sha256 (a
+    TorchScript file before it is loaded: loading runs its code).
 
     Example:
         >>> bb = rebuild_backbone(store.read_metadata("emb/embeddings/shard-000000.parquet"))  # doctest: +SKIP
     """
     ident = meta.identity
+    check_code_file(ident)  # a TorchScript file runs code as it loads: it must be the recorded one first
     given = dict(ident.preprocess) if ident.preprocess and source_of(ident.model).takes_preprocess else None
     bb = load_backbone(ident.model, ident.weights_arg(), ident.layer, preprocess=given)
     want = Preprocess.from_dict(ident.preprocess) if ident.preprocess else bb.preprocess

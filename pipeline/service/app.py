@@ -5,7 +5,8 @@ Nothing here writes a file, and no route opens a path taken from a request.
 
 The event loop only parses and answers: FAISS searches, key lookups, stored-column reads, image decoding and
 thumbnails run in a pool of ``threads`` (FAISS releases the GIL), and the model runs on its own thread, fed by
-one :class:`~pipeline.service.batcher.Batcher` per model.
+one :class:`~pipeline.service.batcher.Batcher` per model. Thumbnails of remote shards are read on a pool of
+their own (``thumb_threads``), each within ``thumb_timeout``: a slow host never holds a search thread.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import UserError
+from ..model.trust import TrustedFiles, UntrustedModel
 from ..records import EmbeddingMeta
 from . import queries, wire
 from .answer import answer, answer_together
@@ -38,6 +40,7 @@ from .bodies import LimitBody
 from .guard import LimitConcurrency, RequireToken
 from .options import WORKERS_ENV, ServeOptions, index_names
 from .page import PAGE
+from .remote import ShardTimeout
 from .thumbs import ShardImages
 
 log = logging.getLogger(__name__)
@@ -55,7 +58,9 @@ class Service:
         self.embedders: dict[str, Any] = {}  # model record (json) -> ImageEmbedder, built on first image query
         self.batchers: dict[tuple[str, int], Batcher] = {}  # (model record, event loop) -> Batcher
         self.coalescers: dict[int, Coalescer] = {}  # event loop -> the JSON searches' Coalescer
-        self.thumbs = ShardImages(options.max_pixels)
+        self.thumbs = ShardImages(options.max_pixels, timeout=options.thumb_timeout)
+        self.trusted = TrustedFiles.of(options.trust_models)
+        self.remote_pool = ThreadPoolExecutor(options.thumb_threads, thread_name_prefix="embedpipe-remote")
         self.started = time.time()
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -66,6 +71,22 @@ class Service:
         self.catalog.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.model_thread.shutdown(wait=False, cancel_futures=True)
+        self.remote_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def thumbnail(self, shard: str, key: str) -> bytes | None:
+        """A thumbnail: local shards on the search pool, remote ones on their own pool within the timeout."""
+        if not self.thumbs.is_remote(shard):
+            return await self.run(self.thumbs.thumbnail, shard, key)
+        kept, jpeg = self.thumbs.recent(shard, key)
+        if kept:
+            return jpeg
+        read = asyncio.get_running_loop().run_in_executor(self.remote_pool, self.thumbs.thumbnail, shard, key)
+        try:  # waiting for a free remote thread counts too (a read still queued is cancelled)
+            return await asyncio.wait_for(read, self.options.thumb_timeout + 0.5)
+        except asyncio.TimeoutError:
+            raise ShardTimeout(f"the thumbnail of {key!r} was not read from {shard} within "
+                               f"{self.options.thumb_timeout:g} s (--thumb-timeout; other remote reads were "
+                               "waiting too)") from None
 
     def _embedder(self, model: str, meta: EmbeddingMeta) -> Any:
         """On the model thread (so one build at a time): the embedder of this model, built on first use."""
@@ -86,6 +107,7 @@ class Service:
         if meta is None:
             raise UserError(f"the index {served.name} records no embedding model, so images cannot be embedded "
                             "like its vectors; query it with vectors or keys")
+        self.trusted.check(meta.identity, served.name)  # before anything reads a file the index names
         model = meta.rebuild_key()
         loop = asyncio.get_running_loop()
         emb = await loop.run_in_executor(self.model_thread, self._embedder, model, meta)
@@ -180,7 +202,8 @@ async def get_page(request: Request) -> Response:
 async def get_healthz(request: Request) -> Response:
     svc = _service(request)
     cat = svc.catalog
-    return JSONResponse({"status": "ok", "uptime_s": round(time.time() - svc.started, 1),
+    # "degraded": still serving, but an index's newest version could not be loaded (reload_errors says why)
+    return JSONResponse({"status": "degraded" if cat.reload_errors else "ok", "uptime_s": round(time.time() - svc.started, 1),
                          "indexes": {n: {"generation": s.generation, "count": s.index.count}
                                      for n, s in cat.current.items()},
                          "reloads": cat.reloads, "reload_errors": cat.reload_errors, "image_queries": svc.image_stats(),
@@ -220,7 +243,7 @@ async def get_thumb(request: Request) -> Response:
         raise UserError(f"key {key!r} is in {len(rows.ids)} shards of the index {served.name}; pick one with "
                         f"?shard= (its url, the end of its path or its file name): {rows.shards[:3]}")
     shard = rows.shards[0]
-    jpeg = await svc.run(svc.thumbs.thumbnail, shard, key)
+    jpeg = await svc.thumbnail(shard, key)
     if jpeg is None:
         raise NotFound(f"the image of {key!r} could not be read back from its shard {Path(shard).name}")
     return Response(jpeg, media_type="image/jpeg", headers={"cache-control": "private, max-age=3600"})
@@ -248,6 +271,14 @@ async def on_user(request: Request, exc: Exception) -> Response:
 
 async def on_not_found(request: Request, exc: Exception) -> Response:
     return _error(404, str(exc))
+
+
+async def on_untrusted(request: Request, exc: Exception) -> Response:
+    return _error(403, str(exc))
+
+
+async def on_timeout(request: Request, exc: Exception) -> Response:
+    return _error(504, str(exc))
 
 
 async def on_crash(request: Request, exc: Exception) -> Response:
@@ -291,7 +322,8 @@ def create_app(indexes: Sequence[str | Path] | dict[str, str | Path], options: S
                 Route("/search", post_search, methods=["POST"]), Route("/thumb/{index}/{key:path}", get_thumb)],
         middleware=middleware, lifespan=lifespan,
         exception_handlers={HTTPException: on_http, UserError: on_user, NotFound: on_not_found,
-                            ClientDisconnect: on_disconnect, Exception: on_crash})
+                            ClientDisconnect: on_disconnect, UntrustedModel: on_untrusted, ShardTimeout: on_timeout,
+                            Exception: on_crash})
     app.state.service = svc
     return app
 

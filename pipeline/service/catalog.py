@@ -4,6 +4,10 @@
 step (``atomic.staged_dir``). A watcher thread notices the directory's new identity, loads the new version off
 the request path and swaps the reference; requests that already hold the old version finish with it (its files
 stay readable while open or mapped, even once removed), so no request fails because of an update.
+
+A version is swapped in only once it has answered: its records validate, and a search for one of its stored
+vectors finds that row (:func:`probe`). One that fails keeps the old version serving, is logged once and shown
+in ``/healthz``; the watcher itself never stops.
 """
 from __future__ import annotations
 
@@ -15,8 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import UserError
 from ..index.layout import META_FILE
+from ..index.record import now
 from ..index.search import Index, open_index
 from .options import ServeOptions
 
@@ -28,12 +35,47 @@ class NotFound(Exception):
 
 
 def stamp(path: Path) -> tuple[int, ...] | None:
-    """What changes when the directory is swapped or rewritten; None while it is missing (mid-swap fallback)."""
+    """What changes when the directory is swapped or rewritten; None while it is missing (mid-swap fallback).
+
+    A directory without ``index.json`` is a version too (a broken one): swaps never show a partial directory."""
     try:
-        d, m = os.stat(path), os.stat(path / META_FILE)
+        d = os.stat(path)
     except OSError:
         return None
+    try:
+        m = os.stat(path / META_FILE)
+    except OSError:
+        return (d.st_dev, d.st_ino, -1, -1, -1)
     return (d.st_dev, d.st_ino, m.st_ino, m.st_mtime_ns, m.st_size)
+
+
+PROBE_K = 10  # an approximate index must return a stored vector's own row within this many hits
+
+
+def probe(idx: Index) -> None:
+    """Check that an opened index answers: its first row's key finds that row, and a search for its stored vector
+    returns it within the first :data:`PROBE_K` hits (approximate indexes), or hits at least as close (duplicates
+    of it; longer vectors under inner product). A UserError says what did not answer."""
+    if idx.count == 0:
+        return
+    key = idx.ids.column("key")[0].as_py()
+    if 0 not in idx.find_keys([key])[0].ids.tolist():
+        raise UserError(f"{idx.path}: the key {key!r} of row 0 does not find row 0; ids.parquet is damaged: rebuild")
+    try:
+        x = idx.vectors(np.array([0], np.int64))
+    except UserError as e:  # stored vectors gone and not reconstructible: vector queries may still work
+        log.warning("%s: not probed with a search (%s)", idx.path, e)
+        return
+    k = min(PROBE_K, idx.count)
+    res = idx.search(x, k, where="the probe's stored vector")
+    hits, best = res.ids[0], float(res.scores[0, 0])
+    own = float(x[0] @ x[0])  # its score against itself: inner product, or 0 as a distance
+    if 0 in hits.tolist() or (best >= own - 1e-3 * own if idx.record.metric == "ip" else best <= 1e-3 * own):
+        return
+    raise UserError(f"{idx.path}: a search for the stored vector of row 0 (key {key!r}) did not return it in the "
+                    f"first {k} hits, nor anything as close (got ids {hits[:5].tolist()}, best score {best:.4g}, "
+                    f"its own {0.0 if idx.record.metric != 'ip' else own:.4g}): index.faiss does not hold the vectors "
+                    "ids.parquet names; rebuild the index")
 
 
 @dataclass
@@ -69,7 +111,8 @@ class Catalog:
         self.dirs = dirs
         self.current: dict[str, Served] = {}
         self.reloads = 0
-        self.reload_errors: dict[str, str] = {}
+        # index name -> why its newest version is not served: {"error", "at", "serving": the generation kept}
+        self.reload_errors: dict[str, dict[str, Any]] = {}
         self._failed: dict[str, tuple[int, ...]] = {}  # a version that would not load is not retried every tick
         for name, path in dirs.items():  # all at start: a bad directory stops the service before it listens
             self.current[name] = self._load(name, path, generation=1, st=stamp(path))
@@ -79,6 +122,7 @@ class Catalog:
     def _load(self, name: str, path: Path, generation: int, st: tuple[int, ...] | None) -> Served:
         idx = open_index(path)
         idx.cache_lookups(vector_bytes=self.options.cache_mb << 20)
+        probe(idx)
         log.info("loaded index %s (generation %d): %r", name, generation, idx)
         # Stored vectors read ahead while idle (up to --cache-mb): a first key query would wait ~2 s per file.
         threading.Thread(target=idx.warm_cache, name=f"embedpipe-warm-{name}", daemon=True).start()
@@ -108,8 +152,14 @@ class Catalog:
             self._watcher.join(timeout=10)
 
     def _watch(self) -> None:
+        last = ""
         while not self._stop.wait(self.options.reload_every):
-            self.check()
+            try:
+                self.check()
+            except Exception as e:  # the watcher outlives anything: a dead one would never reload again
+                if repr(e) != last:
+                    log.exception("checking the indexes for new versions failed; still watching")
+                last = repr(e)
 
     def check(self) -> list[str]:
         """Reload every index whose directory changed; returns the names reloaded."""
@@ -120,11 +170,14 @@ class Catalog:
                 continue
             try:
                 new = self._load(name, old.path, old.generation + 1, st)
-            except (UserError, OSError, RuntimeError, ValueError) as e:
-                # A directory mid-swap, or one replaced by something broken: keep serving the old version.
-                log.warning("index %s changed but cannot be loaded (still serving generation %d): %s",
-                            name, old.generation, e)
-                self.reload_errors[name], self._failed[name] = str(e), st
+            except Exception as e:
+                # A directory replaced by something broken (any error: a damaged file can make FAISS or Arrow raise
+                # anything): keep serving the old version. Logged once per version: it is not retried.
+                why = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+                log.warning("index %s changed but its new version cannot be served (still serving generation %d): "
+                            "%s", name, old.generation, why, exc_info=not isinstance(e, (UserError, OSError)))
+                self.reload_errors[name] = {"error": why, "at": now(), "serving": old.generation}
+                self._failed[name] = st
                 continue
             self.current[name] = new  # one reference swap; requests holding `old` finish with it
             self.reload_errors.pop(name, None)

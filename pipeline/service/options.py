@@ -45,6 +45,14 @@ class ServeOptions:
     keep_alive: float = 5.0  # seconds an idle connection stays open after an answer
     body_memory_mb: float = 64.0  # request bodies being read, parsed and answered at once, all requests together
     workers: int = 1  # processes sharing the port, each with its own copy of the indexes (and model)
+    thumb_timeout: float = 10.0  # seconds for one thumbnail read from a remote (http, https...) shard
+    thumb_threads: int = 4  # remote thumbnail reads at once, on their own pool (never the search pool)
+    # Model files (TorchScript, weights) an index's embedding_meta may name for image queries: loading one runs
+    # or reads a file the index names, so only those the operator lists (model/trust.py)
+    trust_models: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "trust_models", tuple(map(str, self.trust_models)))  # a list, from JSON or a caller
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -58,12 +66,17 @@ class ServeOptions:
                             ("--max-batch", self.max_batch), ("--max-connections", self.max_connections),
                             ("--max-concurrent", self.max_concurrent), ("--header-timeout", self.header_timeout),
                             ("--body-timeout", self.body_timeout), ("--keep-alive", self.keep_alive),
-                            ("--body-memory-mb", self.body_memory_mb), ("--workers", self.workers)):
+                            ("--body-memory-mb", self.body_memory_mb), ("--workers", self.workers),
+                            ("--thumb-timeout", self.thumb_timeout), ("--thumb-threads", self.thumb_threads)):
             if value <= 0:
                 raise UserError(f"{name} {value} must be positive")
         if self.batch_wait_ms < 0 or self.reload_every < 0 or self.threads < 0 or self.cache_mb < 0:
             raise UserError("--batch-wait-ms, --reload-every, --threads and --cache-mb cannot be negative")
         usable_cpus()  # a bad EMBEDPIPE_THREADS is refused before any index is read
+        if self.trust_models:
+            from ..model.trust import TrustedFiles
+
+            TrustedFiles.of(self.trust_models)  # each a file that exists
 
     @property
     def max_body(self) -> int:

@@ -2,8 +2,10 @@
 
 The search page reads a whole shard to pick out a few images; a service asked for one thumbnail at a time
 cannot. For a local uncompressed tar it reads the member headers once (seeking past the data), then one seek
-and read per image; other shards (compressed, remote) go through the page's own reader. ``pipe:`` urls are
-never run: they come from the index's data, and running them would let whoever wrote the data run commands.
+and read per image; a local compressed shard goes through the page's own reader; a remote one (http, https,
+...) is read by ``remote.py`` within ``--thumb-timeout``, and the app runs those reads on their own small pool,
+so a slow host costs thumbnails, never searches. ``pipe:`` urls are never run: they come from the index's data,
+and running them would let whoever wrote the data run commands.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from ..embedding.tar import IMAGE_EXTS, member_key
 from ..index.html_page import images_by_key, thumbnail_jpeg
+from .remote import read_image
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +48,33 @@ class ShardImages:
     """Thumbnail JPEGs by (shard url, key), with the member tables of recently used shards and recent thumbnails
     kept (both bounded)."""
 
-    def __init__(self, max_pixels: int, shards: int = 256, thumbs: int = 4096):
+    def __init__(self, max_pixels: int, shards: int = 256, thumbs: int = 4096, timeout: float = 10.0):
         self.max_pixels = max_pixels
+        self.timeout = timeout  # a remote shard's read, connecting included
         self.tables: OrderedDict[str, dict[str, tuple[int, int]] | None] = OrderedDict()
         self.thumbs: OrderedDict[tuple[str, str], bytes | None] = OrderedDict()
         self.max_tables, self.max_thumbs = shards, thumbs
         self.lock = threading.Lock()
 
-    def thumbnail(self, url: str, key: str) -> bytes | None:
-        """The thumbnail of ``key`` in the shard ``url``; None when the shard or the image is gone or unreadable."""
+    @staticmethod
+    def is_remote(url: str) -> bool:
+        """Read over the network (its reads go on the app's remote pool); ``pipe:`` urls are never read at all."""
+        return _local_path(url) is None and not url.startswith("pipe:")
+
+    def recent(self, url: str, key: str) -> tuple[bool, bytes | None]:
+        """(kept, thumbnail): a thumbnail made before, without reading anything."""
         with self.lock:
             if (url, key) in self.thumbs:
                 self.thumbs.move_to_end((url, key))
-                return self.thumbs[(url, key)]
+                return True, self.thumbs[(url, key)]
+        return False, None
+
+    def thumbnail(self, url: str, key: str) -> bytes | None:
+        """The thumbnail of ``key`` in the shard ``url``; None when the shard or the image is gone or unreadable
+        (remembered); :class:`~pipeline.service.remote.ShardTimeout` when a remote shard is too slow (not)."""
+        kept, jpeg = self.recent(url, key)
+        if kept:
+            return jpeg
         jpeg = thumbnail_jpeg(self.image(url, key), self.max_pixels)
         with self.lock:
             self.thumbs[(url, key)] = jpeg
@@ -71,8 +88,10 @@ class ShardImages:
             log.warning("not opening %r: pipe: shard urls recorded in an index are not run", url)
             return None
         path = _local_path(url)
-        table = self._table(url, path) if path is not None else None
-        if table is None:  # compressed or remote: a streamed read of the shard
+        if path is None:
+            return read_image(url, key, self.timeout)
+        table = self._table(url, path)
+        if table is None:  # compressed: a streamed read of the shard
             return images_by_key({url: {key}}).get((url, key))
         where = table.get(key)
         if where is None:

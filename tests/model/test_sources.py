@@ -54,6 +54,7 @@ def test_every_source_has_the_one_signature(name):
     assert isinstance(source.about, str) and source.about
     assert source.bare_order is None or isinstance(source.bare_order, int)
     assert isinstance(source.has_classifier, bool) and isinstance(source.takes_preprocess, bool)
+    assert isinstance(source.runs_code, bool)
     for method in ("names", "check", "load", "classifier"):
         assert _signature(getattr(source, method)) == _signature(getattr(ModelSource, method)), (name, method)
     assert isinstance(source.names(), frozenset)
@@ -159,6 +160,7 @@ class TinySource:
     argument: str = "<width>"
     about: str = "a tiny conv net, for the registry's tests"
     bare_order: int | None = None
+    runs_code: bool = False
     has_classifier: bool = True
     takes_preprocess: bool = False
 

@@ -72,8 +72,9 @@ def call(url: str, method: str = "GET", body: bytes | None = None, headers: dict
         conn.close()
 
 
-def post_json(url: str, obj: Any, headers: dict[str, str] | None = None) -> Reply:
-    return call(url, "POST", json.dumps(obj).encode(), {"content-type": "application/json", **(headers or {})})
+def post_json(url: str, obj: Any, headers: dict[str, str] | None = None, timeout: float = 60) -> Reply:
+    return call(url, "POST", json.dumps(obj).encode(), {"content-type": "application/json", **(headers or {})},
+                timeout=timeout)
 
 
 def multipart(fields: list[tuple[str, str | tuple[str, bytes]]]) -> tuple[bytes, str]:

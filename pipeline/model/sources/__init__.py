@@ -38,6 +38,9 @@ class ModelSource(Protocol):
     # load() takes a preprocessing given by hand (--preprocess): for models whose file may not record their own (a
     # TorchScript file); a library's model has its library's, so its source refuses one (preprocess_refused)
     takes_preprocess: bool
+    # A name is a file whose loading runs its code (TorchScript), its weights_sha256 that file's sha256: a rebuild
+    # checks the file against the record before loading it, and a service loads it only when trusted (trust.py).
+    runs_code: bool
 
     def names(self) -> frozenset[str]:
         """The model names a bare spec can mean (built once per process); empty when names are paths."""
@@ -124,6 +127,15 @@ def check_preprocess_option(spec: str) -> None:
     """Refuse ``--preprocess`` for ``spec`` before any work, unless its source takes one."""
     if not source_of(spec).takes_preprocess:
         raise preprocess_refused(spec)
+
+
+def code_file(spec: str) -> str | None:
+    """The file that loading the recorded ``spec`` would run as code (a source whose names are such files), else
+    None. Imports only that source's module."""
+    prefix, sep, name = ALIASES.get(spec, spec).partition(":")
+    if sep and name and prefix in source_names() and get_source(prefix).runs_code:
+        return name
+    return None
 
 
 def classifier_source(spec: str, what: str) -> ModelSource:

@@ -58,6 +58,7 @@ class TimmSource(ClassifierLibrary):
     argument: str = "<name>"
     about: str = "timm's image models (`timm.list_models()` lists them)"
     bare_order: int | None = 0
+    runs_code: bool = False
     has_classifier: bool = True
 
     names = staticmethod(model_names)

@@ -32,6 +32,7 @@ class TorchScriptSource:
     argument: str = "<path>"
     about: str = "a TorchScript file returning [B, D] features (loading runs its code: trusted files only)"
     bare_order: int | None = None
+    runs_code: bool = True
     has_classifier: bool = False
     takes_preprocess: bool = True
 

@@ -54,6 +54,7 @@ class TorchvisionSource(ClassifierLibrary):
     argument: str = "<name>"
     about: str = "torchvision's classification models (`torchvision.models.list_models()` lists them)"
     bare_order: int | None = 1
+    runs_code: bool = False
     has_classifier: bool = True
 
     names = staticmethod(model_names)
