@@ -35,7 +35,7 @@ def _stream(url: str, timeout: float) -> Iterator[tuple[Any, threading.Event]]:
     if urlsplit(url).scheme in CURL_SCHEMES:
         proc = subprocess.Popen(["curl", "-f", "-s", "-L", "--proto", "=" + ",".join(CURL_SCHEMES),
                                  "--proto-redir", "=http,https", "--connect-timeout", f"{min(timeout, 10.0):g}",
-                                 "--max-time", f"{timeout:g}", "--", url],
+                                 "--max-time", f"{timeout + 2:g}", "--", url],  # a backstop: the timer decides
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         stream: Any = proc.stdout
     else:
