@@ -94,8 +94,9 @@ def test_embed_killed_at_random_points_then_rerun_equals_clean(small_shards, cle
 
 def test_killed_between_parquet_and_done_record_redoes_the_shard(small_shards, tmp_path):
     out = tmp_path / "emb"
-    # renames: run.json, then shard 0's Parquet file, then its done record: die before that third one
-    r = run("os.replace", 3, "embed", small_shards[0], "--out", out, *EMBED)
+    # renames: run.json, then shard 0's Parquet file, then its done record: die before that third one (a fixed
+    # micro-batch: a measured one is first written to the user's cache, one rename more when it is not there yet)
+    r = run("os.replace", 3, "embed", small_shards[0], "--out", out, *EMBED, "--micro-batch", "4")
     assert r.returncode == -9
     name = Path(small_shards[0]).stem
     assert (out / "embeddings" / f"{name}.parquet").is_file() and not (out / "_state" / f"{name}.json").exists()
