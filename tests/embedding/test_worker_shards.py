@@ -160,3 +160,22 @@ def test_a_broken_shard_fails_alike_whether_read_whole_or_split(tmp_path, fault,
     wanted = None if share is None else (lambda i: i % 2 == share)
     with pytest.raises(error, match=message):
         list(iter_tar_samples(url, max_shard_gb=1e-6 if fault == "too_large" else 64, wanted=wanted))
+
+
+def test_a_shard_waiting_for_its_end_keeps_its_rows_not_their_pixels():
+    """Up to one shard per worker waits in the main process for its last piece: its decoded crops (150 KB an
+    image at 224 px) must not wait with it."""
+    import numpy as np
+    import torch
+
+    from pipeline.embedding.reader import Piece
+    from pipeline.embedding.worker import _ShardBuffer
+
+    buf = _ShardBuffer()
+    images = torch.zeros(4, 3, 224, 224, dtype=torch.uint8)
+    piece = Piece("s.tar", images, keys=list("abcd"), indices=[0, 1, 2, 3], labels=[None] * 4, seen=4)
+    buf.add(piece, np.ones((4, 8), dtype=np.float16))
+    ((kept, emb),) = buf.pieces
+    assert kept.keys == list("abcd") and kept.indices == [0, 1, 2, 3] and emb.shape == (4, 8)
+    pixels = kept.images.untyped_storage().nbytes()  # a view of the batch would keep its whole storage
+    assert pixels == 0, f"{pixels} bytes of decoded crops kept until the shard ends"
