@@ -1,11 +1,11 @@
 """Tar shards -> header-checked samples, decoded (resized, centre-cropped uint8 ``Piece``) in the DataLoader workers
-or, for a decoder that runs in the main process, handed over encoded; split across the workers."""
+or, for a decoder that runs in the main process, handed over encoded; whole shards per worker."""
 from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -17,6 +17,7 @@ from ..model.image_header import DEFAULT_MAX_PIXELS, Header, SkipSample, read_he
 from ..model.preprocess import Preprocess
 from . import tar
 from .tar import DEFAULT_MAX_MEMBER_MB, DEFAULT_MAX_SHARD_GB, IMAGE_EXTS, KEEPABLE, LABEL
+from .worker_shards import owns, shard_owners
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,15 @@ def _label(sample: dict[str, Any]) -> tuple[int | None, str | None]:
 
 
 class ShardSamples(IterableDataset):
-    """Iterates shards in order; each DataLoader worker reads every ``num_workers``-th sample of every shard.
+    """Iterates shards in order; each DataLoader worker reads only the shards it owns (``shard_owners``), whole,
+    and its share of the samples of a split tail shard (every ``num_workers``-th one), when fewer shards are left
+    than workers.
 
-    Splitting samples (not shards) keeps all workers busy when there are fewer shards than workers.
-    Each worker checks every image's header; with a decoder that runs in workers (``cpu``) it decodes there too,
-    else it hands the encoded bytes over for :meth:`decode_encoded` in the main process.
+    A worker checks the header of every image it reads; with a decoder that runs in workers (``cpu``) it decodes
+    there too, else it hands the encoded bytes over for :meth:`decode_encoded` in the main process.
     Each worker ends each shard with a ``Piece(end=True)`` carrying its counts and skipped keys, or
-    ``failed=reason`` when the shard itself cannot be read.
+    ``failed=reason`` when the shard itself cannot be read; for a shard it does not own it sends only that end
+    (``seen=0``), without opening the shard, so the main process knows when every worker is done with a shard.
     """
 
     def __init__(self, urls: Sequence[str], pre: Preprocess, batch_size: int, keep: Sequence[str] = KEEPABLE,
@@ -95,8 +98,13 @@ class ShardSamples(IterableDataset):
     def __iter__(self) -> Iterator[Piece]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        for url in self.urls:
-            yield from self._shard(url, wid, nw)
+        for url, owner in zip(self.urls, shard_owners(self.urls, nw)):
+            if owner is None:  # a split tail shard: worker 0 records the members that are no sample
+                yield from self._shard(url, owns(wid, nw), records=wid == 0)
+            elif owner == wid:
+                yield from self._shard(url, None, records=True)
+            else:
+                yield Piece(url, self._empty(url).images, end=True)
 
     def _empty(self, url: str) -> Piece:
         s = self.pre.input_size
@@ -194,22 +202,24 @@ class ShardSamples(IterableDataset):
             self._executor = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
         return self._executor
 
-    def _shard(self, url: str, wid: int, nw: int) -> Iterator[Piece]:
+    def _shard(self, url: str, mine: Callable[[int], bool] | None, records: bool) -> Iterator[Piece]:
+        """The pieces of one shard: every sample, or only those ``mine`` says this worker owns (the data of the
+        others is never read); ``records``: this worker records the members that are no sample field."""
         piece, raw, seen, keys_seen = self._empty(url), [], 0, set()
         pool = self._pool()
         i = -1  # the sample's index in the shard (records of members that are no field take none)
         try:
-            for sample in tar.iter_tar_samples(url, self.fields, self.max_member_mb, self.max_shard_gb):
+            for sample in tar.iter_tar_samples(url, self.fields, self.max_member_mb, self.max_shard_gb, wanted=mine):
                 key = sample["__key__"]
                 if tar.NOT_A_SAMPLE in sample:
-                    if wid == 0:  # one worker records it
+                    if records:  # one worker records it
                         seen += 1
                         piece.skipped.append((key, sample[tar.NOT_A_SAMPLE]))
                     continue
                 i += 1
                 duplicate = key in keys_seen
                 keys_seen.add(key)
-                if i % nw != wid:
+                if mine is not None and not mine(i):
                     continue
                 seen += 1
                 if duplicate:

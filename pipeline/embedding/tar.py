@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import collections
 import io
+import json
+import os
 import re
+import stat
 import tarfile
-from typing import Any, Collection, Iterator
+from typing import Any, Callable, Collection, Iterator
+from urllib.parse import urlparse
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the image of a sample: the first of these fields it has
 KEEPABLE = ("txt", "json")  # sample fields the embed stage can keep as string columns
@@ -21,6 +25,11 @@ NOT_A_SAMPLE = "__not_a_sample__"  # a record for a tar member that is no sample
 DEFAULT_MAX_MEMBER_MB = 64
 DEFAULT_MAX_SHARD_GB = 64.0
 MB, GB = 1 << 20, 1 << 30
+# Test hook: EMBEDPIPE_COUNT_READS=DIR makes each process append a line {"url", "bytes", "seek", "pid"} per shard
+# it opened to DIR/reads-<pid>.jsonl: the bytes read from the shard's source (before decompression).
+COUNT_READS_ENV = "EMBEDPIPE_COUNT_READS"
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: what _Tap decompresses
+_COMPRESSED_SUFFIXES = (".gz", ".tgz", ".bz2", ".tbz", ".tbz2", ".xz", ".txz", ".zst", ".lz4")
 
 
 class ShardTooLarge(ValueError):
@@ -63,9 +72,7 @@ class _Tap(io.RawIOBase):
         data = self.src.read(n) if n is not None and n >= 0 else self.src.read()
         self.pos += len(data)
         if self.limit is not None and self.pos > self.limit:
-            raise ShardTooLarge(f"the shard's tar stream is longer than {self.limit / GB:g} GB (after decompression; "
-                                "--max-shard-gb): a decompression bomb? If the shard really is that large, raise "
-                                "--max-shard-gb")
+            raise _too_large(self.limit)
         # References to the chunks, not a copy: keeping a rolling bytearray cost a 64 KiB move per read.
         self.chunks.append(data)
         self.kept += len(data)
@@ -106,19 +113,95 @@ class _Prefixed(io.RawIOBase):
         return len(data)
 
 
-def _check_tar_end(tap: _Tap, offset: int, members: int) -> None:
-    """Raise unless the tar ended with its end-of-archive marker where tarfile stopped reading headers."""
-    if members == 0 and tap.pos == 0:
-        raise tarfile.ReadError("empty file")
-    block = tap.block(offset)
-    if len(block) < 512:
-        raise tarfile.ReadError(f"the tar ends at byte {tap.pos} without its end-of-archive marker (truncated?)")
-    if any(block):
-        raise tarfile.ReadError(f"invalid tar header at byte {offset}: the shard is corrupt from there on")
+def _too_large(limit: int) -> ShardTooLarge:
+    return ShardTooLarge(f"the shard's tar stream is longer than {limit / GB:g} GB (after decompression; "
+                         "--max-shard-gb): a decompression bomb? If the shard really is that large, raise "
+                         "--max-shard-gb")
+
+
+class _Counted(io.RawIOBase):
+    """A shard's source (file, pipe, download), counting the bytes read from it (for ``COUNT_READS_ENV``)."""
+
+    def __init__(self, src: Any):
+        self.src, self.bytes = src, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.src.read(n) if n is not None and n >= 0 else self.src.read()
+        self.bytes += len(data)
+        return data
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def seekable(self) -> bool:
+        return self.src.seekable()
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self.src.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self.src.tell()
+
+
+def can_seek(url: str) -> bool:
+    """Whether ``url`` names a shard whose samples can be read apart, each seeking over the others' data: a local
+    file, not compressed (by its name; a compressed one found by its bytes is streamed, correctly but whole).
+    ``pipe:`` commands and downloads cannot seek, and a compressed stream can only be decompressed through."""
+    if url == "-" or urlparse(url).scheme not in ("", "file"):
+        return False
+    return not url.lower().endswith(_COMPRESSED_SUFFIXES)
+
+
+class _Source:
+    """A shard's tar as tarfile reads it: seekable (a local uncompressed file, asked for with ``seek``: the data of
+    unwanted samples is seeked over, never read) or a stream through :class:`_Tap` (anything else)."""
+
+    def __init__(self, stream: Any, limit: int, seek: bool):
+        raw = getattr(stream, "raw", None) if seek else None  # gopen opens local files buffered; seek the file
+        self.seek = isinstance(raw, io.FileIO) and stat.S_ISREG(os.fstat(raw.fileno()).st_mode)
+        self.counted = _Counted(raw if self.seek else stream)
+        if self.seek:
+            self.size = os.fstat(raw.fileno()).st_size  # type: ignore[union-attr]
+            head = self.counted.read(6)
+            self.counted.seek(0)
+            self.seek = not head.startswith(_COMPRESSED_MAGIC)
+        if self.seek:
+            if self.size > limit:  # uncompressed: the tar stream is the file
+                raise _too_large(limit)
+            self.fileobj: Any = self.counted
+        else:
+            self.tap = self.fileobj = _Tap(self.counted, limit)
+
+    def check_end(self, offset: int, members: int) -> None:
+        """Raise unless the tar ended with its end-of-archive marker where tarfile stopped reading headers."""
+        if self.seek:
+            self.counted.seek(offset)
+            block, size = self.counted.read(512), self.size
+        else:
+            block, size = self.tap.block(offset), self.tap.pos
+        if members == 0 and size == 0:
+            raise tarfile.ReadError("empty file")
+        if len(block) < 512:
+            raise tarfile.ReadError(f"the tar ends at byte {size} without its end-of-archive marker (truncated?)")
+        if any(block):
+            raise tarfile.ReadError(f"invalid tar header at byte {offset}: the shard is corrupt from there on")
+
+    def report(self, url: str) -> None:
+        folder = os.environ.get(COUNT_READS_ENV)
+        if folder:
+            line = {"url": url, "bytes": self.counted.bytes, "seek": self.seek, "pid": os.getpid()}
+            with open(os.path.join(folder, f"reads-{os.getpid()}.jsonl"), "a") as f:
+                f.write(json.dumps(line) + "\n")
 
 
 def iter_tar_samples(url: str, fields: Collection[str] = USED, max_member_mb: float = DEFAULT_MAX_MEMBER_MB,
-                     max_shard_gb: float = DEFAULT_MAX_SHARD_GB) -> Iterator[dict[str, Any]]:
+                     max_shard_gb: float = DEFAULT_MAX_SHARD_GB,
+                     wanted: Callable[[int], bool] | None = None) -> Iterator[dict[str, Any]]:
     """Stream a (gzipped) tar from a path or any url webdataset opens, grouping members by key.
 
     Only the data of ``fields`` is read; the names of a sample's other fields are listed under ``UNREAD`` (their
@@ -126,6 +209,10 @@ def iter_tar_samples(url: str, fields: Collection[str] = USED, max_member_mb: fl
     (why) instead of that field's data. A member that is no sample field (a link, FIFO or device; a name without
     a key or an extension) comes as a record of its own, ``{"__key__": its name, NOT_A_SAMPLE: why}``, after the
     sample it interrupts; directories are structure and pass silently.
+
+    ``wanted(i)`` (optional) says whether the data of the i-th sample (counting samples, not those records) is
+    read at all: the others come with their key and every field named under ``UNREAD``. A local uncompressed tar
+    (:func:`can_seek`) is then read by seeking over their data: only their 512-byte headers are read.
 
     Raises (so the shard fails, never silently shortened) on a truncated or corrupt tar or gzip stream, a
     garbled header mid-archive, a tar stream longer than ``max_shard_gb`` (:class:`ShardTooLarge`), and a
@@ -135,10 +222,11 @@ def iter_tar_samples(url: str, fields: Collection[str] = USED, max_member_mb: fl
 
     max_member = int(max_member_mb * MB)
     stream = gopen(url, "rb")
+    source = None
     try:
-        tap = _Tap(stream, int(max_shard_gb * GB))
-        members = 0
-        with tarfile.open(fileobj=tap, mode="r|") as tf:
+        source = _Source(stream, int(max_shard_gb * GB), seek=wanted is not None)
+        members, samples, reading = 0, 0, True
+        with tarfile.open(fileobj=source.fileobj, mode="r:" if source.seek else "r|") as tf:
             current: dict[str, Any] | None = None
             exts: set[str] = set()  # the current sample's fields, read or not
             aside: list[dict[str, Any]] = []  # records of members that are no field, yielded after the sample
@@ -166,8 +254,10 @@ def iter_tar_samples(url: str, fields: Collection[str] = USED, max_member_mb: fl
                     current, exts = {"__key__": key, "__url__": url}, set()
                     if raw is not None:
                         current[RAW_KEY] = raw
+                    reading = wanted is None or wanted(samples)
+                    samples += 1
                 exts.add(ext)
-                if ext not in fields:
+                if ext not in fields or not reading:
                     current.setdefault(UNREAD, []).append(ext)
                 elif member.size > max_member:
                     current.setdefault(UNREAD, []).append(ext)
@@ -178,9 +268,11 @@ def iter_tar_samples(url: str, fields: Collection[str] = USED, max_member_mb: fl
             if current is not None:
                 yield current
                 yield from aside
-            _check_tar_end(tap, tf.offset, members)
+            source.check_end(tf.offset, members)
     finally:
         _close(stream)
+        if source is not None:
+            source.report(url)
 
 
 def not_a_field(member: tarfile.TarInfo) -> str:
