@@ -9,6 +9,8 @@ from torch import nn
 
 from ..backbones import Backbone, Classifier, classifier_with_weights, features_of
 from ..preprocess import Preprocess
+from ..text import TextTower
+from . import text_refusal
 
 
 class ClassifierLibrary:
@@ -35,3 +37,6 @@ class ClassifierLibrary:
     def classifier(self, name: str, weights: str = "default") -> Classifier:
         self.check(name)
         return classifier_with_weights(f"{self.name}:{name}", weights, lambda pretrained: self.create(name, pretrained))
+
+    def text_tower(self, name: str, weights: str = "default") -> TextTower:
+        raise text_refusal(f"{self.name}:{name}")  # image classifiers have no text tower

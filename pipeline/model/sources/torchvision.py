@@ -55,6 +55,7 @@ class TorchvisionSource(ClassifierLibrary):
     about: str = "torchvision's classification models (`torchvision.models.list_models()` lists them)"
     bare_order: int | None = 1
     has_classifier: bool = True
+    has_text_tower: bool = False
 
     names = staticmethod(model_names)
     create = staticmethod(_create)
