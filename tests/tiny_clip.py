@@ -49,6 +49,26 @@ class TinyClip:
         return model.eval()
 
 
+    def text_embeddings(self, texts: list[str]) -> Any:
+        """open_clip's own normalised text embeddings of ``texts`` (float32 numpy ``[N, D]``)."""
+        import open_clip
+        import torch
+
+        with torch.no_grad():
+            return self.reference().encode_text(open_clip.get_tokenizer(ARCH)(texts), normalize=True).numpy()
+
+    def exact_neighbours(self, emb_dir: Path, texts: list[str], k: int) -> list[list[str]]:
+        """The keys of the ``k`` rows of ``emb_dir`` nearest each text, by exact search over open_clip's own text
+        embedding (what every text query path must answer)."""
+        import numpy as np
+
+        from pipeline import store
+
+        rows = store.read_all(emb_dir)
+        scores = self.text_embeddings(texts) @ rows.embeddings.astype(np.float32).T
+        return [[rows.keys[i] for i in np.argsort(-s, kind="stable")[:k]] for s in scores]
+
+
 def install(folder: Path) -> TinyClip:
     """Write the config and a seeded random checkpoint under ``folder``; register the config (env and open_clip)."""
     import open_clip

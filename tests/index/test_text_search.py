@@ -8,11 +8,9 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 
-import numpy as np
 import pytest
-import torch
 
-from pipeline import open_index, store
+from pipeline import open_index
 from pipeline.errors import UserError
 
 TEXTS = ["a red car", "a photo of the digit seven", "two dogs on a beach"]
@@ -25,14 +23,7 @@ def embedpipe(*args) -> subprocess.CompletedProcess:
 
 
 def exact_neighbours(clip_index, tiny_clip, texts: list[str], k: int = K) -> list[list[str]]:
-    """The k nearest stored rows of each text by exact search over open_clip's own text embedding."""
-    import open_clip
-
-    with torch.no_grad():
-        q = tiny_clip.reference().encode_text(open_clip.get_tokenizer("Tiny-CLIP-Test")(texts), normalize=True).numpy()
-    rows = store.read_all(clip_index / "emb")
-    scores = q @ rows.embeddings.astype(np.float32).T
-    return [[rows.keys[i] for i in np.argsort(-s, kind="stable")[:k]] for s in scores]
+    return tiny_clip.exact_neighbours(clip_index / "emb", texts, k)
 
 
 def test_search_texts_in_the_api_finds_the_exact_neighbours(clip_index, tiny_clip):
