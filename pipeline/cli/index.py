@@ -48,6 +48,7 @@ def _params(ctx: click.Context, param: click.Parameter, value: Any) -> dict[str,
 @click.option("--train-only", is_flag=True, help="Only train the shared quantizer that --parts builds against.")
 @click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Rows read per batch while adding.")
 @click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed of the training/query sample.")
+@click.option("--text-queries", default=None, help="Image-text models: texts (a file, one per line) whose recall is measured and recorded [default: built-in prompts; 'none': skip].")
 @quiet_option()
 @config_option
 def index(**options: Any) -> None:
