@@ -118,6 +118,7 @@ class TextEmbedder:
         self.tokenize = tower.tokenize
         self.normalize = meta.normalize
         self.dim = tower.num_features
+        self.logit_scale = tower.logit_scale
         self.identity: ModelIdentity = meta.identity  # what the vectors made here are comparable with
 
     def prepare(self, text: str) -> torch.Tensor:

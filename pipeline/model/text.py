@@ -29,6 +29,7 @@ class TextTower:
     weights_sha256: str  # of the text tower's own tensors
     tokenizer: str  # which tokenizer (and vocabulary): a query tokenized otherwise lands elsewhere
     context_length: int
+    logit_scale: float = 100.0  # the learned temperature: cosine x this is what CLIP's softmax over classes takes
 
     @property
     def record(self) -> dict[str, Any]:

@@ -231,8 +231,9 @@ class OpenClipSource:
         model = freeze(_EncodeText(clip.model))
         with torch.inference_mode():
             dim = int(model(tokenizer(["a photo"])).shape[1])
+        scale = getattr(clip.model, "logit_scale", None)
         return TextTower(f"{self.name}:{name}", model, tokenizer, dim, record["weights_sha256"], record["tokenizer"],
-                         record["context_length"])
+                         record["context_length"], float(scale.exp()) if isinstance(scale, torch.Tensor) else 100.0)
 
     def _text_record(self, name: str, clip: _Clip) -> dict[str, Any]:
         sd = clip.model.state_dict()
