@@ -136,15 +136,33 @@ class _Clip:
 
 
 class _EncodeText(nn.Module):
-    """Tokens -> the projected text embedding (``encode_text``); the image tower dropped."""
+    """Tokens -> the projected text embedding (``encode_text``); the image tower dropped.
+
+    A CLIP text tower with a causal mask pooled at the end token (``argmax``: the highest id) computes the same
+    embedding from the tokens up to the longest text's end as from all ``context_length`` of them: no position
+    attends to a later one. A query of a few words then costs a few positions' compute instead of 77.
+    """
 
     def __init__(self, clip: nn.Module):
         super().__init__()
         clip.visual = nn.Identity()
         self.clip = clip
+        self.trim = (getattr(clip, "text_pool_type", None) == "argmax" and getattr(clip, "attn_mask", None) is not None
+                     and all(hasattr(clip, a) for a in ("token_embedding", "positional_embedding", "ln_final")))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.clip.encode_text(tokens)
+        if not self.trim:
+            return self.clip.encode_text(tokens)
+        c = self.clip
+        n = int(tokens.argmax(dim=-1).max()) + 1
+        tokens = tokens[:, :n]
+        cast = c.transformer.get_cast_dtype()
+        x = c.token_embedding(tokens).to(cast) + c.positional_embedding[:n].to(cast)
+        x = c.ln_final(c.transformer(x, attn_mask=c.attn_mask[:n, :n]))
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        if c.text_projection is None:
+            return x
+        return c.text_projection(x) if isinstance(c.text_projection, nn.Linear) else x @ c.text_projection
 
 
 @dataclass(frozen=True)
