@@ -66,6 +66,8 @@ def test_bad_text_queries_and_models_without_a_text_tower_are_4xx(url):
     r = post_json(f"{url}/search", {"index": "digits", "texts": ["a red car"]})
     assert r.status == 400 and "the model torchvision:resnet18 has no text tower" in r.json()["error"], r
     assert "open_clip:" in r.json()["error"]
+    r = post_json(f"{url}/search", {"index": "nope", "texts": ["a red car"]})
+    assert r.status == 404 and "nope" in r.json()["error"], r
     for body, says in [({"index": "clip", "texts": [" "]}, "non-empty strings"),
                        ({"index": "clip", "texts": [3]}, "non-empty string or a list"),
                        ({"index": "clip", "texts": ["x" * 5000]}, "at most 4096"),
