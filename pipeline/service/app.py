@@ -72,13 +72,9 @@ class Service:
     def _embedder(self, model: str, meta: EmbeddingMeta) -> Any:
         """On the model thread (so one build at a time): the embedder of this model, built on first use."""
         if model not in self.embedders:
-            import torch
-
             from ..model.rebuild import ImageEmbedder
 
-            if self.options.workers > 1:  # N processes each running the model on every core would thrash
-                torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.options.workers))
-
+            self._share_cores()
             log.info("building the image model %s for queries (first image query)", meta.model)
             self.embedders[model] = ImageEmbedder(meta, self.options.device, self.options.max_pixels)
         return self.embedders[model]
@@ -101,12 +97,19 @@ class Service:
                                          self.options.max_batch)
         return await self.batchers[key].embed(prepared)
 
+    def _share_cores(self) -> None:
+        if self.options.workers > 1:  # N processes each running a model on every core would thrash
+            import torch
+
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.options.workers))
+
     def _text_embedder(self, model: str, meta: EmbeddingMeta) -> Any:
         """On the model thread: the text tower of this model, built on first use (through model/rebuild.py, as
         image models are)."""
         if model not in self.text_embedders:
             from ..model.rebuild import TextEmbedder
 
+            self._share_cores()
             log.info("building the text tower of %s for queries (first text query)", meta.model)
             self.text_embedders[model] = TextEmbedder(meta, self.options.device)
         return self.text_embedders[model]
