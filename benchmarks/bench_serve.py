@@ -75,7 +75,7 @@ def prepare(root: Path, n: int, model: str, weights: str, input_size: int | None
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         names = [f"synthetic{s:03d}_{i:06d}" for i in range(rows)]
         t = store.embedding_table(names, f"synthetic-{s:03d}.tar", range(rows), [None] * rows, x,
-                                  dtype=meta.get("dtype", "float16"), metadata=meta)
+                                  dtype=meta.dtype, metadata=meta)
         store.write_table(vectors / f"synthetic-{s:03d}.parquet", t)
         keys += names
         left, s = left - rows, s + 1

@@ -74,7 +74,7 @@ def build_index(emb_dir: str | Path, out: str | Path, **options: Any) -> IndexRe
 
 
 def open_index(path: str | Path, embeddings: str | Path | None = None, mmap: bool = False) -> Index:
-    """Open an index directory for searching (``search``, ``search_keys``, ``search_images``).
+    """Open an index directory for searching (``search``, ``search_keys``, ``search_images``, ``search_texts``).
 
     Args:
         path: the index directory (index.json, index.faiss, ids.parquet).

@@ -41,6 +41,9 @@ class ModelIdentity:
 
     ``weights`` says where the weights came from (``none``, ``embedded:<package>``, a path); it is not part of
     the identity (the same weights under two paths are the same model) but is what rebuilding needs.
+    ``text_tower`` (image-text models only: ``{"model", "weights_sha256", "tokenizer", "context_length"}``) is the
+    tower that embeds text queries into the same space, so that a query is embedded later with exactly that
+    tower; it is written only when there is one (files of image-only models stay as every release wrote them).
 
     Example:
         >>> a = ModelIdentity("timm:resnet18", "ab12", None, {"input_size": 64})
@@ -53,14 +56,21 @@ class ModelIdentity:
     layer: str | None = None
     preprocess: Mapping[str, Any] | None = None
     weights: str | None = field(default=None, compare=False)
+    text_tower: Mapping[str, Any] | None = None
 
     # The fields compared; a side that records None for one (older or foreign files) is not held against it.
     COMPARED = ("model", "weights_sha256", "layer", "preprocess")
     REBUILD = ("model", "weights", "weights_sha256", "preprocess")  # what rebuilding the backbone needs
+    # Text-tower record fields that must match when a text query is embedded for these vectors.
+    TEXT_TOWER = ("model", "weights_sha256", "tokenizer", "context_length")
 
     def to_dict(self) -> dict[str, Any]:
-        """The identity fields as embedding metadata, run fingerprints and probe heads record them."""
-        return {k: _plain(getattr(self, k)) for k in self.COMPARED}
+        """The identity fields as embedding metadata, run fingerprints and probe heads record them (the text
+        tower's record only when there is one: the whole weights' sha256 already tells two such models apart)."""
+        out = {k: _plain(getattr(self, k)) for k in self.COMPARED}
+        if self.text_tower is not None:
+            out["text_tower"] = _plain(self.text_tower)
+        return out
 
     def differences(self, other: "ModelIdentity") -> list[str]:
         """The compared fields both sides record that differ."""

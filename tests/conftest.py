@@ -59,3 +59,25 @@ def photo_shards(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def fault_shard(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One shard ``faults-000000.tar``: good JPEGs ``good_NNN`` interleaved with one ``bad_<fault>`` per FAULTS kind."""
     return write_tar(tmp_path_factory.mktemp("faults") / "faults-000000.tar", fault_samples())
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny open_clip model (tests/tiny_clip.py): its config registered, its random checkpoint written."""
+    from tiny_clip import install
+
+    return install(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def clip_index(digits_shards: list[Path], tiny_clip, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding ``emb/`` (two digit shards embedded with the tiny CLIP) and ``idx/`` (a flat index of them).
+    Shared by the whole session: read it, or copy it before changing anything."""
+    from pipeline.embedding.runner import embed
+    from pipeline.index.build import run_index
+    from pipeline.index.options import IndexConfig
+
+    root = tmp_path_factory.mktemp("clip-index")
+    embed([str(p) for p in digits_shards[:2]], root / "emb", **tiny_clip.options(out_dtype="float32"))
+    run_index(IndexConfig(str(root / "emb"), out=str(root / "idx"), kind="flat"))
+    return root

@@ -48,6 +48,7 @@ def _params(ctx: click.Context, param: click.Parameter, value: Any) -> dict[str,
 @click.option("--train-only", is_flag=True, help="Only train the shared quantizer that --parts builds against.")
 @click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Rows read per batch while adding.")
 @click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed of the training/query sample.")
+@click.option("--text-queries", default=None, help="Image-text models: texts (a file, one per line) whose recall is measured and recorded [default: built-in prompts; 'none': skip].")
 @quiet_option()
 @config_option
 def index(**options: Any) -> None:
@@ -88,6 +89,8 @@ def index_merge(index_dir: str, target_recall: float, overwrite: bool) -> None:
 @click.option("--key", "keys", multiple=True, help="Key of an indexed item (repeatable); the item itself is excluded.")
 @click.option("--key-shard", default=None, help="With --key: the shard holding the key (url, end of its path or file name), for keys several shards hold.")
 @click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False), help="Image file to embed with the index's model (repeatable).")
+@click.option("--text", "texts", multiple=True, help="Text query, embedded with the text tower of the index's image-text model (repeatable).")
+@click.option("--texts-file", "texts_from", type=click.Path(dir_okay=False), default=None, help="File of text queries, one per line.")
 @click.option("--vectors", type=click.Path(dir_okay=False), default=None, help="Parquet file of query embeddings ('embedding' column, optional 'key').")
 @click.option("--embeddings", type=click.Path(), default=None, help="Embedding folder: every item in it is a query.")
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Neighbours per query.")
@@ -95,23 +98,25 @@ def index_merge(index_dir: str, target_recall: float, overwrite: bool) -> None:
 @click.option("--include-self", is_flag=True, help="Keep the query item in its own results, flagged as self.")
 @click.option("--params", callback=_params, default=None, help="Override tuned search parameters, e.g. nprobe=64.")
 @click.option("--embeddings-source", type=click.Path(), default=None, help="Where the indexed embedding folder lives now, if it moved.")
-@click.option("--html", type=click.Path(dir_okay=False), default=None, help="Also write a page with the query and neighbour images (with --key/--image).")
+@click.option("--html", type=click.Path(dir_okay=False), default=None, help="Also write a page with the query and neighbour images (with --key/--image/--text).")
 @quiet_option()
 @config_option
 def search(index_dir: str, query: str | None, **options: Any) -> None:
-    """Nearest neighbours in INDEX_DIR of QUERY: an indexed key, an image, a vectors .parquet or an embedding folder.
+    """Nearest neighbours in INDEX_DIR of QUERY: an indexed key, an image, a text, a vectors .parquet or an embedding folder.
 
     \b
     Examples:
       embedpipe search runs/a/index 000123 -k 5
       embedpipe search runs/a/index 000123 --key-shard run2/00000.tar
       embedpipe search runs/a/index --image cat.jpg --format json
+      embedpipe search runs/clip/index --text "a red car" --text "a dog on a beach"
       embedpipe search runs/a/index --vectors queries.parquet --format jsonl
     """
     from ..index.query import run_search
 
     prev = None  # results stream to stdout batch by batch; the last chunk is the summary line, on stderr
-    for chunk in run_search(index_dir, query, keys=options.pop("keys"), images=options.pop("images"), **options):
+    for chunk in run_search(index_dir, query, keys=options.pop("keys"), images=options.pop("images"),
+                            texts=options.pop("texts"), **options):
         if prev is not None:
             click.echo(prev)
         prev = chunk

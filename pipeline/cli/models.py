@@ -26,8 +26,9 @@ def models(spec: str | None, weights: str | None, layer: str | None, nodes: bool
         listed = all_sources()
         bare = ", then ".join(s.name for s in listed if s.bare_order is not None)
         click.echo(f"Model specs (a bare name is looked up in {bare}):")
+        width = max(20, *(len(f"{s.name}:{s.argument}") for s in listed))
         for source in listed:
-            click.echo(f"  {source.name + ':' + source.argument:<20} {source.about}")
+            click.echo(f"  {source.name + ':' + source.argument:<{width}} {source.about}")
         click.echo(f"Default: {DEFAULT_MODEL} (ImageNet weights embedded, works offline)\nAliases:")
         for alias, target in ALIASES.items():
             note = " (embedded weights)" if target in EMBEDDED_WEIGHTS else ""

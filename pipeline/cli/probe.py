@@ -56,17 +56,28 @@ def _floats(ctx: click.Context, param: click.Parameter, value: Any) -> tuple[flo
 @click.option("--seed", type=int, default=D.seed, show_default=True)
 @click.option("--plots", is_flag=True, help="Also write confusion.png (needs the 'plots' extra: matplotlib).")
 @click.option("--export-classifier", type=click.Path(dir_okay=False), default=None, help="Also write a TorchScript classifier for raw images (backbone + this head).")
+@click.option("--zero-shot", "zero_shot", default=None, help="Image-text models: no training, a head of these class names, comma-separated (integer labels: the i-th name is label i).")
+@click.option("--classes-file", default=None, type=click.Path(dir_okay=False), help="--zero-shot's class names from a file, one a line.")
+@click.option("--template", "templates", multiple=True, help="Zero-shot prompt with {} for the class name (repeatable: ensembled) [default: 'a photo of a {}.'].")
 @quiet_option(expose=True)
 @config_option
 def probe(emb_dir: str, out: str, weight_decays: tuple[float, ...] | None, learning_rates: tuple[float, ...] | None,
-          export_classifier: str | None, quiet: bool, **opts: Any) -> None:
-    """Train a linear probe on an embedding folder; keep the best L2 strength on validation.
+          export_classifier: str | None, quiet: bool, zero_shot: str | None, classes_file: str | None,
+          templates: tuple[str, ...], **opts: Any) -> None:
+    """Train a linear probe on an embedding folder; keep the best L2 strength on validation. With --zero-shot (an
+    image-text model's embeddings), write a head of class-name prompts instead, evaluated on the same split.
 
-    Example: embedpipe probe runs/digits --out runs/digits-probe --plots
+    \b
+    Examples:
+      embedpipe probe runs/digits --out runs/digits-probe --plots
+      embedpipe probe runs/clip --out runs/clip-zs --zero-shot "cat,dog,car" --template "a photo of a {}."
     """
     from ..probe.evaluate import report
     from ..probe.linear import run_probe
 
+    if zero_shot is not None or classes_file is not None or templates:
+        _zero_shot(emb_dir, out, zero_shot, classes_file, templates, export_classifier, quiet, opts)
+        return
     if weight_decays:
         opts["weight_decays"] = weight_decays
     if learning_rates:
@@ -85,6 +96,34 @@ def probe(emb_dir: str, out: str, weight_decays: tuple[float, ...] | None, learn
             + f" on {m['n_val']} val rows, {m['num_classes']} classes, {m['split']['train']} train rows; "
             f"{hp['method']} wd={hp['weight_decay']:g}" + (f" lr={hp['learning_rate']:g}" if "learning_rate" in hp else "")
             + f", {len(m['grid'])} heads in {m['train_seconds']:.1f}s -> {out}")
+    if export_classifier:
+        from ..probe.export import export_classifier as run_export
+
+        run_export(out, export_classifier)
+        line += f"; classifier {export_classifier}"
+    click.echo(line)
+
+
+def _zero_shot(emb_dir: str, out: str, names: str | None, classes_file: str | None, templates: tuple[str, ...],
+               export_classifier: str | None, quiet: bool, opts: dict[str, Any]) -> None:
+    from ..probe.evaluate import report
+    from ..probe.zero_shot import check_templates, class_names, run_zero_shot
+
+    chosen = class_names(names, classes_file)
+    check_templates(templates)
+    options = ProbeOptions(**opts)
+    options.check()
+    if export_classifier:
+        from ..probe.export import check_exportable
+
+        check_exportable(emb_dir)
+    m = run_zero_shot(emb_dir, out, chosen, templates, options)
+    if not quiet:
+        click.echo(report(m))
+    line = (f"zero-shot: {m['num_classes']} classes, {m['hyperparameters']['templates']} template(s), "
+            + (f"top-1 {m['top1'] * 100:.2f}%" + (f", top-5 {m['top5'] * 100:.2f}%" if "top5" in m else "")
+               + f" on {m['n_val']} val rows (the linear probe's split)" if "top1" in m else "not evaluated (no labels)")
+            + f" -> {out}")
     if export_classifier:
         from ..probe.export import export_classifier as run_export
 

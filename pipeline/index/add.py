@@ -49,11 +49,13 @@ def train(index: Any, sample: np.ndarray, factory: str) -> float:
 
 
 def add_shards(index: Any, files: Sequence[Path], id_starts: Sequence[int], ids_out: IdsWriter,
-               gt: ExactKnn | None, batch_size: int, desc: str = "adding", hold_out: np.ndarray | None = None) -> int:
+               gt: ExactKnn | None, batch_size: int, desc: str = "adding", hold_out: np.ndarray | None = None,
+               every_row: ExactKnn | None = None) -> int:
     """Stream ``files`` into ``index`` with ids ``id_start + row``, recording ids and feeding the exact k-NN.
 
     ``hold_out`` (sorted ids, for an index that takes explicit ids) are recorded but neither added nor fed to the
-    exact k-NN: they are the tuning queries, added by the caller once tuning is done.
+    exact k-NN: they are the tuning queries, added by the caller once tuning is done. ``every_row`` is an exact
+    k-NN fed every row, held out or not (the text queries': the finished index holds every row).
     """
     # IVF and IDMap indexes take explicit ids (needed for parts and held-out queries); the others number vectors
     # in add order, which we check
@@ -79,6 +81,8 @@ def add_shards(index: Any, files: Sequence[Path], id_starts: Sequence[int], ids_
                                     "rerun `embedpipe embed` to redo its shard; if the model made them, re-embed with "
                                     "--precision fp32")
                 ids_out.write(ids, batch, rows)
+                if every_row is not None:
+                    every_row.add(x, ids)
                 if hold_out is not None:
                     keep = ~np.isin(ids, hold_out, assume_unique=True)
                     x, ids = x[keep], ids[keep]

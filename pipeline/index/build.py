@@ -10,7 +10,7 @@ from typing import Any
 from .. import atomic, store
 from ..embedding.folder_view import committed_files
 from ..errors import UserError
-from . import tune
+from . import text_recall, tune
 from .add import add_shards, new_index, shard_table, train, report_duplicates
 from .auto import pick
 from .choose import choose
@@ -73,6 +73,8 @@ def build(cfg: IndexConfig, budget: int) -> dict[str, Any]:
     train_s = train(index, sample, choice.factory)
     del sample
     gt = tune.ExactKnn(queries, tune.TUNE_K + tune.GT_EXTRA, cfg.metric)
+    texts = text_recall.embedded_texts(src.meta, cfg.text_queries)  # an image-text model's: also measured
+    text_gt = text_recall.text_knn(texts[0], cfg.metric) if texts else None
     shards, starts = shard_table(src, 0)
     # The tuning queries stay out of the index until it is tuned, so that they are fresh queries (an HNSW graph
     # finds the neighbours of its own points more easily); indexes numbering vectors in add order cannot.
@@ -80,18 +82,21 @@ def build(cfg: IndexConfig, budget: int) -> dict[str, Any]:
     hold = tune.takes_ids(index) and bool(space)
     with atomic.locked_dir(out), atomic.staged_dir(out) as tmp:
         ids_out = IdsWriter(tmp / IDS_FILE)
-        add_shards(index, src.files, starts, ids_out, gt, cfg.batch_size, hold_out=q_rows if hold else None)
+        add_shards(index, src.files, starts, ids_out, gt, cfg.batch_size, hold_out=q_rows if hold else None,
+                   every_row=text_gt)
         ids_out.close()
         _, gt_ids = gt.result()
         tuning = tune.tune(index, queries, q_rows, gt_ids, cfg.target_recall, space=space, held_out=hold)
         if hold:
             index.add_with_ids(queries, q_rows)
+        text_rec = (text_recall.measure(index, texts[0], text_gt, texts[1], tuning.params, space, cfg.target_recall)
+                    if texts else None)
         faiss.write_index(index, str(tmp / INDEX_FILE))
         record = IndexRecord.new(
             factory=choice.factory, kind=choice.kind, reason=choice.reason, metric=cfg.metric, dim=src.dim,
             count=int(index.ntotal), embedding_dtype=src.dtype, tuning=tuning.to_dict(), memory_budget=budget,
             estimated_bytes=choice.estimated_bytes, source=str(Path(cfg.emb_dir).resolve()), shards=shards,
-            embedding_meta=src.meta, config=asdict(cfg), auto=measured,
+            embedding_meta=src.meta, config=asdict(cfg), auto=measured, text_queries=text_rec,
             build_seconds={"auto": measured.get("seconds", 0.0) if measured else 0.0, "train": round(train_s, 2),
                            "total": round(time.perf_counter() - t0, 2)})
         record = write_record(tmp, record)

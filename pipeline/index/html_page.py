@@ -70,11 +70,13 @@ def images_by_key(wanted: dict[str, set[str]]) -> dict[tuple[str, str], bytes]:
 
 
 def render(records: Sequence[dict[str, Any]], out: str | Path, query_images: dict[str, str] | None = None,
-           title: str = "embedpipe search", query_info: dict[tuple[str, str], dict[str, str]] | None = None) -> Path:
+           title: str = "embedpipe search", query_info: dict[tuple[str, str], dict[str, str]] | None = None,
+           query_texts: set[str] | None = None) -> Path:
     """Write the page for search ``records`` (``SearchResult.records()``) atomically to ``out``.
 
     ``query_images`` maps a query name to an image file; a key query's image is read from its ``query_shard``;
-    ``query_info`` maps a key query's (key, shard) to its ``caption``/``url`` (shown as the hits' are).
+    ``query_info`` maps a key query's (key, shard) to its ``caption``/``url`` (shown as the hits' are);
+    ``query_texts`` are text queries, each shown in a text box where a query image would be.
     """
     wanted: dict[str, set[str]] = {}
     for rec in records:
@@ -102,7 +104,11 @@ def render(records: Sequence[dict[str, Any]], out: str | Path, query_images: dic
         else:
             q_uri = thumbnail_uri(images.get((shard, q)))
         label = f"query: {q}" + (f" ({short_shard(shard)})" if shard and asked[q] > 1 else "")
-        cells = [cell(q_uri, label, "query", hit=(query_info or {}).get((q, shard)))]
+        if query_texts and q in query_texts:
+            cells = [f'<figure class="query"><div class="text-query">{html.escape(q)}</div>'
+                     '<figcaption>text query</figcaption></figure>']
+        else:
+            cells = [cell(q_uri, label, "query", hit=(query_info or {}).get((q, shard)))]
         for hit in rec["results"]:
             cells.append(cell(thumbnail_uri(images.get((hit["shard"], hit["key"]))),
                               f"#{hit['rank']} {hit['key']} · {hit['score']:.3f}", hit=hit))
@@ -117,6 +123,8 @@ figure img {{ max-width: {THUMB}px; max-height: {THUMB}px; border: 1px solid #cc
 figure.query img {{ border: 3px solid #2a6; }}
 figcaption {{ font-size: .75rem; word-break: break-all; }}
 figcaption .text {{ color: #444; font-style: italic; word-break: normal; }}
+.text-query {{ width: {THUMB}px; min-height: 4rem; padding: .5rem; box-sizing: border-box; border: 3px solid #2a6;
+               background: #fff; text-align: left; font-size: .9rem; word-break: break-word; }}
 .missing {{ width: {THUMB}px; height: {THUMB}px; background: #eee; display: flex; align-items: center;
             justify-content: center; font-size: .75rem; color: #888; }}
 </style></head><body>

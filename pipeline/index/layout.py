@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from .. import atomic, store
 from ..errors import UserError
+from . import text_recall
 from .record import IndexRecord
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,8 @@ def result(out: Path, rec: IndexRecord, added: int | None = None) -> dict[str, A
     verb = f"added {added} vectors to" if added is not None else "built"
     summary = (f"{verb} {out}: {rec.factory} ({rec.metric}), {rec.count} vectors of dim {rec.dim} "
                f"from {len(rec.shards)} shards; {params}; recall@1 {rec.recall_at_1:.3f}, recall@10 "
-               f"{rec.recall_at_10:.3f} (target {rec.target_recall}), {rec.latency_ms_p50:.2f} ms/query")
+               f"{rec.recall_at_10:.3f} (target {rec.target_recall}), {rec.latency_ms_p50:.2f} ms/query"
+               f"{text_recall.summary(rec.text_queries)}")
     return {"path": str(out), "summary": summary, "meta": rec.to_dict(), "record": rec}
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from ..errors import UserError
 from .choose import METRICS, parse_memory
@@ -29,6 +30,7 @@ class IndexConfig:
     queries: int = 1000
     batch_size: int = 65536
     seed: int = 0
+    text_queries: str | None = None  # an image-text model's recall texts: a file, none, or None (built-in prompts)
 
     def validate(self) -> int:
         """Check every option; returns the memory budget in bytes."""
@@ -47,6 +49,9 @@ class IndexConfig:
             raise UserError("--parts N and --part I go together (I in 0..N-1); --train-only needs neither")
         if self.parts is not None and self.part is not None and not 0 <= self.part < self.parts:
             raise UserError(f"--part {self.part} is out of range for --parts {self.parts}; use 0..{self.parts - 1}")
+        if self.text_queries not in (None, "none") and not Path(self.text_queries).is_file():
+            raise UserError(f"--text-queries {self.text_queries} does not exist; give a file of texts, one per line "
+                            "(or 'none')")
         if self.update and (self.parts is not None or self.train_only or self.overwrite):
             raise UserError("--update adds new shards to an existing index; it cannot be combined with "
                             "--parts/--train-only/--overwrite")

@@ -1,4 +1,4 @@
-"""``embedpipe search``: what a QUERY is (key, image, vectors file, embedding folder), and the output formats."""
+"""``embedpipe search``: what a QUERY is (key, image, text, vectors file, embedding folder), and the output formats."""
 from __future__ import annotations
 
 import json
@@ -111,11 +111,26 @@ def classify(query: str) -> str:
     return "key"
 
 
+def texts_file(path: str | Path) -> list[str]:
+    """The text queries of ``--texts-file``: one per line, blank lines skipped."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--texts-file {p} does not exist")
+    try:
+        texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"--texts-file {p} is not UTF-8 text ({e}); write one query per line") from None
+    if not texts:
+        raise UserError(f"--texts-file {p} holds no text; write one query per line")
+    return texts
+
+
 def run_search(index_dir: str | Path, query: str | None = None, keys: Sequence[str] = (), images: Sequence[str] = (),
                vectors: str | None = None, embeddings: str | None = None, k: int = 10, fmt: str = "table",
                include_self: bool = False, params: dict[str, int] | None = None,
                embeddings_source: str | None = None, html: str | None = None,
-               key_shard: str | None = None) -> Iterator[str]:
+               key_shard: str | None = None, texts: Sequence[str] = (),
+               texts_from: str | None = None) -> Iterator[str]:
     """Entry point of ``embedpipe search``: yields output chunks (one per query batch), then a summary line.
 
     With ``html``, also writes a page with each query image and its neighbours' thumbnails (read from the shards).
@@ -124,7 +139,11 @@ def run_search(index_dir: str | Path, query: str | None = None, keys: Sequence[s
     """
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
-    keys, images = list(keys), list(images)
+    keys, images, texts = list(keys), list(images), list(texts)
+    if any(not t.strip() for t in texts):
+        raise UserError("--text takes a non-empty query, e.g. --text 'a red car'")
+    if texts_from is not None:
+        texts += texts_file(texts_from)
     if query is not None:
         kind = classify(query)
         if kind == "key":
@@ -135,14 +154,14 @@ def run_search(index_dir: str | Path, query: str | None = None, keys: Sequence[s
             vectors = vectors or query
         else:
             embeddings = embeddings or query
-    given = sum(map(bool, (keys, images, vectors, embeddings)))
+    given = sum(map(bool, (keys, images, texts, vectors, embeddings)))
     if given != 1:
-        raise UserError("give exactly one kind of query: a KEY (or --key), --image FILE, --vectors FILE.parquet or "
-                        "--embeddings EMB_DIR")
+        raise UserError("give exactly one kind of query: a KEY (or --key), --image FILE, --text TEXT (or --texts-file), "
+                        "--vectors FILE.parquet or --embeddings EMB_DIR")
     if key_shard is not None and not keys:
         raise UserError("--key-shard picks the shard of a --key query; give the key too")
-    if html and not (keys or images):
-        raise UserError("--html shows query images: use it with --key or --image queries")
+    if html and not (keys or images or texts):
+        raise UserError("--html shows the queries and their neighbours: use it with --key, --image or --text queries")
     idx = open_index(index_dir, embeddings_source)
     if params:
         idx.set_params(params)
@@ -157,6 +176,14 @@ def run_search(index_dir: str | Path, query: str | None = None, keys: Sequence[s
             qids = idx.known_ids(res.queries, res.query_shards)
             render(records, html, query_info={(r["query"], r["query_shard"]): info
                                               for r, info in zip(records, idx.describe(qids))})
+        yield format_result(records, fmt)
+    elif texts:
+        records = idx.annotate(idx.search_texts(texts, k).records())
+        n = len(texts)
+        if html:
+            from .html_page import render
+
+            render(records, html, query_texts=set(texts))
         yield format_result(records, fmt)
     elif vectors:
         x, qkeys, qmeta = vectors_file(vectors)

@@ -64,6 +64,7 @@ class IndexRecord:
     build_seconds: Mapping[str, float] | None = None
     merged_from_parts: int | None = None
     files: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # name -> {bytes, sha256} as written
+    text_queries: Mapping[str, Any] | None = None  # an image-text model's: recall of text queries (text_recall.py)
     format: str = FORMAT
     version: str = __version__  # the embedpipe that built it
 
@@ -94,6 +95,11 @@ class IndexRecord:
         return float(self.tuning.get("recall@10", 1.0))
 
     @property
+    def text_recall_at_10(self) -> float | None:
+        """recall@10 of text queries (an image-text model's index), None where none were measured."""
+        return float(self.text_queries["recall@10"]) if self.text_queries else None
+
+    @property
     def target_recall(self) -> float | None:
         value = self.tuning.get("target_recall")
         return None if value is None else float(value)
@@ -112,7 +118,7 @@ class IndexRecord:
         d["sources"] = self.source_dirs
         d["updates"] = [dict(u) for u in self.updates]
         d["files"] = {name: dict(check) for name, check in self.files.items()}
-        for optional in ("updates", "auto", "build_seconds", "merged_from_parts", "files"):
+        for optional in ("updates", "auto", "build_seconds", "merged_from_parts", "files", "text_queries"):
             if not d[optional]:
                 del d[optional]
         return d

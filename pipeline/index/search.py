@@ -1,4 +1,4 @@
-"""An opened index: nearest neighbours by vectors, by stored keys or by images, with keys and shards in the results.
+"""An opened index: nearest neighbours by vectors, stored keys, images or texts, with keys and shards in the results.
 
 Example:
     >>> idx = open_index("runs/a/index")  # doctest: +SKIP
@@ -100,6 +100,7 @@ class Index:
         self._key_table = KeyTable(self._key_col, self._shard_codes, self._shard_names)
         self._vector_cache: FileCache | None = None
         self._base: Path | None = None
+        self._text: Any = None  # the TextEmbedder of the index's model, built on the first text query
 
     def __repr__(self) -> str:
         return (f"Index({str(self.path)!r}: {self.record.factory}, {self.count} vectors of dim {self.dim}, "
@@ -349,6 +350,31 @@ class Index:
         self.check_model(used, f"image {paths[0]}",
                          "embed the query with the model the index was built from, or rebuild the index")
         return self.search(x, k, queries=[str(p) for p in paths], where=f"the embedding of image {paths[0]}")
+
+    def search_texts(self, texts: Sequence[str], k: int = 10) -> SearchResult:
+        """k-NN of text queries, embedded with the text tower of the image-text model the index's embeddings
+        record (built on the first text query, then kept); a model without one is a UserError naming it.
+
+        Example:
+            >>> open_index("runs/clip/index").search_texts(["a red car"], k=5).keys[0]  # doctest: +SKIP
+        """
+        texts = list(texts)
+        if not texts:
+            raise UserError("give at least one text query")
+        x = self.text_embedder().embed_texts(texts)
+        return self.search(x, k, queries=texts, where="the text embedding")
+
+    def text_embedder(self) -> Any:
+        """The :class:`~pipeline.model.rebuild.TextEmbedder` of the index's model (built once)."""
+        meta = self.record.embedding_meta
+        if meta is None:
+            raise UserError("this index records no embedding model (embedding_meta.model), so texts cannot be "
+                            "embedded like its vectors; query it with keys or vectors")
+        if self._text is None:
+            from ..model.rebuild import TextEmbedder
+
+            self._text = TextEmbedder(meta)
+        return self._text
 
     def known_ids(self, keys: Sequence[str], shards: Sequence[str] | None = None) -> np.ndarray:
         """ids of ``keys`` (of each (key, shard url) when ``shards`` are given) where indexed, -1 elsewhere and

@@ -33,11 +33,14 @@ class Backbone:
     weights_sha256: str
     layer: str | None = None
     head: dict[str, Any] = field(default_factory=dict)  # where the classifier was: {"attr": ..., "in_features": ...}
+    # An image-text model's text tower, as the identity records it (model/text.py: TextTower.record)
+    text_tower: dict[str, Any] | None = None
 
     @property
     def identity(self) -> ModelIdentity:
         """What every output records about the backbone: its vectors are comparable with those of the same identity."""
-        return ModelIdentity(self.spec, self.weights_sha256, self.layer, self.preprocess.to_dict(), self.weights)
+        return ModelIdentity(self.spec, self.weights_sha256, self.layer, self.preprocess.to_dict(), self.weights,
+                             self.text_tower)
 
     def describe(self) -> dict[str, Any]:
         """The identity, the weights' source, the dimension and the parameter count (``embedpipe models SPEC``)."""
@@ -145,7 +148,8 @@ def with_input_size(bb: Backbone, size: int) -> Backbone:
         check_dim(bb.model, new, bb.num_features, bb.spec)
     except RuntimeError as e:
         raise UserError(f"{bb.spec} cannot take {size}px inputs ({e}); use its native size {pre.input_size}") from None
-    return Backbone(bb.spec, bb.model, bb.num_features, new, bb.weights, bb.weights_sha256, bb.layer, bb.head)
+    return Backbone(bb.spec, bb.model, bb.num_features, new, bb.weights, bb.weights_sha256, bb.layer, bb.head,
+                    bb.text_tower)
 
 
 def check_dim(model: nn.Module, pre: Preprocess, expected: int | None, spec: str) -> int:

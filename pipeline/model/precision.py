@@ -61,9 +61,18 @@ def in_precision(model: nn.Module, precision: str, input_size: int,
         return model, torch.float32
     if isinstance(model, torch.jit.ScriptModule):
         return script_in_precision(model, precision, input_size, device or torch.device("cpu"))
-    model = copy.deepcopy(model)  # hooks and casts must not leak into the caller's backbone
+    original, model = model, copy.deepcopy(model)  # hooks and casts must not leak into the caller's backbone
     if precision == "bf16":
         kept = to_bf16_keep_stem(model, input_size)
+        try:
+            with torch.inference_mode():
+                model(torch.zeros(1, 3, input_size, input_size))
+        except RuntimeError as e:
+            # Parameters used outside a leaf layer (a ViT's projection matrix, `x @ self.proj`) stay fp32 and meet
+            # bf16 activations, which a matmul does not promote: such a network runs wholly in bf16.
+            log.info("bf16: the network mixes fp32 parameters with bf16 layers (%s); it runs wholly in bf16",
+                     str(e).splitlines()[0])
+            return copy.deepcopy(original).to(torch.bfloat16), torch.bfloat16
         log.info("bf16: %d leading high-resolution layers kept in fp32", len(kept))
         return model, torch.float32  # the fp32 stem takes fp32; each bf16 layer casts its own input
     return model.to(torch_dtype(precision)), torch_dtype(precision)

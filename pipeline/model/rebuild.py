@@ -1,4 +1,5 @@
-"""The backbone that made some embeddings, rebuilt from their recorded metadata; new images embedded exactly alike."""
+"""The backbone that made some embeddings, rebuilt from their recorded metadata; new images (and, for an image-text
+model, texts) embedded exactly alike."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -18,6 +19,7 @@ from .image_header import DEFAULT_MAX_PIXELS, SkipSample
 from .preprocess import Preprocess
 from .sources import source_of
 from .trust import check_code_file
+from .text import TextTower, check_record, load_text_tower, no_text_tower
 
 
 def rebuild_backbone(meta: EmbeddingMeta) -> Backbone:
@@ -89,3 +91,57 @@ def embed_images(paths: Sequence[str], meta: EmbeddingMeta, device: str = "auto"
     """
     emb = ImageEmbedder(meta, device)
     return emb.embed([emb.prepare(Path(p).read_bytes(), p) for p in paths]), emb.identity
+
+
+def rebuild_text_tower(meta: EmbeddingMeta) -> TextTower:
+    """The text tower recorded with ``meta``'s image embeddings (same weights, tokenizer and context length,
+    checked); a UserError naming the model (and what to use instead) when it has none."""
+    ident = meta.identity
+    if ident.text_tower is None:
+        raise no_text_tower(ident.model)
+    tower = load_text_tower(ident.model, ident.weights_arg())
+    check_record(tower, dict(ident.text_tower), f"the embeddings of {ident.model}")
+    return tower
+
+
+class TextEmbedder:
+    """The text tower recorded in ``meta``, built once, embedding texts into the space of its image embeddings
+    (normalised as they were). Built through :func:`rebuild_text_tower`, as :class:`ImageEmbedder` is through
+    :func:`rebuild_backbone`, so a rule about which models may be loaded covers both.
+
+    Example:
+        >>> emb = TextEmbedder(open_index("idx").record.embedding_meta)  # doctest: +SKIP
+        >>> emb.embed(["a red car"]).shape  # doctest: +SKIP
+        (1, 512)
+    """
+
+    def __init__(self, meta: EmbeddingMeta, device: str = "auto"):
+        tower = rebuild_text_tower(meta)
+        self.device = resolve_device(device)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(meta.precision or "fp32", torch.float32)
+        if self.device.type == "cpu":
+            dtype = torch.float32  # queries from a CPU: fp32, the closest it does to any precision
+        self.model = tower.model.to(self.device, dtype)
+        self.tokenize = tower.tokenize
+        self.normalize = meta.normalize
+        self.dim = tower.num_features
+        self.logit_scale = tower.logit_scale
+        self.identity: ModelIdentity = meta.identity  # what the vectors made here are comparable with
+
+    def prepare(self, text: str) -> torch.Tensor:
+        """A text -> its tokens ``[context_length]``; an empty text is a UserError (it has no meaning to search)."""
+        if not isinstance(text, str) or not text.strip():
+            raise UserError("a text query must be a non-empty string")
+        return self.tokenize([text])[0]
+
+    @torch.inference_mode()
+    def embed(self, tokens: Sequence[torch.Tensor]) -> np.ndarray:
+        """Float32 ``[N, D]`` embeddings of prepared texts, in one model call."""
+        x = self.model(torch.stack(list(tokens)).to(self.device)).float()
+        if self.normalize:
+            x = torch.nn.functional.normalize(x, dim=1)
+        return x.cpu().numpy()
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> float32 ``[N, D]`` embeddings (tokenized, then one model call)."""
+        return self.embed([self.prepare(t) for t in texts])

@@ -74,7 +74,7 @@ class TrustedFiles:
         for f in files_read(ident):
             if os.path.realpath(f) not in self.paths:
                 raise UntrustedModel(
-                    f"image queries of the index {index} need its model {ident.model}, which reads the file {f}; "
+                    f"image and text queries of the index {index} need its model {ident.model}, which reads the file {f}; "
                     "this service loads a model file only when its operator trusts it (a TorchScript file runs code): "
                     f"restart it with --trust-model {f} to allow it (its sha256 is still checked against the "
                     "index's record). Key and vector queries work without it")

@@ -51,10 +51,15 @@ def confusion_text(conf: np.ndarray | list, names: list[str], max_classes: int =
 def report(metrics: dict[str, Any]) -> str:
     """The human-readable probe report (also saved as ``report.txt``)."""
     hp = metrics.get("hyperparameters", {})
+    zs = metrics.get("zero_shot")
+    about = (f"zero-shot: {len(metrics['classes'])} class names, templates {zs['templates']}, logit scale "
+             f"{zs['logit_scale']:g}" if zs else None)
+    if "top1" not in metrics:  # a zero-shot head of a folder without labels
+        return f"{about}\nnot evaluated: the embeddings have no labels"
     chosen = ", ".join(f"{k}={v:g}" for k, v in hp.items() if k in ("weight_decay", "learning_rate"))
     lines = [f"top-1 {metrics['top1'] * 100:.2f}% on {metrics['n_val']} validation rows"
              + (f", top-5 {metrics['top5'] * 100:.2f}%" if "top5" in metrics else ""),
-             f"chosen: {chosen} ({hp.get('method', '?')}, standardize={hp.get('standardize')})"]
+             about or f"chosen: {chosen} ({hp.get('method', '?')}, standardize={hp.get('standardize')})"]
     if metrics.get("split", {}).get("class_names"):
         lines.append(f"class names: from {metrics['split']['class_names']}")
     lines.append("per-class accuracy:")
@@ -100,5 +105,6 @@ def plot_confusion(conf: np.ndarray, names: list[str], title: str = "") -> bytes
 def confusion_title(metrics: dict[str, Any]) -> str:
     """``linear probe: top-1 95.3% (top-5 99.7%) on 359 validation rows, 10 classes``"""
     top5 = f" (top-5 {metrics['top5'] * 100:.1f}%)" if "top5" in metrics else ""
-    return (f"linear probe: top-1 {metrics['top1'] * 100:.1f}%{top5} on {metrics['n_val']} validation rows, "
+    what = "zero-shot" if "zero_shot" in metrics else "linear probe"
+    return (f"{what}: top-1 {metrics['top1'] * 100:.1f}%{top5} on {metrics['n_val']} validation rows, "
             f"{metrics['num_classes']} classes")

@@ -19,7 +19,7 @@ from ..model.backbones import Backbone
 from ..model.deprecations import torchscript_calls
 from ..model.preprocess import Preprocess, UInt8Normalize
 from ..model.rebuild import rebuild_backbone
-from ..model.sources import classifier_source
+from ..model.sources import classifier_source, source_of
 from ..records import EmbeddingMeta
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,10 @@ def check_exportable(emb_dir: str | Path) -> EmbeddingMeta:
     if meta is None or missing:
         raise UserError(f"{emb_dir}: embedding metadata lacks {', '.join(missing)}, so the backbone cannot be "
                         "rebuilt for --export-classifier; embed with `embedpipe embed`")
-    classifier_source(meta.model, "--export-classifier")  # the probe's head goes where the classifier was
+    # The probe's head goes where the classifier was; an image-text model's embedding is its output (what its
+    # zero-shot head was made for), so the head goes after it.
+    if not getattr(source_of(meta.model), "has_text_tower", False):
+        classifier_source(meta.model, "--export-classifier")
     return meta
 
 

@@ -21,7 +21,7 @@ _URL_SAFE = re.compile(r"[A-Za-z0-9_.~-]*")  # keys that need no quoting in a ur
 
 
 def answer(served: Served, q: Query, x: np.ndarray | None, root: str = "") -> dict[str, Any]:
-    """The JSON answer to ``q``; ``x`` are the embeddings of its images (when it has images)."""
+    """The JSON answer to ``q``; ``x`` are the embeddings of its images or texts (when it has them)."""
     idx = served.index
     exclude = qshards = None
     if q.keys:
@@ -30,6 +30,8 @@ def answer(served: Served, q: Query, x: np.ndarray | None, root: str = "") -> di
     elif q.vectors is not None:
         names, where = [f"vectors[{i}]" for i in range(len(q.vectors))], "vectors"
         x = q.vectors
+    elif q.texts:
+        names, where = list(q.texts), "the text embedding"
     else:
         names, where = [name for name, _ in q.images], f"the embedding of image {q.images[0][0]}"
     records = _search(served, q, x, names, exclude, where, qshards)

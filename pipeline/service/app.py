@@ -4,9 +4,10 @@ Routes: ``GET /`` (the page), ``GET /healthz``, ``GET /indexes``, ``POST /search
 Nothing here writes a file, and no route opens a path taken from a request.
 
 The event loop only parses and answers: FAISS searches, key lookups, stored-column reads, image decoding and
-thumbnails run in a pool of ``threads`` (FAISS releases the GIL), and the model runs on its own thread, fed by
-one :class:`~pipeline.service.batcher.Batcher` per model. Thumbnails of remote shards are read on a pool of
-their own (``thumb_threads``), each within ``thumb_timeout``: a slow host never holds a search thread.
+thumbnails run in a pool of ``threads`` (FAISS releases the GIL), and the models run on their own thread, fed by
+one :class:`~pipeline.service.batcher.Batcher` per model: one for the image tower, one for the text tower.
+Thumbnails of remote shards are read on a pool of their own (``thumb_threads``), each within ``thumb_timeout``:
+a slow host never holds a search thread.
 """
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ class Service:
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="embedpipe-model")
         self.embedders: dict[str, Any] = {}  # model record (json) -> ImageEmbedder, built on first image query
         self.batchers: dict[tuple[str, int], Batcher] = {}  # (model record, event loop) -> Batcher
+        self.text_embedders: dict[str, Any] = {}  # model record -> TextEmbedder, built on first text query
+        self.text_batchers: dict[tuple[str, int], Batcher] = {}
         self.coalescers: dict[int, Coalescer] = {}  # event loop -> the JSON searches' Coalescer
         self.thumbs = ShardImages(options.max_pixels, timeout=options.thumb_timeout)
         self.trusted = TrustedFiles.of(options.trust_models)
@@ -91,12 +94,9 @@ class Service:
     def _embedder(self, model: str, meta: EmbeddingMeta) -> Any:
         """On the model thread (so one build at a time): the embedder of this model, built on first use."""
         if model not in self.embedders:
-            from ..model.device import set_cpu_threads
             from ..model.rebuild import ImageEmbedder
 
-            # N processes each running the model on every usable CPU would thrash: each gets its part
-            set_cpu_threads(share=self.options.workers)
-
+            self._share_cores()
             log.info("building the image model %s for queries (first image query)", meta.model)
             self.embedders[model] = ImageEmbedder(meta, self.options.device, self.options.max_pixels)
         return self.embedders[model]
@@ -120,6 +120,41 @@ class Service:
                                          self.options.max_batch)
         return await self.batchers[key].embed(prepared)
 
+    def _share_cores(self) -> None:
+        from ..model.device import set_cpu_threads
+
+        # N processes each running the model on every usable CPU would thrash: each gets its part
+        set_cpu_threads(share=self.options.workers)
+
+    def _text_embedder(self, model: str, meta: EmbeddingMeta) -> Any:
+        """On the model thread: the text tower of this model, built on first use (through model/rebuild.py, as
+        image models are)."""
+        if model not in self.text_embedders:
+            from ..model.rebuild import TextEmbedder
+
+            self._share_cores()
+            log.info("building the text tower of %s for queries (first text query)", meta.model)
+            self.text_embedders[model] = TextEmbedder(meta, self.options.device)
+        return self.text_embedders[model]
+
+    async def embed_texts(self, served: Served, texts: Sequence[str]) -> np.ndarray:
+        """Embeddings of text queries with the text tower of the index's model, batched with other requests'
+        texts into one text-tower call; an index whose model has none is a 400 that names it."""
+        meta = served.index.record.embedding_meta
+        if meta is None:
+            raise UserError(f"the index {served.name} records no embedding model, so texts cannot be embedded like "
+                            "its vectors; query it with vectors or keys")
+        self.trusted.check(meta.identity, served.name)  # the text tower reads the files the image tower does
+        model = meta.rebuild_key()
+        loop = asyncio.get_running_loop()
+        emb = await loop.run_in_executor(self.model_thread, self._text_embedder, model, meta)
+        prepared = await self.run(lambda: [emb.prepare(t) for t in texts])
+        key = (model, id(loop))
+        if key not in self.text_batchers:
+            self.text_batchers[key] = Batcher(emb.embed, self.model_thread, self.options.batch_wait_ms / 1000,
+                                              self.options.max_batch)
+        return await self.text_batchers[key].embed(prepared)
+
     def respond(self, served: Served, q: queries.Query, x: np.ndarray | None, root: str, t0: float) -> bytes:
         """On the pool: the JSON answer to ``q`` from this version of the index (``x``: its images' embeddings)."""
         out = answer(served, q, x, root)
@@ -142,7 +177,7 @@ class Service:
         for p in batch:
             try:
                 q = queries.from_bytes(p.body, self.options, dim)
-                if q.images:
+                if q.needs_model:
                     p.result = q
                     continue
                 served = self.catalog.get(q.index)
@@ -178,6 +213,11 @@ class Service:
         images = sum(b.images for b in self.batchers.values())
         return {"batches": batches, "images": images, "mean_batch": round(images / batches, 2) if batches else None}
 
+    def text_stats(self) -> dict[str, Any]:
+        batches = sum(b.batches for b in self.text_batchers.values())
+        texts = sum(b.images for b in self.text_batchers.values())  # a Batcher counts the items it embedded
+        return {"batches": batches, "texts": texts, "mean_batch": round(texts / batches, 2) if batches else None}
+
 
 def _searches_on_one_thread() -> None:
     """A pool thread's FAISS searches use that thread alone (OpenMP's thread count is per calling thread): the
@@ -207,7 +247,7 @@ async def get_healthz(request: Request) -> Response:
                          "indexes": {n: {"generation": s.generation, "count": s.index.count}
                                      for n, s in cat.current.items()},
                          "reloads": cat.reloads, "reload_errors": cat.reload_errors, "image_queries": svc.image_stats(),
-                         "json_searches": svc.search_stats()})
+                         "text_queries": svc.text_stats(), "json_searches": svc.search_stats()})
 
 
 async def get_indexes(request: Request) -> Response:
@@ -219,12 +259,13 @@ async def post_search(request: Request) -> Response:
     t0 = time.perf_counter()
     root = request.scope.get("root_path", "")
     got = await queries.read(request, svc.options)
-    if isinstance(got, bytearray):  # JSON: decoded, searched and encoded in one trip to the pool, unless it has images
-        got = await svc.search_json(got, root, t0)
+    if isinstance(got, bytearray):  # JSON: decoded, searched and encoded in one trip to the pool, unless it needs
+        got = await svc.search_json(got, root, t0)  # the model (images, texts)
         if isinstance(got, bytes):
             return Response(got, media_type="application/json")
     served = svc.catalog.get(got.index)
-    x = await svc.embed(served, got.images) if got.images else None
+    x = (await svc.embed(served, got.images) if got.images else await svc.embed_texts(served, got.texts) if got.texts
+         else None)
     return Response(await svc.run(svc.respond, served, got, x, root, t0), media_type="application/json")
 
 

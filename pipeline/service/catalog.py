@@ -99,7 +99,8 @@ class Served:
                 "input_size": (ident.preprocess or {}).get("input_size") if ident else None,
                 "recall@1": rec.recall_at_1, "recall@10": rec.recall_at_10,
                 "search_params": dict(rec.search_params), "updated": rec.updated,
-                "images": ident is not None, "generation": self.generation,
+                "images": ident is not None, "texts": ident is not None and ident.text_tower is not None,
+                "generation": self.generation,
                 "loaded_at": round(self.loaded_at, 3)}
 
 

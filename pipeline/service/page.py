@@ -1,9 +1,11 @@
-"""The page at ``/``: drop an image or type a key, see the neighbours as thumbnails with captions and scores.
+"""The page at ``/``: drop an image, type a key or (for an image-text model) a text, see the neighbours as
+thumbnails with captions and scores.
 
 One self-contained document (no external scripts, fonts or styles: the service may run where nothing else
 is reachable). It calls the same routes as any client, by relative urls, so it works under a mount prefix.
-Text from the index (keys, captions) is put in with ``textContent``, never as HTML. ``/?index=NAME&key=KEY&k=N``
-runs that search on load (links to a result, and the browser test).
+Text from the index (keys, captions) and the typed query are put in with ``textContent``, never as HTML.
+``/?index=NAME&key=KEY&k=N`` (or ``&text=TEXT``) runs that search on load (links to a result, and the browser
+tests). The text box is enabled for an index whose model has a text tower (``GET /indexes``: ``texts``).
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ figure { margin: 0; width: 160px; text-align: center; }
 figure img { max-width: 160px; max-height: 160px; border: 1px solid #ccc; background: #fff; }
 figure.query img { border: 3px solid #2a6; }
 figcaption { font-size: .75rem; word-break: break-all; }
+.text-query { width: 160px; min-height: 4rem; padding: .5rem; box-sizing: border-box; border: 3px solid #2a6;
+              background: #fff; text-align: left; word-break: break-word; }
 .caption { color: #555; font-style: italic; }
 </style></head>
 <body data-state="idle">
@@ -29,6 +33,7 @@ figcaption { font-size: .75rem; word-break: break-all; }
 <form id="form">
   <label>index <select id="index"></select></label>
   <label>key <input id="key" type="text" placeholder="an indexed key, e.g. 000123"></label>
+  <label>text <input id="text" type="text" placeholder="a text, e.g. a red car" disabled></label>
   <label>k <input id="k" type="number" min="1" value="10"></label>
   <button type="submit">search</button>
 </form>
@@ -67,14 +72,27 @@ function figure(src, lines, cls) {
   return f;
 }
 
-function show(answer, querySrc, queryName) {
+function textFigure(text) {
+  const f = document.createElement("figure");
+  f.className = "query";
+  const box = document.createElement("div");
+  box.className = "text-query";
+  box.textContent = text;
+  f.appendChild(box);
+  const cap = document.createElement("figcaption");
+  cap.textContent = "text query";
+  f.appendChild(cap);
+  return f;
+}
+
+function show(answer, querySrc, queryName, isText) {
   // a key several shards hold is answered once per shard: one row each, the query named with its shard
   const out = $("results");
   out.replaceChildren();
   let hits = 0;
   for (const r of answer.results.length ? answer.results : [{results: []}]) {
     const name = answer.results.length > 1 && r.query_shard ? queryName + " (" + r.query_shard + ")" : queryName;
-    out.appendChild(figure(r.thumb || querySrc, ["query: " + name], "query"));
+    out.appendChild(isText ? textFigure(queryName) : figure(r.thumb || querySrc, ["query: " + name], "query"));
     for (const h of r.results) {
       const lines = ["#" + h.rank + " " + h.key, "score " + h.score.toFixed(3)];
       if (h.caption) lines.push(h.caption);
@@ -103,6 +121,15 @@ function byKey(key) {
   });
 }
 
+function byText(text) {
+  return run(async () => {
+    const body = {index: $("index").value, k: Number($("k").value), texts: [text]};
+    const answer = await api("search", {method: "POST", headers: {"content-type": "application/json"},
+                                        body: JSON.stringify(body)});
+    show(answer, null, text, true);
+  });
+}
+
 function byImage(file) {
   return run(async () => {
     const form = new FormData();
@@ -114,7 +141,14 @@ function byImage(file) {
   });
 }
 
-$("form").addEventListener("submit", (e) => { e.preventDefault(); if ($("key").value) byKey($("key").value.trim()); });
+$("form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  if ($("key").value.trim()) byKey($("key").value.trim());
+  else if ($("text").value.trim()) byText($("text").value.trim());
+});
+const texts = {};  // index name -> its model has a text tower
+function textBox() { $("text").disabled = !texts[$("index").value]; }
+$("index").addEventListener("change", textBox);
 const drop = $("drop");
 drop.addEventListener("click", () => $("file").click());
 $("file").addEventListener("change", () => { if ($("file").files.length) byImage($("file").files[0]); });
@@ -132,11 +166,14 @@ run(async () => {
     o.value = ix.name;
     o.textContent = ix.name + " (" + ix.count + " vectors, " + (ix.model || "no model") + ")";
     $("index").appendChild(o);
+    texts[ix.name] = Boolean(ix.texts);
   }
   if (params.get("index")) $("index").value = params.get("index");
   if (params.get("k")) $("k").value = params.get("k");
+  textBox();
   document.body.dataset.state = "ready";
   if (params.get("key")) { $("key").value = params.get("key"); await byKey(params.get("key")); }
+  else if (params.get("text")) { $("text").value = params.get("text"); await byText(params.get("text")); }
 });
 </script>
 </body></html>

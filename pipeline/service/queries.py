@@ -1,14 +1,15 @@
 """``POST /search`` bodies -> one checked :class:`Query`; anything malformed is a 4xx with a message that says why.
 
-A body is JSON (``keys``, ``vectors`` or base64 ``images``) or multipart (``key`` fields or ``image`` files).
-Nothing in a request names a file: keys are looked up in the index's id table, images arrive as bytes.
+A body is JSON (``keys``, ``vectors``, base64 ``images`` or ``texts``) or multipart (``key``, ``text`` fields or
+``image`` files). Nothing in a request names a file: keys are looked up in the index's id table, images arrive as
+bytes, texts are embedded by the text tower of the index's image-text model.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import reprlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,14 +21,15 @@ from starlette.requests import Request
 from . import wire
 from .options import ServeOptions
 
-JSON_FIELDS = ("index", "k", "keys", "vectors", "images", "include_self", "filter")
-FORM_FIELDS = ("index", "k", "key", "key_shard", "image", "include_self", "shard")
+JSON_FIELDS = ("index", "k", "keys", "vectors", "images", "texts", "include_self", "filter")
+FORM_FIELDS = ("index", "k", "key", "key_shard", "image", "text", "include_self", "shard")
+MAX_TEXT = 4096  # characters in one text query: a tokenizer keeps the first 77 tokens; more is a mistake
 DEFAULT_K = 10
 
 
 @dataclass
 class Query:
-    """One search request: exactly one of keys, vectors or images, and how many neighbours of each."""
+    """One search request: exactly one of keys, vectors, images or texts, and how many neighbours of each."""
 
     index: str | None
     k: int
@@ -37,14 +39,22 @@ class Query:
     include_self: bool = False
     shards: frozenset[str] | None = None  # keep only hits from these shards (url or file name)
     key_shards: list[str | None] | None = None  # per key: the shard holding it, for a key several shards hold
+    texts: list[str] = field(default_factory=list)  # text queries, for the text tower of an image-text model
 
     @property
     def kind(self) -> str:
-        return "keys" if self.keys else "vectors" if self.vectors is not None else "images"
+        return ("keys" if self.keys else "vectors" if self.vectors is not None else "texts" if self.texts
+                else "images")
+
+    @property
+    def needs_model(self) -> bool:
+        """Its queries are embedded by the index's model (images, texts) before the search."""
+        return bool(self.images or self.texts)
 
     def __len__(self) -> int:
-        """How many queries (keys, vectors or images) the request holds."""
-        return len(self.keys) or len(self.images) or (len(self.vectors) if self.vectors is not None else 0)
+        """How many queries (keys, vectors, images or texts) the request holds."""
+        return (len(self.keys) or len(self.images) or len(self.texts)
+                or (len(self.vectors) if self.vectors is not None else 0))
 
 
 def bad(message: str, status: int = 400) -> HTTPException:
@@ -181,11 +191,23 @@ def _image(value: Any, i: int) -> tuple[str, bytes]:
     return name, raw
 
 
-def _one_kind(keys: list[str], vectors: np.ndarray | None, images: list[tuple[str, bytes]]) -> None:
-    given = sum(map(bool, (keys, vectors is not None, images)))
+def _texts(value: Any) -> list[str]:
+    texts = _strings(value, "texts")
+    if any(not t.strip() for t in texts):
+        raise bad("texts must be non-empty strings, e.g. {\"texts\": [\"a red car\"]}")
+    long = next((t for t in texts if len(t) > MAX_TEXT), None)
+    if long is not None:
+        raise bad(f"a text query of {len(long)} characters; at most {MAX_TEXT} (its model reads the first few dozen "
+                  "words)")
+    return texts
+
+
+def _one_kind(keys: list[str], vectors: np.ndarray | None, images: list[tuple[str, bytes]],
+              texts: list[str] = ()) -> None:
+    given = sum(map(bool, (keys, vectors is not None, images, texts)))
     if given != 1:
         raise bad("give exactly one kind of query: \"keys\" (indexed items), \"vectors\" (embeddings of the index's "
-                  "model) or \"images\" (base64, or multipart image files)")
+                  "model), \"images\" (base64, or multipart image files) or \"texts\" (for an image-text model)")
 
 
 def from_json(body: Any, opts: ServeOptions) -> Query:
@@ -201,7 +223,8 @@ def from_json(body: Any, opts: ServeOptions) -> Query:
     if not isinstance(images_in, list):
         images_in = [images_in]
     images = [_image(v, i) for i, v in enumerate(images_in)]
-    _one_kind(keys, vectors, images)
+    texts = _texts(body["texts"]) if body.get("texts") is not None else []
+    _one_kind(keys, vectors, images, texts)
     index = body.get("index")
     if index is not None and not isinstance(index, str):
         raise bad("index must be the name of an index (GET /indexes lists them)")
@@ -210,11 +233,11 @@ def from_json(body: Any, opts: ServeOptions) -> Query:
         raise bad("filter takes {\"shard\": [shard url or file name, ...]}")
     shards = frozenset(_strings(filt["shard"], "filter.shard")) if "shard" in filt else None
     return _counted(Query(index, _k(body.get("k", DEFAULT_K), opts), keys, vectors, images,
-                          _flag(body.get("include_self", False), "include_self"), shards, key_shards), opts)
+                          _flag(body.get("include_self", False), "include_self"), shards, key_shards, texts), opts)
 
 
 async def from_form(request: Request, opts: ServeOptions) -> Query:
-    """A query from a multipart form: ``key`` fields or ``image`` files, with ``index``, ``k``, ``shard``."""
+    """A query from a multipart form: ``key`` or ``text`` fields or ``image`` files, with ``index``, ``k``, ``shard``."""
     parser = _InMemoryParser(request.headers, request.stream(), max_files=opts.max_queries,
                              max_fields=4 * opts.max_queries + 8, max_part_size=1 << 20)
     try:
@@ -234,7 +257,8 @@ async def from_form(request: Request, opts: ServeOptions) -> Query:
                 raise bad(f"image {f.filename or i} is empty")
             images.append((f.filename or f"image[{i}]", data))
         keys = [str(v) for v in form.getlist("key") if str(v)]
-        _one_kind(keys, None, images)
+        texts = _texts([str(v) for v in form.getlist("text")]) if form.getlist("text") else []
+        _one_kind(keys, None, images, texts)
         shards = frozenset(map(str, form.getlist("shard"))) or None
         key_shard = str(form.get("key_shard") or "") or None
         if key_shard is not None and not keys:
@@ -244,6 +268,6 @@ async def from_form(request: Request, opts: ServeOptions) -> Query:
             raise bad("index must be the name of an index (GET /indexes lists them)")
         return _counted(Query(index, _k(form.get("k", DEFAULT_K), opts), keys, None, images,
                               _flag(form.get("include_self", "false"), "include_self"), shards,
-                              [key_shard] * len(keys) if key_shard else None), opts)
+                              [key_shard] * len(keys) if key_shard else None, texts), opts)
     finally:
         await form.close()

@@ -20,8 +20,9 @@ from pipeline.model.sources import ModelSource, get_source, register, resolve_sp
 from pipeline.records import EmbeddingMeta, ModelIdentity
 
 def test_unknown_source_is_a_user_error_listing_the_names():
-    assert {"timm", "torchvision", "torchscript"} <= set(source_names())
-    with pytest.raises(UserError, match="unknown model source 'hf'; choose one of: timm, torchscript, torchvision"):
+    assert {"open_clip", "timm", "torchvision", "torchscript"} <= set(source_names())
+    with pytest.raises(UserError, match="unknown model source 'hf'; choose one of: open_clip, timm, torchscript, "
+                                        "torchvision"):
         get_source("hf")
 
 
@@ -29,7 +30,8 @@ def test_unknown_bare_name_error_lists_the_spec_forms():
     with pytest.raises(UserError) as e:
         resolve_spec("no_such_model_anywhere")
     assert "unknown model 'no_such_model_anywhere': not a timm or torchvision model." in str(e.value)
-    assert str(e.value).endswith("Specs look like timm:<name>, torchvision:<name> or torchscript:<path>.")
+    assert str(e.value).endswith("Specs look like timm:<name>, torchvision:<name>, open_clip:<arch>[/<pretrained>] "
+                                 "or torchscript:<path>.")
     with pytest.raises(UserError, match="has no name after 'timm:'"):
         resolve_spec("timm:")
 
@@ -54,8 +56,8 @@ def test_every_source_has_the_one_signature(name):
     assert isinstance(source.about, str) and source.about
     assert source.bare_order is None or isinstance(source.bare_order, int)
     assert isinstance(source.has_classifier, bool) and isinstance(source.takes_preprocess, bool)
-    assert isinstance(source.runs_code, bool)
-    for method in ("names", "check", "load", "classifier"):
+    assert isinstance(source.runs_code, bool) and isinstance(source.has_text_tower, bool)
+    for method in ("names", "check", "load", "classifier", "text_tower"):
         assert _signature(getattr(source, method)) == _signature(getattr(ModelSource, method)), (name, method)
     assert isinstance(source.names(), frozenset)
 

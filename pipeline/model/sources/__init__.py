@@ -5,7 +5,9 @@ into a frozen feature extractor, a :class:`~pipeline.model.backbones.Backbone`: 
 replaced by Identity (or the pooled output of ``layer``), its preprocessing, its checked dimension and the
 identity every output records. A source of classifiers (timm, torchvision) also loads the full model with its
 head, and fine-tuning and exported classifiers put their head where that one was; a source without a head (a
-TorchScript file of features, an image-text model) says so, and those callers refuse it before reading data.
+TorchScript file of features, an image-text model) says so, and those callers refuse it before reading data. A
+source of image-text models (open_clip) also loads the text tower that embeds text queries into the same space
+(``model/text.py``); every other source refuses text queries with what to use instead.
 
 Adding a source is one module defining ``SOURCE`` plus its tests; no list elsewhere names the sources. Listing
 the names (:func:`source_names`) imports nothing; a source's module is imported on first use.
@@ -19,9 +21,9 @@ from ...errors import UserError
 from ...registry import Registry
 from ..specs import ALIASES
 
-# "Backbone" and "Classifier" below are the types of model/backbones.py, named, not imported: backbones.py imports
-# this registry (load_backbone dispatches to a source), and torch comes with a source's module, not with the
-# registry (option checks, --help).
+# "Backbone", "Classifier" (model/backbones.py) and "TextTower" (model/text.py) below are named, not imported: those
+# modules import this registry (load_backbone dispatches to a source), and torch comes with a source's module, not
+# with the registry (option checks, --help).
 
 
 class ModelSource(Protocol):
@@ -41,6 +43,8 @@ class ModelSource(Protocol):
     # A name is a file whose loading runs its code (TorchScript), its weights_sha256 that file's sha256: a rebuild
     # checks the file against the record before loading it, and a service loads it only when trusted (trust.py).
     runs_code: bool
+    # text_tower() gives the tower that embeds text into the image embeddings' space (search by text, zero-shot)
+    has_text_tower: bool
 
     def names(self) -> frozenset[str]:
         """The model names a bare spec can mean (built once per process); empty when names are paths."""
@@ -66,6 +70,11 @@ class ModelSource(Protocol):
 
     def classifier(self, name: str, weights: str = "default") -> "Classifier":
         """The full model with its classification head, weights loaded; only called when ``has_classifier``."""
+        ...
+
+    def text_tower(self, name: str, weights: str = "default") -> "TextTower":
+        """The text tower of ``name`` with the same ``weights`` as its image tower; without ``has_text_tower``, a
+        UserError at once (nothing loaded) that names the model and, where there is one, the spec to use instead."""
         ...
 
 
@@ -146,6 +155,15 @@ def classifier_source(spec: str, what: str) -> ModelSource:
         raise UserError(f"{what} needs a model with a classification head ({', '.join(able)} models); {spec} has "
                         f"none: {source.name}: models give features only")
     return source
+
+
+def text_refusal(spec: str, instead: str = "") -> UserError:
+    """The error for text queries (search by text, zero-shot classes) against vectors of ``spec``, a model with no
+    text tower; ``instead`` says what to embed with (the default: an open_clip model)."""
+    instead = instead or ("embed the images with an image-text model, e.g. open_clip:ViT-B-32/openai (pip install "
+                          "'embedpipe[clip]'), and index those embeddings")
+    return UserError(f"the model {spec} has no text tower, so text queries (search by text, zero-shot classes) "
+                     f"cannot be embedded like its vectors; {instead}")
 
 
 def did_you_mean(name: str, names: Iterable[str], prefix: str) -> str:

@@ -9,7 +9,8 @@ from torch import nn
 
 from ..backbones import Backbone, Classifier, classifier_with_weights, features_of
 from ..preprocess import Preprocess
-from . import preprocess_refused
+from ..text import TextTower
+from . import preprocess_refused, text_refusal
 
 
 class ClassifierLibrary:
@@ -39,3 +40,6 @@ class ClassifierLibrary:
     def classifier(self, name: str, weights: str = "default") -> Classifier:
         self.check(name)
         return classifier_with_weights(f"{self.name}:{name}", weights, lambda pretrained: self.create(name, pretrained))
+
+    def text_tower(self, name: str, weights: str = "default") -> TextTower:
+        raise text_refusal(f"{self.name}:{name}")  # image classifiers have no text tower

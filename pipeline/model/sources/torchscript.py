@@ -18,6 +18,8 @@ from ...errors import UserError
 from ..backbones import Backbone, Classifier, check_dim, freeze, sized
 from ..deprecations import torchscript_calls
 from ..preprocess import Preprocess
+from ..text import TextTower
+from . import text_refusal
 
 log = logging.getLogger(__name__)
 PREPROCESS_FILE = "preprocess.json"  # the extra file of the archive that says how its inputs must look
@@ -35,6 +37,7 @@ class TorchScriptSource:
     runs_code: bool = True
     has_classifier: bool = False
     takes_preprocess: bool = True
+    has_text_tower: bool = False
 
     def names(self) -> frozenset[str]:
         return frozenset()  # names are paths
@@ -71,6 +74,10 @@ class TorchScriptSource:
 
     def classifier(self, name: str, weights: str = "default") -> Classifier:
         raise UserError(f"{self.name}:{name} has no classification head: TorchScript models give features only")
+
+    def text_tower(self, name: str, weights: str = "default") -> TextTower:
+        raise text_refusal(f"{self.name}:{name}", "a TorchScript file holds an image tower only; embed the images "
+                           "with an image-text model, e.g. open_clip:ViT-B-32/openai, and index those embeddings")
 
 
 def _preprocess(path: Path, recorded: str, given: Mapping[str, Any] | None) -> Preprocess:

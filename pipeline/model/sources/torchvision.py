@@ -56,6 +56,7 @@ class TorchvisionSource(ClassifierLibrary):
     bare_order: int | None = 1
     runs_code: bool = False
     has_classifier: bool = True
+    has_text_tower: bool = False
 
     names = staticmethod(model_names)
     create = staticmethod(_create)
