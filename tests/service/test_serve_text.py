@@ -17,8 +17,10 @@ TEXTS = ["a red car", "a photo of the digit seven", "two dogs on a beach", "an e
 
 
 @pytest.fixture(scope="module")
-def url(clip_index, tiny_index):
-    with running(create_app({"clip": clip_index / "idx", "digits": tiny_index / "idx"}, batch_wait_ms=20)) as base:
+def url(clip_index, tiny_index, tiny_clip):
+    # the index names a checkpoint file: the operator trusts it (as for image queries), here explicitly
+    with running(create_app({"clip": clip_index / "idx", "digits": tiny_index / "idx"}, batch_wait_ms=20,
+                            trust_models=[str(tiny_clip.weights)])) as base:
         yield base
 
 
@@ -44,7 +46,8 @@ def test_text_queries_find_the_exact_neighbours(url, clip_index, tiny_clip):
 
 def test_text_queries_arriving_together_share_text_tower_calls(clip_index, tiny_clip):
     texts = [f"a photo of the number {i}" for i in range(12)]
-    with running(create_app({"clip": clip_index / "idx"}, batch_wait_ms=300, max_batch=64)) as base:
+    with running(create_app({"clip": clip_index / "idx"}, batch_wait_ms=300, max_batch=64,
+                            trust_models=[str(tiny_clip.weights)])) as base:
         post_json(f"{base}/search", {"texts": ["warm up"]})  # builds the text tower
         replies = [None] * len(texts)
 
@@ -88,3 +91,10 @@ def test_page_text_box_shows_neighbours_in_headless_chromium(url, tmp_path, clip
     keys = re.findall(r"#\d (digits_\d+)</div>", dom)
     assert keys == tiny_clip.exact_neighbours(clip_index / "emb", ["a red car"], 4)[0]
     assert [f["src"] for f in parsed.figures] == [f"/thumb/clip/{k}" for k in keys]
+
+
+def test_text_queries_need_the_operators_trust_of_a_model_file_the_index_names(clip_index):
+    with running(create_app({"clip": clip_index / "idx"})) as base:
+        r = post_json(f"{base}/search", {"texts": ["a red car"], "k": 2})
+        assert r.status == 403 and "--trust-model" in r.json()["error"], r
+        assert post_json(f"{base}/search", {"keys": ["digits_000360"], "k": 2}).status == 200  # keys still work

@@ -16,7 +16,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from ..backbones import Backbone, Classifier, check_dim, freeze, sized
 from ..preprocess import Preprocess
 from ..text import TextTower
 from ..weights import check_online, state_dict_sha256
-from . import did_you_mean
+from . import did_you_mean, preprocess_refused
 
 log = logging.getLogger(__name__)
 CONFIGS_ENV = "EMBEDPIPE_OPEN_CLIP_CONFIGS"
@@ -175,6 +175,8 @@ class OpenClipSource:
     bare_order: int | None = None  # only with its prefix: its names (ViT-B-32) say nothing of the library
     has_classifier: bool = False
     has_text_tower: bool = True
+    takes_preprocess: bool = False  # the model's own (or its tag's), recorded in every output
+    runs_code: bool = False  # a checkpoint is tensors, loaded by the installed library's code
 
     names = staticmethod(model_names)
 
@@ -221,8 +223,10 @@ class OpenClipSource:
         return _Clip(model.eval(), _preprocess(model, name), source, state_dict_sha256(model.state_dict()))
 
     def load(self, name: str, weights: str = "default", layer: str | None = None,
-             input_size: int | None = None) -> Backbone:
+             input_size: int | None = None, preprocess: Mapping[str, Any] | None = None) -> Backbone:
         spec = f"{self.name}:{name}"
+        if preprocess:
+            raise preprocess_refused(spec)
         if layer:
             raise UserError(f"--layer cannot be used with {spec}: the embedding is the image tower's projected output, "
                             "the one a text embedding is comparable with; drop --layer")
