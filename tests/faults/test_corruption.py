@@ -207,10 +207,12 @@ def test_index_refuses_input_its_done_records_do_not_vouch_for(folder, tmp_path,
         vouch_for(out, f)
     for update in (False, True):
         idx = tmp_path / f"idx-{update}"
-        if update:  # an index of the sound shard exists; the changed one is new to it
+        if update:  # an index of the sound shard exists (built before the folder was complete); the changed one is new
             shutil.move(out / "_state" / "c-0.json", tmp_path / "held")
+            shutil.move(out / "_SUCCESS", tmp_path / "held-success")
             assert embedpipe("index", out, "--out", idx, "--kind", "flat", "-q")[0] == 0
             shutil.move(tmp_path / "held", out / "_state" / "c-0.json")
+            shutil.move(tmp_path / "held-success", out / "_SUCCESS")
         code, _, err = embedpipe("index", out, "--out", idx, *(["--update"] if update else ["--kind", "flat"]), "-q")
         assert code == 2 and "Traceback" not in err and str(f) in err and expected in err, err
         assert err.count("\n") == 1, err
@@ -223,6 +225,7 @@ def test_index_refuses_input_its_done_records_do_not_vouch_for(folder, tmp_path,
 def test_index_leaves_out_a_file_without_done_record_and_says_so(folder, tmp_path, embedpipe, caplog):
     _, out, f = folder
     (out / "_state" / "c-0.json").unlink()  # c-0 is being embedded (or was killed before its record)
+    (out / "_SUCCESS").unlink()  # so the folder is not complete: index builds what is done
     code, _, err = embedpipe("index", out, "--out", tmp_path / "idx", "--kind", "flat", "-q")
     assert code == 0, err
     assert json.loads((tmp_path / "idx" / "index.json").read_text())["count"] == 4
