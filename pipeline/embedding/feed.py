@@ -32,7 +32,8 @@ def decoded_ahead(pieces: Iterable[Piece], data: ShardSamples, streams: Streams)
     try:
         for piece in pieces:
             queue.append(pool.submit(decode, piece) if piece.encoded else (piece, None))
-            while len(queue) > 1:
+            # A piece decoded in a worker passes at once unless a decode is under way before it (order).
+            while len(queue) > 1 or queue and not isinstance(queue[0], Future):
                 yield _done(queue.popleft())
         while queue:
             yield _done(queue.popleft())
@@ -47,11 +48,16 @@ def _done(item: Future | tuple[Piece, Any]) -> tuple[Piece, Any]:
 def embedded(ready: Iterable[tuple[Piece, Any]], embedder: StreamedEmbedder,
              in_flight: int = IN_FLIGHT) -> Iterator[tuple[Piece, np.ndarray | None]]:
     """Each piece with its embeddings (None when it has no rows), in order; a piece's embeddings are read once
-    ``in_flight`` later pieces are queued on the device (the last ones when the pieces end)."""
+    ``in_flight`` later batches are queued on the device (the last ones when the pieces end). A piece without rows
+    (a worker's end of a shard) queues nothing, so it never makes the loop wait."""
     queue: deque[tuple[Piece, Pending | None]] = deque()
+    queued = 0  # pieces in the queue with a batch on the device
     for piece, event in ready:
-        queue.append((piece, embedder.submit(piece.images, event) if len(piece.keys) else None))
-        while len(queue) > in_flight:
+        job = embedder.submit(piece.images, event) if len(piece.keys) else None
+        queue.append((piece, job))
+        queued += job is not None
+        while queue and (queue[0][1] is None or queued > in_flight):
+            queued -= queue[0][1] is not None
             yield _collected(queue.popleft())
     while queue:
         yield _collected(queue.popleft())
