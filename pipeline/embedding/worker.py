@@ -33,11 +33,12 @@ from .run_folder import RunState, ShardRecord
 log = logging.getLogger(__name__)
 
 
-def default_workers(device: torch.device) -> int:
-    """Decode workers: most cores feed a GPU. On CPU the model needs the cores, and decoding in-process (no
-    worker, one decode thread per core between model calls) avoids oversubscribing small machines."""
+def default_workers(device: torch.device, gpus: int = 1) -> int:
+    """Decode workers: a GPU gets its share of the cores (``gpus`` processes on the node), up to 16. On CPU the
+    model needs the cores, and decoding in-process (no worker, one decode thread per core between model calls)
+    avoids oversubscribing small machines."""
     cores = usable_cores()
-    return min(cores, 16) if device.type == "cuda" else cores // 4
+    return max(1, min(cores // max(1, gpus), 16)) if device.type == "cuda" else cores // 4
 
 
 def prepare_model(cfg: EmbedConfig) -> tuple[Backbone, Extractor]:

@@ -26,6 +26,7 @@ from .tuning import images_per_s
 log = logging.getLogger(__name__)
 DECODE_AUTO = "auto"
 DECODE_CHOICES = (DECODE_AUTO, *decoder_names())
+_warned: set[str] = set()
 
 
 def probe_jpegs(n: int = 128, size: tuple[int, int] = (500, 375), seed: int = 0) -> list[bytes]:
@@ -94,7 +95,8 @@ def choose_decoder(choice: str, bb: Backbone, ex: Extractor, workers: int,
     """The decoder ``--decode CHOICE`` means for ``ex`` here: the one named, or for ``auto`` the default on a CPU
     device and the fastest measured on a GPU (:func:`measure_decoders`, once per machine, model and workers)."""
     if choice != DECODE_AUTO:
-        if not get_decoder(choice).in_workers and ex.device.type == "cpu":
+        if not get_decoder(choice).in_workers and ex.device.type == "cpu" and choice not in _warned:
+            _warned.add(choice)  # once per process, not once per shard of the devices engine's workers
             log.warning("--decode %s on a CPU device: the batched decoder runs on CPU tensors in the main process, "
                         "one batch at a time (what tests of it on a machine without a GPU run); the default decodes "
                         "faster there", choice)

@@ -38,13 +38,16 @@ def pick(rates: dict[Any, float], tie: float = TIE) -> Any:
     return next(k for k, r in rates.items() if r >= best * (1 - tie))
 
 
-def images_per_s(forward: Callable[[torch.Tensor], Any], x: torch.Tensor, seconds: float) -> float:
-    """Images per second of ``forward`` on batch ``x`` (already warm), timed for about ``seconds``; on a GPU the
-    clock is read after the device has finished (a few calls queued between reads)."""
+def images_per_s(forward: Callable[[torch.Tensor], Any], x: torch.Tensor, seconds: float, warmup: int = 2) -> float:
+    """Images per second of ``forward`` on batch ``x``, timed for about ``seconds`` after ``warmup`` calls (TorchScript
+    profiles its first calls, then optimises); on a GPU the clock is read after the device has finished (a few calls
+    queued between reads)."""
     def finished() -> None:
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
 
+    for _ in range(warmup):
+        forward(x)
     finished()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from pipeline.model import measured
+from pipeline.model import decode_choice, measured
 from pipeline.model.backbones import load_backbone
 from pipeline.model.compile import build_extractor
 from pipeline.model.decode_choice import choose_decoder, measure_decoders, probe_jpegs
@@ -95,8 +95,12 @@ def test_decoder_measurement_rates_every_registered_decoder_with_the_model(backb
     assert set(rates) == {"model alone", *decoder_names()} and all(r > 0 for r in rates.values())
 
 
-def test_a_named_decoder_is_taken_as_given_with_a_warning_for_a_batched_one_on_a_cpu(backbone, tmp_path, caplog):
+def test_a_named_decoder_is_taken_as_given_with_a_warning_for_a_batched_one_on_a_cpu(backbone, tmp_path, caplog,
+                                                                                       monkeypatch):
+    monkeypatch.setattr(decode_choice, "_warned", set())  # warned once per process: maybe by an earlier test
     ex = build_extractor(backbone, "cpu", "fp32", "eager", micro_batch=0)
     assert choose_decoder("cpu", backbone, ex, 2, tmp_path) == "cpu" and "--decode" not in caplog.text
     assert choose_decoder("gpu", backbone, ex, 2, tmp_path) == "gpu"
     assert "--decode gpu on a CPU device" in caplog.text
+    caplog.clear()
+    assert choose_decoder("gpu", backbone, ex, 2, tmp_path) == "gpu" and "--decode" not in caplog.text
