@@ -105,6 +105,9 @@ def _ignore_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+_NO_IMAGES = torch.empty(0, dtype=torch.uint8)
+
+
 class _ShardBuffer:
     """Rows of one shard collected from every worker until all of them report its end."""
 
@@ -118,6 +121,7 @@ class _ShardBuffer:
         self.started = time.time()
 
     def add(self, piece: Piece, emb: np.ndarray | None) -> None:
+        piece.images = _NO_IMAGES  # embedded: its pixels (pinned, or on the GPU) are not held until the commit
         if emb is not None and len(piece.keys):
             self.pieces.append((piece, emb))
         self.skipped.extend(piece.skipped)

@@ -18,9 +18,10 @@ from ..sample_data import PHOTOS, load_photo
 from . import measured
 from .backbones import Backbone
 from .compile import Extractor, cache_key, default_cache_dir
-from .decoders import DEFAULT_DECODER, decoder_names, get_decoder
+from .decoders import DEFAULT_DECODER, Decoder, decoder_names, get_decoder
 from .image_header import Header, read_header
 from .preprocess import Preprocess
+from .streams import StreamedEmbedder
 from .tuning import images_per_s
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def measure_decoders(ex: Extractor, pre: Preprocess, workers: int, images: list[
 
     A decoder that runs in the workers decodes in parallel with the model: its rate is the lesser of ``workers``
     threads decoding and the model alone. One that runs in the main process shares the device with the model:
-    its rate is measured with both, batch after batch, as the embed loop runs them.
+    its rate is measured with both, as the embed loop runs them (:func:`_main_process_rate`).
     """
     batch = ex.batch_size or len(images)
     images = (images * (batch // len(images) + 1))[:max(batch, len(images))]
@@ -75,19 +76,37 @@ def measure_decoders(ex: Extractor, pre: Preprocess, workers: int, images: list[
                 decode = len(images) / (time.perf_counter() - t0)
             rates[name] = min(decode, r_m)
             continue
-        # The workers check headers in parallel and send them without PIL's parse: so here, outside the clock.
-        data = images[:batch]
-        headers = [Header(h.format, h.width, h.height, h.mode) for h in (read_header(d, pre.resize_size) for d in data)]
-        decoder.decode(data, headers, pre, ex.device)  # warm-up: the device decoder's handles and buffers
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds or n == 0:
-            crops = decoder.decode(data, headers, pre, ex.device)
-            ex(torch.stack([c for c in crops if isinstance(c, torch.Tensor)]))
-            n += batch
-        if ex.device.type == "cuda":
-            torch.cuda.synchronize(ex.device)
-        rates[name] = n / (time.perf_counter() - t0)
+        rates[name] = _main_process_rate(decoder, ex, pre, images[:batch], seconds)
     return rates
+
+
+def _main_process_rate(decoder: Decoder, ex: Extractor, pre: Preprocess, data: list[bytes], seconds: float) -> float:
+    """Images per second of a main-process decoder and the model as the embed loop runs them: each batch decoded
+    in a thread on the decode stream, a batch ahead; its embeddings read a batch behind (``embedding/feed.py``)."""
+    # The workers check headers in parallel and send them without PIL's parse: so here, outside the clock.
+    headers = [Header(h.format, h.width, h.height, h.mode) for h in (read_header(d, pre.resize_size) for d in data)]
+    run = StreamedEmbedder(ex, True, "float16")
+    streams = run.streams
+
+    def decoded() -> tuple[torch.Tensor, object]:
+        with streams.on(streams.decode):
+            crops = decoder.decode(data, headers, pre, ex.device)
+            return torch.stack([c for c in crops if isinstance(c, torch.Tensor)]), streams.mark()
+
+    with ThreadPoolExecutor(1, thread_name_prefix="device-decode") as pool:
+        run.submit(*decoded()).result()  # warm-up: the decoder's handles and buffers, the model
+        n, t0 = 0, time.perf_counter()
+        ahead, behind = pool.submit(decoded), None
+        while time.perf_counter() - t0 < seconds or n == 0:
+            x, ready = ahead.result()
+            ahead = pool.submit(decoded)
+            pending = run.submit(x, ready)
+            if behind is not None:
+                behind.result()
+            behind, n = pending, n + len(x)
+        behind.result()
+        ahead.result()
+        return n / (time.perf_counter() - t0)
 
 
 def choose_decoder(choice: str, bb: Backbone, ex: Extractor, workers: int,

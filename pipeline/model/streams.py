@@ -40,11 +40,12 @@ class Streams:
         return torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
 
     def mark(self) -> Any:
-        """An event at the current point of the current stream."""
+        """An event at the current point of this device's current stream (named: the process's current device
+        may be another one)."""
         if not self.cuda:
             return _NoEvent()
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         return event
 
     def wait(self, event: Any) -> None:

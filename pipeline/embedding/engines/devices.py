@@ -37,6 +37,8 @@ def _worker(wid: int, device: str, cfg: EmbedConfig, out: str, tasks: Any, resul
 
     if device == "cpu":  # share the cores between the CPU workers instead of oversubscribing them
         torch.set_num_threads(max(1, usable_cores() // max(1, int(os.environ.get(CPU_PROCESSES, "1")))))
+    else:  # this process's GPU is its current device: whatever runs on "the current stream" runs there
+        torch.cuda.set_device(device)
     cfg = replace(cfg, device=device)
     bb, ex = prepare_model(cfg)
     state = RunState(Path(out))
