@@ -142,3 +142,16 @@ def test_a_run_gives_exactly_the_embeddings_of_one_synchronous_call_per_batch(mo
     for u in urls:
         got = store.read_all(tmp_path, files=[tmp_path / "embeddings" / f"{names[u]}.parquet"]).embeddings
         np.testing.assert_array_equal(got, np.concatenate(want[u]))
+
+
+def test_a_shard_being_collected_holds_its_rows_not_their_pixels():
+    """Until a shard's last piece arrives its rows wait in a buffer; their images (pinned memory, or the GPU's
+    with --decode gpu) are not kept there: 16 workers with a shard each would hold 16 shards of pixels."""
+    from pipeline.embedding.worker import _ShardBuffer
+
+    buf = _ShardBuffer()
+    p = piece("a", 8)
+    buf.add(p, np.zeros((8, 4), dtype=np.float32))
+    ((held, emb),) = buf.pieces
+    assert held.keys == p.keys and emb.shape == (8, 4)
+    assert held.images.numel() == 0
