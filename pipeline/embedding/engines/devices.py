@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from ...errors import UserError
-from ...model.device import usable_cores
+from ...model.device import resolve_device, usable_cores
 from ..options import EmbedConfig, EmbedSummary
 from . import Engine, EngineJob
 
@@ -37,8 +37,10 @@ def _worker(wid: int, device: str, cfg: EmbedConfig, out: str, tasks: Any, resul
 
     if device == "cpu":  # share the cores between the CPU workers instead of oversubscribing them
         torch.set_num_threads(max(1, usable_cores() // max(1, int(os.environ.get(CPU_PROCESSES, "1")))))
-    else:  # this process's GPU is its current device: whatever runs on "the current stream" runs there
-        torch.cuda.set_device(device)
+    elif (dev := resolve_device(device)).type == "cuda" and dev.index is not None:
+        # This process's GPU is its current device before anything touches CUDA: no context on GPU 0 for each
+        # process, and whatever runs on "the current stream" runs on its own GPU.
+        torch.cuda.set_device(dev)
     cfg = replace(cfg, device=device)
     bb, ex = prepare_model(cfg)
     state = RunState(Path(out))
