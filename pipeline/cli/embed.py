@@ -9,11 +9,13 @@ from ..config import config_option
 from ..embedding.engines import engine_names
 from ..embedding.options import OUT_DTYPES, EmbedConfig
 from ..embedding.tar import KEEPABLE
-from ..model.device import COMPILE_MODES, PRECISION_CHOICES
+from ..model.decoders import decoder_names
+from ..model.device import COMPILE_CHOICES, PRECISION_CHOICES
 from .group import cli
 from .logs import quiet_option
 
 D = EmbedConfig  # the defaults shown here are the embed stage's own
+DECODE_CHOICES = ("auto", *decoder_names())  # decoder_names imports no decoder (nor torch)
 
 
 @cli.command()
@@ -24,7 +26,7 @@ D = EmbedConfig  # the defaults shown here are the embed stage's own
 @click.option("--layer", default=None, help="Use the pooled output of this graph node (see `embedpipe models SPEC --nodes`).")
 @click.option("--input-size", type=int, default=None, help="Crop size in pixels (default: the model's own).")
 @click.option("--preprocess", default=None, help="A torchscript: file's preprocessing, replacing its preprocess.json or ImageNet's defaults: a JSON object or its FILE, with any of input_size, resize_size or crop_pct, interpolation (bilinear, bicubic), mean, std.")
-@click.option("--compile", "compile_mode", type=click.Choice(COMPILE_MODES), default=D.compile, show_default=True)
+@click.option("--compile", "compile_mode", type=click.Choice(COMPILE_CHOICES), default=D.compile, show_default=True, help="auto: on a GPU the fastest of torchscript, inductor, max-autotune and aot, measured once per model and machine (minutes, then remembered); torchscript on a CPU.")
 @click.option("--precision", type=click.Choice(PRECISION_CHOICES), default=D.precision, show_default=True, help="auto: fp16 on CUDA, fp32 on CPU.")
 @click.option("--device", default=D.device, show_default=True, help="auto, cpu, cuda or cuda:N (one process).")
 @click.option("--devices", default=None, help="One worker process per device: auto, cuda, N, cuda:0,cuda:2, cpu,cpu.")
@@ -32,9 +34,10 @@ D = EmbedConfig  # the defaults shown here are the embed stage's own
 @click.option("--address", "ray_address", default=None, help="Ray cluster address (with --engine ray; default: start a local instance).")
 @click.option("--rank", type=int, default=None, help="This task's part of the shards (default: SLURM_ARRAY_TASK_ID [x SLURM_NTASKS + SLURM_PROCID], RANK, SLURM_PROCID, JOB_COMPLETION_INDEX).")
 @click.option("--world-size", type=int, default=None, help="Number of parts (default: SLURM_ARRAY_TASK_COUNT [x SLURM_NTASKS], WORLD_SIZE, SLURM_NTASKS, EMBEDPIPE_WORLD_SIZE).")
-@click.option("--batch-size", type=int, default=D.batch_size, show_default=True)
+@click.option("--batch-size", type=int, default=None, help="Images decoded, embedded and written together (default: 64 on CPU; on GPU the fastest of 64-512, measured once per model and machine).")
 @click.option("--micro-batch", type=int, default=None, help="Images per model call within a batch (default: on CPU 4 or 8, measured once per model; whole batch on GPU; 0 = whole batch).")
 @click.option("--workers", type=int, default=None, help="DataLoader decode workers per device (default: a quarter of the cores on CPU, 0 = decode in-process; all, up to 16, on GPU).")
+@click.option("--decode", type=click.Choice(DECODE_CHOICES), default=D.decode, show_default=True, help="cpu: in the DataLoader workers; gpu: each batch in one nvJPEG call on the model's device (images it cannot decode go to the cpu decoder); auto: cpu on a CPU device, on a GPU the faster of the two, measured once per model and machine.")
 @click.option("--out-dtype", type=click.Choice(OUT_DTYPES), default=D.out_dtype, show_default=True)
 @click.option("--normalize/--no-normalize", default=D.normalize, show_default=True, help="L2-normalise embeddings.")
 @click.option("--keep", default=",".join(D.keep), show_default=True,

@@ -9,6 +9,7 @@ from .. import store
 from ..errors import UserError
 from ..model.device import (CPU_PRECISIONS, DEFAULT_COMPILE, DEVICE_AUTO, check_compile_mode, resolve_device,
                             resolve_precision)
+from ..model.decoders import decoder_names
 from ..model.image_header import DEFAULT_MAX_PIXELS
 from ..model.specs import DEFAULT_MODEL
 from ..records import ModelIdentity
@@ -56,9 +57,10 @@ class EmbedConfig:
     compile: str = DEFAULT_COMPILE
     precision: str = "auto"
     device: str = DEVICE_AUTO
-    batch_size: int = 64
+    batch_size: int | None = None  # 64 on a CPU; measured on a GPU (model/tuning.py)
     micro_batch: int | None = None
     workers: int | None = None
+    decode: str = "auto"  # a decoder's name (model/decoders/) or auto: the default on a CPU, measured on a GPU
     out_dtype: str = "float16"
     normalize: bool = True
     keep: tuple[str, ...] = KEEPABLE
@@ -87,8 +89,10 @@ class EmbedConfig:
     def validate(self) -> None:
         """Every option but ``engine``, whose names and rules the engine registry owns (``engines.engine_for``,
         which the runner calls right after this: engines build on these options, so this module cannot ask them)."""
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.decode != "auto" and self.decode not in decoder_names():
+            raise UserError(f"--decode must be auto or a decoder ({', '.join(decoder_names())}), got {self.decode!r}")
         if self.micro_batch is not None and self.micro_batch < 0:
             raise UserError(f"--micro-batch must be 0 (whole batch) or more, got {self.micro_batch}")
         if self.workers is not None and self.workers < 0:
@@ -128,7 +132,7 @@ class EmbedConfig:
         ``model/device.py``. Here, before the lock and the model, so that a bad choice costs nothing. torch is
         imported only where the answer depends on the machine (a CUDA device, fp16) or to raise the error: a
         rerun with nothing to do (the defaults, or ``--device cpu``) stays without it."""
-        check_compile_mode(self.compile)
+        check_compile_mode(self.compile, auto=True)
         for device in self.device_list() or [self.device]:
             if device in (DEVICE_AUTO, "cpu") and self.precision in ("auto", *CPU_PRECISIONS):
                 continue  # valid on any machine

@@ -49,6 +49,13 @@ class Piece:
     end: bool = False
     failed: str | None = None
 
+    def pin_memory(self, device: Any = None) -> "Piece":
+        """Called by the DataLoader's pin thread (``pin_memory=True``, on CUDA): the images in page-locked memory,
+        so that their copy to the device runs on a side stream while the model works (``model/streams.py``)."""
+        if len(self.images):
+            self.images = self.images.pin_memory()
+        return self
+
 
 def _label(sample: dict[str, Any]) -> tuple[int | None, str | None]:
     """The sample's ``cls`` as an int64 label, or None and why it is left empty."""

@@ -18,28 +18,33 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..model.backbones import Backbone, load_backbone
-from ..model.compile import Extractor, build_extractor
-from ..model.decoders import DEFAULT_DECODER
-from ..model.device import FIXED_BATCH_MODES, resolve_device, set_cpu_threads
+from ..model.compile import Extractor
+from ..model.decode_choice import choose_decoder
+from ..model.device import resolve_device, set_cpu_threads
+from ..model.streams import StreamedEmbedder
+from ..model.tuning import CPU_BATCH, tuned_extractor
 from ..records import EmbeddingMeta
 from ..threads import usable_cpus
 from ..version import __version__
 from .options import EmbedConfig, Fingerprint
+from .feed import decoded_ahead, embedded
 from .reader import Piece, ShardSamples
 from .run_folder import RunState, ShardRecord
 
 log = logging.getLogger(__name__)
 
 
-def default_workers(device: torch.device) -> int:
-    """Decode workers: most cores feed a GPU. On CPU the model needs the cores, and decoding in-process (no
-    worker, one decode thread per core between model calls) avoids oversubscribing small machines."""
+def default_workers(device: torch.device, gpus: int = 1) -> int:
+    """Decode workers: a GPU gets its share of the usable CPUs (``gpus`` processes on the node), up to 16. On CPU
+    the model needs the cores, and decoding in-process (no worker, one decode thread per core between model
+    calls) avoids oversubscribing small machines."""
     cores = usable_cpus()
-    return min(cores, 16) if device.type == "cuda" else cores // 4
+    return max(1, min(cores // max(1, gpus), 16)) if device.type == "cuda" else cores // 4
 
 
 def prepare_model(cfg: EmbedConfig, share: int = 1) -> tuple[Backbone, Extractor]:
-    """The frozen backbone and its compiled extractor for ``cfg`` (the same in every engine and process).
+    """The frozen backbone and its compiled extractor for ``cfg`` (the same in every engine and process); on a
+    GPU the batch size (unless given) and ``--compile auto`` are measured here once, then remembered.
 
     On CPU the model gets this process's part of the usable CPUs (``share`` processes run a model on them) less
     the decode workers, set before the micro-batch is measured for that thread count.
@@ -49,11 +54,13 @@ def prepare_model(cfg: EmbedConfig, share: int = 1) -> tuple[Backbone, Extractor
         workers = cfg.workers if cfg.workers is not None else default_workers(device)
         set_cpu_threads(workers, share)
     bb = load_configured_backbone(cfg)
-    ex = build_extractor(bb, cfg.device, cfg.precision, cfg.compile, cfg.cache_dir, micro_batch=cfg.micro_batch)
-    if cfg.compile in FIXED_BATCH_MODES:  # compile now, at the batch size of the run, not inside the timed loop
-        size = bb.preprocess.input_size
-        ex(torch.zeros(cfg.batch_size, 3, size, size, dtype=torch.uint8))
+    ex = tuned_extractor(bb, cfg.device, cfg.precision, cfg.compile, cfg.cache_dir, cfg.micro_batch, cfg.batch_size)
     return bb, ex
+
+
+def batch_size(cfg: EmbedConfig, ex: Extractor) -> int:
+    """The run's batch size: ``--batch-size``, else the one measured for ``ex`` (64 on a CPU)."""
+    return cfg.batch_size or ex.batch_size or CPU_BATCH
 
 
 def load_configured_backbone(cfg: EmbedConfig) -> Backbone:
@@ -112,6 +119,9 @@ def _ignore_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+_NO_IMAGES = torch.empty(0, dtype=torch.uint8)
+
+
 class _ShardBuffer:
     """Rows of one shard collected from every worker until all of them report its end."""
 
@@ -125,9 +135,9 @@ class _ShardBuffer:
         self.started = time.time()
 
     def add(self, piece: Piece, emb: np.ndarray | None) -> None:
-        # The rows are kept until the shard ends, not their pixels: with whole shards per DataLoader worker, up
-        # to one shard per worker is in flight at once, and a shard's decoded crops are 150 KB an image at 224 px.
-        piece.images = piece.images.new_empty((0, *piece.images.shape[1:]))  # a slice would keep the storage
+        # embedded: its pixels (pinned, or on the GPU) are not held until the commit; with whole shards per
+        # DataLoader worker, up to one shard per worker waits for its end at once
+        piece.images = _NO_IMAGES
         if emb is not None and len(piece.keys):
             self.pieces.append((piece, emb))
         self.skipped.extend(piece.skipped)
@@ -179,12 +189,16 @@ def quiet_worker_handoffs() -> None:
 
 def iter_embedded(pending: list[str], names: dict[str, str], state: RunState, bb: Backbone, ex: Extractor,
                   cfg: EmbedConfig, workers: int, bar: Any = None,
-                  decoder: str = DEFAULT_DECODER) -> Iterator[tuple[str, ShardRecord | None, str | None]]:
-    """Stream ``pending`` shards through the DataLoader and the model; yield each shard once it is committed."""
+                  decoder: str | None = None) -> Iterator[tuple[str, ShardRecord | None, str | None]]:
+    """Stream ``pending`` shards through the DataLoader and the model; yield each shard once it is committed.
+
+    ``decoder`` (a registered name) overrides ``cfg.decode``. On a GPU the batches are copied in and out on side
+    streams and a batch's embeddings are read once the next one is queued (``feed.py``)."""
     threads = torch.get_num_threads() if workers == 0 else 1
     if workers:
         quiet_worker_handoffs()
-    data = ShardSamples(pending, bb.preprocess, cfg.batch_size, cfg.keep, cfg.max_pixels, decode_threads=threads,
+    decoder = decoder or choose_decoder(cfg.decode, bb, ex, workers, cfg.cache_dir)
+    data = ShardSamples(pending, bb.preprocess, batch_size(cfg, ex), cfg.keep, cfg.max_pixels, decode_threads=threads,
                         decoder=decoder, max_member_mb=cfg.max_member_mb, max_shard_gb=cfg.max_shard_gb)
     loader = DataLoader(data, batch_size=None, num_workers=workers, pin_memory=ex.device.type == "cuda",
                         prefetch_factor=4 if workers else None, persistent_workers=False,
@@ -205,12 +219,13 @@ def iter_embedded(pending: list[str], names: dict[str, str], state: RunState, bb
             rec = job.result()
             yield url, rec, (buf.failed or "unknown") if rec is None else None
 
+    embedder = StreamedEmbedder(ex, cfg.normalize, cfg.out_dtype)
+    # A piece whose decoder runs here (not in the workers) is decoded in one call on the model's device, a batch
+    # ahead; its embeddings come a batch behind.
+    pieces = embedded(decoded_ahead(loader, data, embedder.streams), embedder)
     try:
-        for piece in loader:
-            if piece.encoded:  # its decoder runs here, in one call on the model's device, not in the workers
-                piece = data.decode_encoded(piece, ex.device)
+        for piece, emb in pieces:
             buf = buffers.setdefault(piece.url, _ShardBuffer())
-            emb = ex.embed(piece.images, cfg.normalize, cfg.out_dtype) if len(piece.keys) else None
             buf.add(piece, emb)
             if bar is not None:
                 bar.update(len(piece.keys))
@@ -222,6 +237,7 @@ def iter_embedded(pending: list[str], names: dict[str, str], state: RunState, bb
             yield from committed(keep=1)  # bounds memory: one finished shard in the writer's hands at a time
         yield from committed(keep=0)
     finally:
+        pieces.close()  # the device decode thread ends before the loader's workers are shut down
         writer.shutdown(wait=True)  # a commit under way completes (also on SIGTERM): its shard is not redone
 
 

@@ -20,6 +20,7 @@ from .deprecations import quiet_cuda_home_notice, torchscript_calls
 from .device import (
     DEFAULT_COMPILE,
     FIXED_BATCH_MODES,
+    TORCH_COMPILE_MODES,
     check_compile_mode,
     resolve_device,
     resolve_precision,
@@ -63,6 +64,7 @@ class Extractor:
     cache_hit: bool = False
     fixed_batch: int | None = None  # inductor graphs and aot packages are built for one batch size: pad smaller ones
     micro_batch: int = 0  # run the model on chunks of this many images (0: the whole batch at once)
+    batch_size: int | None = None  # the batch the embed stage feeds it (measured on a GPU: model/tuning.py)
 
     @torch.inference_mode()
     def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
@@ -88,7 +90,7 @@ class Extractor:
             pad = x.new_zeros((self.fixed_batch - n, *x.shape[1:]))
             return self.module(torch.cat([x, pad]))[:n]
         # Always an inference tensor (as the padded batch is): a mix of the two kinds fails dynamo's guards.
-        return self.module(x.clone() if self.compile == "inductor" else x)
+        return self.module(x.clone() if self.compile in TORCH_COMPILE_MODES else x)
 
 
 def default_cache_dir() -> Path:
@@ -182,15 +184,16 @@ def build_extractor(
     quiet_cuda_home_notice()  # before inductor (inductor, aot) is imported
     if compile == "eager":
         ex = Extractor(wrapper, dev, prec, compile, bb.num_features, micro_batch=micro)
-    elif compile == "inductor":
+    elif compile in TORCH_COMPILE_MODES:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True  # weights are constants: fold BN, prepack conv weights (inference only)
-        log.info("compiling %s for %s/%s with inductor at the first batch (cached in %s)", bb.spec, dev.type, prec,
-                 cache / "inductor")
-        ex = Extractor(torch.compile(wrapper, dynamic=False), dev, prec, compile, bb.num_features, cache / "inductor",
-                       micro_batch=micro)
+        mode = TORCH_COMPILE_MODES[compile]
+        log.info("compiling %s for %s/%s with inductor (mode %s) at the first batch (cached in %s)", bb.spec,
+                 dev.type, prec, mode, cache / "inductor")
+        ex = Extractor(torch.compile(wrapper, dynamic=False, mode=mode), dev, prec, compile, bb.num_features,
+                       cache / "inductor", micro_batch=micro)
     elif compile == "aot":
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))  # AOTInductor's build files
         module = PackagedModule(wrapper, dev, cache / "aot", key, bb.spec, prec)

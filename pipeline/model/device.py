@@ -13,9 +13,14 @@ DEVICE_AUTO = "auto"
 PRECISIONS = ("fp32", "fp16", "bf16")
 PRECISION_CHOICES = ("auto", *PRECISIONS)  # auto: fp16 on CUDA, fp32 on CPU
 CPU_PRECISIONS = ("fp32", "bf16")  # fp16 on a CPU is refused: slow, often unsupported kernels
-COMPILE_MODES = ("torchscript", "inductor", "aot", "eager")
-FIXED_BATCH_MODES = ("inductor", "aot")  # compiled for one batch size: shorter batches are padded
+COMPILE_MODES = ("torchscript", "inductor", "max-autotune", "aot", "eager")
+# torch.compile's modes: inductor's default, and its kernel search without CUDA graphs (whose static outputs the
+# next call overwrites, while the loop still copies the last batch's embeddings out: model/streams.py)
+TORCH_COMPILE_MODES = {"inductor": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+FIXED_BATCH_MODES = ("inductor", "max-autotune", "aot")  # compiled for one batch size: shorter batches are padded
 DEFAULT_COMPILE = "torchscript"
+COMPILE_AUTO = "auto"  # measured on a GPU among the modes it can build (model/tuning.py); the default on a CPU
+COMPILE_CHOICES = (COMPILE_AUTO, *COMPILE_MODES)
 
 
 def torch_dtype(precision: str) -> "torch.dtype":
@@ -54,9 +59,11 @@ def resolve_precision(precision: str, device: "torch.device") -> str:
     return precision
 
 
-def check_compile_mode(compile: str) -> None:
-    if compile not in COMPILE_MODES:
-        raise UserError(f"unknown compile mode {compile!r}; use one of {', '.join(COMPILE_MODES)}")
+def check_compile_mode(compile: str, auto: bool = False) -> None:
+    """A compile mode's name (``auto`` too where ``auto`` is true: the embed stage's choice), else a UserError."""
+    choices = COMPILE_CHOICES if auto else COMPILE_MODES
+    if compile not in choices:
+        raise UserError(f"unknown compile mode {compile!r}; use one of {', '.join(choices)}")
 
 
 _torch_threads: int | None = None  # torch's count before embedpipe first changed it

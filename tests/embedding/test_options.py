@@ -18,8 +18,9 @@ FP16_ON_CPU = "--precision fp16 is not supported on CPU; use --precision bf16"
 
 BAD = [
     pytest.param({"precision": "fp8"}, "unknown precision 'fp8'; use auto, fp32, fp16, bf16", id="precision"),
-    pytest.param({"compile": "jit"}, "unknown compile mode 'jit'; use one of torchscript, inductor, aot, eager",
+    pytest.param({"compile": "jit"}, "unknown compile mode 'jit'; use one of auto, torchscript, inductor, max-autotune, aot, eager",
                  id="compile"),
+    pytest.param({"decode": "nvjpeg"}, "--decode must be auto or a decoder (cpu, gpu), got 'nvjpeg'", id="decode"),
     pytest.param({"device": "tpu"}, "unknown device 'tpu'; use cpu, cuda, cuda:N or auto", id="device"),
     pytest.param({"device": "cpu", "precision": "fp16"}, FP16_ON_CPU, id="fp16-on-cpu"),
     pytest.param({"devices": "cpu,cpu", "precision": "fp16"}, FP16_ON_CPU, id="fp16-on-cpu-devices"),

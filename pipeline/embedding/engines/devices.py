@@ -1,6 +1,6 @@
-"""Engine ``devices``: one worker process per device, pulling shards from one shared queue; dead workers' shards
-retried once. ``--devices`` with several devices chooses it; with one worker it is also the child that embeds the
-shards that killed their last run (``engines.contain``)."""
+"""Engine ``devices``: one worker process per device, pulling parts of a few shards from one shared queue; dead
+workers' shards retried once, each alone. ``--devices`` with several devices chooses it; with one worker it is
+also the child that embeds the shards that killed their last run (``engines.contain``)."""
 from __future__ import annotations
 
 import logging
@@ -14,23 +14,33 @@ from dataclasses import replace
 from typing import Any
 
 from ...errors import UserError
+from ...model.device import resolve_device
 from ..options import EmbedConfig, EmbedSummary
 from . import Engine, EngineJob
 
 log = logging.getLogger(__name__)
 
 RESPAWNS_PER_DEVICE = 3
+SHARDS_PER_DECODE_WORKER = 2  # a device worker's part: shards for its decode workers, twice over (fewer restarts)
+CPU_PROCESSES, CUDA_PROCESSES = "EMBEDPIPE_CPU_WORKERS", "EMBEDPIPE_CUDA_WORKERS"  # device processes of each kind
 
 
 def _worker(wid: int, device: str, cfg: EmbedConfig, out: str, tasks: Any, results: Any) -> None:
-    """Runs in a child process: build the model on ``device`` once, then embed shards until told to stop."""
+    """Runs in a child process: build the model on ``device`` once, then embed the shards it is handed (a few at a
+    time, through one DataLoader) until told to stop."""
     from pathlib import Path
 
+    import torch
+
     from ..run_folder import RunState
-    from ..worker import default_workers, embed_one_shard, outcome, prepare_model
+    from ..worker import default_workers, outcome, prepare_model
 
     # The CPU workers share the usable CPUs instead of each oversubscribing them (prepare_model sets the threads).
-    cpu_workers = int(os.environ.get("EMBEDPIPE_CPU_WORKERS", "1"))
+    cpu_workers = int(os.environ.get(CPU_PROCESSES, "1"))
+    if device != "cpu" and (dev := resolve_device(device)).type == "cuda" and dev.index is not None:
+        # This process's GPU is its current device before anything touches CUDA: no context on GPU 0 for each
+        # process, and whatever runs on "the current stream" runs on its own GPU.
+        torch.cuda.set_device(dev)
     cfg = replace(cfg, device=device)
     try:
         bb, ex = prepare_model(cfg, share=cpu_workers if device == "cpu" else 1)
@@ -38,8 +48,11 @@ def _worker(wid: int, device: str, cfg: EmbedConfig, out: str, tasks: Any, resul
         results.put(("refused", wid, None, str(e)))
         return
     state = RunState(Path(out))
-    workers = cfg.workers if cfg.workers is not None else default_workers(ex.device)
-    results.put(("ready", wid, None, None))
+    # Each GPU's decode workers take that GPU's share of the node's cores.
+    workers = cfg.workers if cfg.workers is not None else default_workers(ex.device, int(os.environ.get(CUDA_PROCESSES, "1")))
+    # How many shards it takes at once: one when it decodes in its own process (a native crash there is its death,
+    # which must cost one shard), else a part for its decode workers (their crashes are contained per shard below).
+    results.put(("ready", wid, None, SHARDS_PER_DECODE_WORKER * workers or 1))
     parent = os.getppid()
     while True:
         try:
@@ -50,9 +63,32 @@ def _worker(wid: int, device: str, cfg: EmbedConfig, out: str, tasks: Any, resul
             continue
         if task is None:
             return
-        url, name = task
-        rec, reason = embed_one_shard(url, name, state, bb, ex, cfg, workers, _Progress(results, wid, url))
-        results.put(("done", wid, url, outcome(rec, reason)))
+        for url, rec, reason in _embed_chunk(task, state, bb, ex, cfg, workers, _Progress(results, wid, None)):
+            results.put(("done", wid, url, outcome(rec, reason)))
+
+
+def _embed_chunk(chunk: list[tuple[str, str]], state: Any, bb: Any, ex: Any, cfg: EmbedConfig, workers: int,
+                 progress: Any) -> Any:
+    """Each shard of ``chunk`` (url, output name) as committed: through one DataLoader, so each decode worker reads
+    whole shards; after a decode worker died (a native crash in a decoder), the shards left one at a time, so
+    a shard that kills its decoder again fails alone (recorded as a crash)."""
+    from ..worker import decode_worker_died, embed_one_shard, iter_embedded
+
+    names = dict(chunk)
+    left = dict(chunk)
+    shards = iter_embedded(list(names), names, state, bb, ex, cfg, workers, progress)
+    try:
+        for url, rec, reason in shards:
+            left.pop(url, None)
+            yield url, rec, reason
+    except RuntimeError as e:
+        if not decode_worker_died(e):
+            raise
+        log.error("%s; the %d unfinished shard(s) of this worker's part are embedded one at a time", e, len(left))
+    finally:
+        shards.close()
+    for url, name in left.items():
+        yield url, *embed_one_shard(url, name, state, bb, ex, cfg, workers, progress)
 
 
 class _Progress:
@@ -70,13 +106,15 @@ def run(job: EngineJob, summary: EmbedSummary) -> list[str]:
 
     ``job.progress`` counts every worker's images and each finished shard: one bar for all.
 
-    Workers ask for work as they finish, so faster devices take more shards. A worker that dies is
-    replaced (up to ``job.respawns`` times per device); the shard it held is retried once by another worker, then
-    recorded as failed.
+    Workers ask for work as they finish, so faster devices take more shards; each takes a part of a few shards
+    (two per decode worker: :func:`next_part`) through one DataLoader, so each decode worker reads whole shards. A
+    worker that dies is replaced (up to ``job.respawns`` times per device); each shard it held is retried once,
+    alone, by another worker, then recorded as failed.
     """
     if not job.pending:
         return []
-    os.environ["EMBEDPIPE_CPU_WORKERS"] = str(sum(d == "cpu" for d in job.devices))
+    os.environ[CPU_PROCESSES] = str(sum(d == "cpu" for d in job.devices))
+    os.environ[CUDA_PROCESSES] = str(sum(d != "cpu" for d in job.devices))
     respawns = RESPAWNS_PER_DEVICE if job.respawns is None else job.respawns
     pool = _Pool(job, summary, respawns)
     try:
@@ -86,6 +124,24 @@ def run(job: EngineJob, summary: EmbedSummary) -> list[str]:
     finally:
         pool.stop()
     return []
+
+
+def next_part(todo: deque[tuple[str, str]], wants: int, workers: int, alone: set[str]) -> list[tuple[str, str]]:
+    """The next part of ``todo`` (taken from its front) for a worker that takes ``wants`` shards at once: no more
+    than a fair share of what is left among ``workers``, so the last parts spread over every worker, and a shard
+    in ``alone`` (a dead worker held it) in a part of its own.
+
+    Example:
+        >>> next_part(deque([("a", "a"), ("b", "b"), ("c", "c")]), 4, 2, set())
+        [('a', 'a'), ('b', 'b')]
+    """
+    size = max(1, min(wants, -(-len(todo) // max(1, workers))))
+    part: list[tuple[str, str]] = []
+    while todo and len(part) < size:
+        if todo[0][0] in alone:
+            return part or [todo.popleft()]
+        part.append(todo.popleft())
+    return part
 
 
 class _Pool:
@@ -102,7 +158,9 @@ class _Pool:
         self.attempts: dict[str, int] = {}
         self.procs: dict[int, Any] = {}
         self.inbox: dict[int, Any] = {}
-        self.current: dict[int, str | None] = {}
+        self.current: dict[int, list[str]] = {}  # the shards each worker holds, in its part
+        self.wants: dict[int, int] = {}  # how many shards each worker takes at once
+        self.alone: set[str] = set()  # shards a dead worker held: retried one per part, so only a culprit fails
         self.spawned = {d: 0 for d in set(self.devices)}
 
     def spawn(self, wid: int) -> None:
@@ -112,14 +170,19 @@ class _Pool:
         self.procs[wid] = self.ctx.Process(target=_worker, args=(wid, self.devices[wid], self.cfg, str(self.out),
                                                                  self.inbox[wid], self.results))
         self.procs[wid].start()
-        self.current[wid] = None
+        self.current[wid] = []
 
     def give_work(self, wid: int) -> None:
-        if self.todo:
-            url, name = self.todo.popleft()
+        """Hand ``wid`` its next part: as many shards as it takes at once, but no more than its fair share of those
+        left, so that the last parts spread over every worker."""
+        if not self.todo:
+            return
+        part = next_part(self.todo, self.wants.get(wid, 1), sum(p.is_alive() for p in self.procs.values()),
+                         self.alone)
+        for url, _ in part:
             self.attempts[url] = self.attempts.get(url, 0) + 1
-            self.current[wid] = url
-            self.inbox[wid].put((url, name))
+        self.current[wid] = [url for url, _ in part]
+        self.inbox[wid].put(part)
 
     def dispatch(self) -> None:
         """Hand out shards as workers ask, count what they report, replace the dead, until every shard is decided."""
@@ -139,33 +202,38 @@ class _Pool:
                 if self.progress is not None:
                     self.progress.update(info)
             elif kind == "ready":
+                self.wants[wid] = int(info or 1)
                 self.give_work(wid)
             elif kind == "refused":
                 raise UserError(info)
             elif kind == "done":
-                self.current[wid] = None
+                if url in self.current[wid]:
+                    self.current[wid].remove(url)
                 self.summary.add(url, **info)
                 finished = self.summary.finished - before
                 if self.progress is not None:
                     self.progress.shard_finished(self.summary)
-                self.give_work(wid)
+                if not self.current[wid]:
+                    self.give_work(wid)
 
     def reap(self) -> None:
         """Find dead workers: retry their shard once elsewhere (or record it failed) and replace the worker."""
         for wid, p in list(self.procs.items()):
             if p.is_alive() or p.exitcode is None:
                 continue
-            url = self.current.get(wid)
+            held = self.current.get(wid) or []
             log.error("worker %d on %s died (exit code %s)%s", wid, self.devices[wid], p.exitcode,
-                      f" while embedding {url}" if url else "")
-            if url is not None:
+                      f" while embedding {', '.join(held)}" if held else "")
+            for url in reversed(held):  # back at the front of the queue, in their order
                 if self.attempts.get(url, 0) < 2:
                     self.todo.appendleft((url, self.names[url]))
+                    self.alone.add(url)
                 else:
                     how = f"killed by {signal.Signals(-p.exitcode).name}" if p.exitcode < 0 else f"exit code {p.exitcode}"
                     reason = f"worker process died twice on this shard ({how}; a native crash or out of memory?)"
                     self.state.record_failure(url, self.names[url], reason, crashed=True)
                     self.summary.add(url, failed=reason)
+            self.current[wid] = []
             del self.procs[wid]
             if self.spawned[self.devices[wid]] < self.respawns:
                 self.spawned[self.devices[wid]] += 1
