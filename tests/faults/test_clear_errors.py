@@ -45,14 +45,14 @@ def test_out_on_a_read_only_filesystem_is_one_line(tmp_path, mount_namespace):
 
 @pytest.mark.slow
 def test_sigterm_to_the_process_group_with_decode_workers_exits_143_without_a_traceback(tmp_path):
-    shards = tiny_shards(tmp_path / "in", 2, per=200)
+    shards = tiny_shards(tmp_path / "in", 4, per=200)  # each decode worker owns whole shards: two more to go
     out = tmp_path / "out"
     run = subprocess.Popen([sys.executable, "-m", "pipeline", "embed", *shards, "--out", str(out), *ARGS,
                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)
     try:
         while not (out / "_state" / "p-00.json").exists() and run.poll() is None:
-            time.sleep(0.05)  # until the first shard is committed: decode workers are busy with the second
+            time.sleep(0.05)  # until the first shard is committed: decode workers are busy with the next ones
         os.killpg(run.pid, signal.SIGTERM)  # as Slurm and `timeout --kill-after` stop a job step
         _, err = run.communicate(timeout=120)
     finally:
