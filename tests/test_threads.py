@@ -128,6 +128,7 @@ def _openmp_runtime_says(env: dict[str, str]) -> str:
     return run.stderr
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_torch_openmp_waits_passively_when_embedpipe_is_imported_first():
     said = _openmp_runtime_says({**BARE, "EMBEDPIPE_THREADS": "3"})
     if "GOMP_SPINCOUNT" not in said:

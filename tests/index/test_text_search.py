@@ -13,6 +13,8 @@ import pytest
 from pipeline import open_index
 from pipeline.errors import UserError
 
+pytestmark = pytest.mark.slow  # CLIP towers and CLI runs: in `make test`, not in the fast subset
+
 TEXTS = ["a red car", "a photo of the digit seven", "two dogs on a beach"]
 K = 5
 

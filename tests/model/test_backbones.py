@@ -200,6 +200,7 @@ def test_torchscript_specs_refuse_weights_and_say_where_preprocessing_comes_from
     assert again.weights == str(plain.resolve())
 
 
+@pytest.mark.slow  # inductor compiles
 def test_inductor_on_a_cpu_machine_does_not_say_cuda_home(tmp_path):
     """Where a CUDA toolkit is installed but no GPU is visible, importing inductor logged "No CUDA runtime is
     found, using CUDA_HOME=..." on every CPU run (issue 26, item 6); building an extractor drops that one line."""

@@ -13,6 +13,8 @@ from pipeline import store
 
 import tiny
 
+pytestmark = pytest.mark.slow  # traced files embedded, devices workers: in `make test`, not in the fast subset
+
 
 @pytest.fixture
 def embedpipe(capsys):

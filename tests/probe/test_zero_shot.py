@@ -23,6 +23,8 @@ from pipeline.probe.options import ProbeOptions
 from pipeline.probe.predict import run_predict
 from pipeline.probe.zero_shot import run_zero_shot
 
+pytestmark = pytest.mark.slow  # CLIP towers and CLI runs: in `make test`, not in the fast subset
+
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEMPLATES = ["a photo of the digit {}.", "a handwritten {}"]
 

@@ -17,6 +17,8 @@ from pipeline.service.options import TOKEN_ENV
 from index_data import embedding_like, write_shards
 from serve_helpers import call, raise_open_files, serving
 
+pytestmark = pytest.mark.slow  # real `embedpipe serve` processes and timeouts: in `make test`, not in the fast subset
+
 TOKEN = "hostile-test-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 JSON = {"content-type": "application/json"}

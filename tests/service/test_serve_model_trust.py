@@ -27,6 +27,8 @@ from index_data import clustered, write_shards
 from serve_helpers import post_json, running
 from shards import jpeg_bytes, sample_image
 
+pytestmark = pytest.mark.slow  # TorchScript files built and served, CLI processes: in `make test`, not in the fast subset
+
 DIM = 16
 PREPROCESS = {"input_size": 32, "resize_size": 32, "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406],
               "std": [0.229, 0.224, 0.225]}

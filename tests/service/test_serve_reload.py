@@ -31,6 +31,8 @@ from pipeline.service.catalog import probe
 from index_data import clustered, write_shards
 from serve_helpers import call, post_json, running
 
+pytestmark = pytest.mark.slow  # 20 broken index versions swapped under a serving instance: in `make test`, not in the fast subset
+
 DIM, N = 512, 300
 KEY = "shard-000000_00007"  # row 7
 

@@ -20,6 +20,8 @@ from pipeline.service import create_app
 from index_data import clustered, meta
 from serve_helpers import call, post_json, running
 
+pytestmark = pytest.mark.slow  # a host that never answers: waits on timeouts: in `make test`, not in the fast subset
+
 
 class Silent:
     """A TCP server on 127.0.0.1 that accepts every connection and never sends a byte."""
