@@ -81,3 +81,20 @@ def clip_index(digits_shards: list[Path], tiny_clip, tmp_path_factory: pytest.Te
     embed([str(p) for p in digits_shards[:2]], root / "emb", **tiny_clip.options(out_dtype="float32"))
     run_index(IndexConfig(str(root / "emb"), out=str(root / "idx"), kind="flat"))
     return root
+
+
+@pytest.fixture
+def embedpipe(capsys):
+    """The `embedpipe` entry point run in this process as a shell runs it: ``(exit status, stdout, stderr)``,
+    with errors mapped to exit codes (a UserError is exit 2 and one line on stderr)."""
+
+    def run(*args):
+        from pipeline.cli import main
+
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return e.value.code, out, err
+
+    return run

@@ -11,23 +11,6 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture
-def embedpipe(capsys):
-    """The `embedpipe` entry point run in this process as a shell runs it: ``(exit status, stdout, stderr)``,
-    with errors mapped to exit codes (a UserError is exit 2 and one line on stderr)."""
-
-    def run(*args):
-        from pipeline.cli import main
-
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as e:
-            main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return e.value.code, out, err
-
-    return run
-
-
-@pytest.fixture
 def mount_namespace():
     """Run a shell script in a private mount namespace (to mount a tmpfs: full, or read-only) and return the
     CompletedProcess; skips the test where this machine does not permit it (``unshare -m``)."""

@@ -16,22 +16,6 @@ import tiny
 pytestmark = pytest.mark.slow  # traced files embedded, devices workers: in `make test`, not in the fast subset
 
 
-@pytest.fixture
-def embedpipe(capsys):
-    """The `embedpipe` entry point run in this process: ``(exit status, stdout, stderr)``, errors mapped to codes."""
-
-    def run(*args):
-        from pipeline.cli import main
-
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as e:
-            main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return e.value.code, out, err
-
-    return run
-
-
 def embed_args(shard: Path, out: Path, model: Path, *more: str) -> list[str]:
     return ["embed", shard, "--out", out, "--model", f"torchscript:{model}", "--input-size", "64", "--workers", "0",
             "--out-dtype", "float32", *more]

@@ -24,22 +24,6 @@ PHOTO = LabelSource.make(field="photo")  # the json field naming the photo a sam
 CLASS_NAMES = [name for name, _ in PHOTO_CLASSES]
 
 
-@pytest.fixture
-def embedpipe(capsys):
-    """The `embedpipe` entry point run in this process: ``(exit status, stdout, stderr)``, errors mapped to codes."""
-
-    def run(*args):
-        from pipeline.cli import main
-
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as e:
-            main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return e.value.code, out, err
-
-    return run
-
-
 @pytest.fixture(scope="module")
 def digit_emb(digits_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digit-emb")
