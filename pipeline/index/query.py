@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from .. import store
 from ..errors import UserError
 from .keys import short_shard
+from .text_recall import read_texts
 from .search import Index, SearchResult, open_index
 
 log = logging.getLogger(__name__)
@@ -111,20 +112,6 @@ def classify(query: str) -> str:
     return "key"
 
 
-def texts_file(path: str | Path) -> list[str]:
-    """The text queries of ``--texts-file``: one per line, blank lines skipped."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--texts-file {p} does not exist")
-    try:
-        texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError as e:
-        raise UserError(f"--texts-file {p} is not UTF-8 text ({e}); write one query per line") from None
-    if not texts:
-        raise UserError(f"--texts-file {p} holds no text; write one query per line")
-    return texts
-
-
 def run_search(index_dir: str | Path, query: str | None = None, keys: Sequence[str] = (), images: Sequence[str] = (),
                vectors: str | None = None, embeddings: str | None = None, k: int = 10, fmt: str = "table",
                include_self: bool = False, params: dict[str, int] | None = None,
@@ -143,7 +130,7 @@ def run_search(index_dir: str | Path, query: str | None = None, keys: Sequence[s
     if any(not t.strip() for t in texts):
         raise UserError("--text takes a non-empty query, e.g. --text 'a red car'")
     if texts_from is not None:
-        texts += texts_file(texts_from)
+        texts += read_texts(texts_from, "--texts-file", none="")
     if query is not None:
         kind = classify(query)
         if kind == "key":

@@ -38,17 +38,18 @@ DEFAULT_TEXTS = tuple(t.format(o) for o in OBJECTS for t in ("a photo of a {}", 
 NONE = "none"  # --text-queries none: measure nothing
 
 
-def read_texts(path: str | Path) -> list[str]:
-    """``--text-queries FILE``: one text per line, blank lines skipped."""
+def read_texts(path: str | Path, option: str = "--text-queries", none: str = " (or 'none')") -> list[str]:
+    """A file of texts, one per line, blank lines skipped (``--text-queries FILE``, search's ``--texts-file``);
+    ``none`` is how the error names the option's way out (its ``none`` value), if it has one."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"--text-queries {p} does not exist; give a file of texts, one per line (or 'none')")
+        raise UserError(f"{option} {p} does not exist; give a file of texts, one per line{none}")
     try:
         texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError as e:
-        raise UserError(f"--text-queries {p} is not UTF-8 text ({e}); write one text per line") from None
+        raise UserError(f"{option} {p} is not UTF-8 text ({e}); write one text per line") from None
     if not texts:
-        raise UserError(f"--text-queries {p} holds no text; write one text per line (or pass 'none')")
+        raise UserError(f"{option} {p} holds no text; write one text per line{none}")
     return texts
 
 
