@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.bench import _jpeg_in_size_range, decode_rate, write_rate
+from pipeline.bench import _jpeg_in_size_range, bench_photo, decode_rate, write_rate
 from pipeline.embedding.feed import decoded_ahead, embedded
 from pipeline.embedding.reader import Piece, ShardSamples
 from pipeline.embedding.runner import embed
@@ -72,7 +72,6 @@ def sync() -> None:
 def _one_shard(args: tuple[str, int, int, int, int]) -> list[str]:
     """One shard's JPEGs, written into ``copies`` shards (other keys, the same bytes): T is timed over many images
     for the cost of making a quarter of them (nothing caches decoded pixels, so a copy costs what an image does)."""
-    from PIL import Image
     import tarfile
 
     from pipeline.sample_data import PHOTOS, load_photo
@@ -82,14 +81,7 @@ def _one_shard(args: tuple[str, int, int, int, int]) -> list[str]:
     photos = [p for p in (load_photo(n) for n in PHOTOS) if min(p.size) >= 300]
     images = []
     for i in range(s * size, min(n_unique, (s + 1) * size)):
-        photo = photos[i % len(photos)]
-        w, h = photo.size
-        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        img = photo.crop((x, y, x + cw, y + ch)).resize((500, 375), Image.BICUBIC)
-        if rng.random() < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        images.append((i, _jpeg_in_size_range(img, rng)))
+        images.append((i, _jpeg_in_size_range(bench_photo(photos[i % len(photos)], rng), rng)))
     paths = []
     for c in range(copies):
         path = Path(out) / f"gpu-c{c}-{s:06d}.tar"

@@ -38,10 +38,19 @@ def _jpeg_in_size_range(img: Any, rng: np.random.Generator, low: int = 40_000, h
     return buf.getvalue()
 
 
-def make_bench_shards(out: Path, n: int, shard_size: int = 128, seed: int = 0) -> list[Path]:
-    """Realistic shards: 500x375 JPEGs of 40-120 KB cut from real photos with varied crops and qualities."""
+def bench_photo(photo: Any, rng: np.random.Generator) -> Any:
+    """One realistic 500x375 image from a sample photo: a random 60-100% crop, resized, flipped half the time."""
     from PIL import Image
 
+    w, h = photo.size
+    cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    img = photo.crop((x, y, x + cw, y + ch)).resize((500, 375), Image.BICUBIC)
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+
+
+def make_bench_shards(out: Path, n: int, shard_size: int = 128, seed: int = 0) -> list[Path]:
+    """Realistic shards: 500x375 JPEGs of 40-120 KB cut from real photos with varied crops and qualities."""
     from .sample_data import PHOTOS, load_photo
 
     rng = np.random.default_rng(seed)
@@ -55,13 +64,7 @@ def make_bench_shards(out: Path, n: int, shard_size: int = 128, seed: int = 0) -
         path = out / f"bench-{s // shard_size:06d}.tar"
         with tarfile.open(path, "w") as tar:
             for i in range(s, min(n, s + shard_size)):
-                photo = photos[i % len(photos)]
-                w, h = photo.size
-                cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
-                x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-                img = photo.crop((x, y, x + cw, y + ch)).resize((500, 375), Image.BICUBIC)
-                if rng.random() < 0.5:
-                    img = img.transpose(Image.FLIP_LEFT_RIGHT)
+                img = bench_photo(photos[i % len(photos)], rng)
                 for ext, data in (("jpg", _jpeg_in_size_range(img, rng)), ("cls", str(i % 10).encode())):
                     info = tarfile.TarInfo(f"img{i:06d}.{ext}")
                     info.size = len(data)
