@@ -48,9 +48,8 @@ def check_new_rows(index_dir: Path, files: list[Path]) -> None:
     if dup.repeated_rows:
         raise UserError(f"new shards under {files[0].parent}: {dup.repeated_text()}; remove the copy, or rebuild "
                         "the index with --overwrite")
-    urls = pc.unique(new.column("shard")).to_pylist()
-    indexed = pq.read_table(index_dir / IDS_FILE, columns=["shard", "key", "file"],
-                            filters=pc.field("shard").isin(urls))
+    ids = pq.read_table(index_dir / IDS_FILE, columns=["shard", "key", "file"])  # read once, for both checks
+    indexed = ids.filter(pc.is_in(ids.column("shard"), value_set=pc.unique(new.column("shard"))))
     if indexed.num_rows:
         again = new.join(indexed, ["shard", "key"], join_type="inner")
         if again.num_rows:
@@ -59,7 +58,7 @@ def check_new_rows(index_dir: Path, files: list[Path]) -> None:
                             f"{key!r} of {shard}, indexed from {was}): the same shard embedded again under another "
                             "name, or rewritten in place since it was indexed. Remove the copy, or rebuild the index with "
                             "--overwrite")
-    shared = keys.duplicates(pa.concat_tables([new, pq.read_table(index_dir / IDS_FILE, columns=["shard", "key"])]))
+    shared = keys.duplicates(pa.concat_tables([new, ids.select(["shard", "key"])]))
     if shared.shared_keys:
         log.info("%s", shared.shared_text())
 
