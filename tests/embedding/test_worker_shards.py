@@ -8,6 +8,7 @@ import tarfile
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -20,8 +21,10 @@ import tiny
 # 3 workers on this 2-core machine: torch's warning about it is no failure.
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 SAMPLES = 5  # per shard: not a multiple of 2 or 3, so split shares are uneven
-# micro_batch=1: each image runs through the model alone, so its embedding is the same bits whatever batch the
-# workers made (whole shards, or a split shard's every N-th sample) and a bitwise comparison of rows is fair.
+# micro_batch=1: each image runs through the model alone, so its embedding does not depend on the batch the
+# workers made (whole shards, or a split shard's every N-th sample). The model's thread count does differ (the
+# decode workers take cores from it), and on some CPUs (oneDNN on AMX) that changes the last bits: embeddings are
+# compared within float32 rounding, everything else exactly.
 TINY = tiny.options(batch_size=8, out_dtype="float32", micro_batch=1, input_size=32)
 
 
@@ -53,14 +56,24 @@ def reference(five_shards, tmp_path_factory) -> Path:
 
 
 def written(out: Path) -> dict[str, tuple]:
-    """Each shard's Parquet table (keys, shards, indices, labels, embeddings: compared bitwise) and the done
-    record's counts and lists."""
+    """Each shard's Parquet table (keys, shards, indices, labels; the embeddings apart, see :func:`same_rows`) and
+    the done record's counts and lists."""
     got = {}
     for state in sorted((out / "_state").glob("*.json")):
         rec = json.loads(state.read_text())
-        table = pq.read_table(out / "embeddings" / f"{state.stem}.parquet")
-        got[state.stem] = (table.to_pydict(), rec["seen"], rec["embedded"], rec["skipped"], rec.get("warnings"))
+        table = pq.read_table(out / "embeddings" / f"{state.stem}.parquet").to_pydict()
+        emb = np.asarray(table.pop("embedding"), dtype=np.float32)
+        got[state.stem] = (table, rec["seen"], rec["embedded"], rec["skipped"], rec.get("warnings"), emb)
     return got
+
+
+def same_rows(got: dict[str, tuple], want: dict[str, tuple]) -> None:
+    """Every field equal, the embeddings within float32 rounding of the model's arithmetic."""
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name][:-1] == want[name][:-1], name
+        assert got[name][-1].shape == want[name][-1].shape
+        np.testing.assert_allclose(got[name][-1], want[name][-1], rtol=0, atol=1e-5, err_msg=name)
 
 
 def reads(folder: Path) -> dict[str, dict[int, int]]:
@@ -113,7 +126,7 @@ def test_each_shard_is_read_once_in_all_whatever_the_worker_count(five_shards, r
     assert len({whole_reader[j] for j in range(min(tail, workers))}) == min(tail, workers)
     assert all(whole_reader[j] == whole_reader[j % workers] for j in range(tail))
     ref = written(reference)
-    assert written(tmp_path / "out") == {k: ref[k] for k in sorted(ref)[:count]}
+    same_rows(written(tmp_path / "out"), {k: ref[k] for k in sorted(ref)[:count]})
 
 
 @pytest.mark.parametrize("share", [0, 1])
