@@ -29,6 +29,22 @@ def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ["EMBEDPIPE_CACHE"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_bf16_units():
+    """``--precision auto`` on a CPU becomes bf16 where the CPU has bf16 units (model/auto_precision.py): the
+    suite takes every CPU as without them, so that its embeddings do not depend on the machine CI runs on.
+    The tests of that choice set ``EMBEDPIPE_CPU_BF16`` themselves (subprocesses inherit it)."""
+    import os
+
+    old = os.environ.get("EMBEDPIPE_CPU_BF16")
+    os.environ["EMBEDPIPE_CPU_BF16"] = "0"
+    yield
+    if old is None:
+        os.environ.pop("EMBEDPIPE_CPU_BF16", None)
+    else:
+        os.environ["EMBEDPIPE_CPU_BF16"] = old
+
+
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """3 shards x 100 real digit JPEGs (64 px RGB) with ``.cls`` and ``.json``: ``digits-00000{0,1,2}.tar``."""

@@ -6,7 +6,8 @@
     OUT/_state/<name>.failed.json   why the shard failed (removed once it succeeds)
     OUT/_state/<name>.claim         the process embedding the shard now (one at a time, whatever the ranks)
     OUT/run.json                    the resolved config and the fingerprint of the embeddings, and how many
-                                    shards the folder has been given over all its runs (``shards_in_folder``)
+                                    shards the folder has been given over all its runs (``shards_in_folder``);
+                                    with ``--precision auto`` on a CPU, what it resolved to (``precision_choice``)
     OUT/_SUCCESS                    every shard of the run is done
     OUT/_lock, OUT/_lock.R-of-W     the owner of the folder (one per rank when ranks share it)
     .owners.lock (in OUT, _state)   held for an instant while a dead owner's lock or claim is taken over
@@ -41,6 +42,7 @@ DONE_SUFFIX = ".json"
 FAILED_SUFFIX = ".failed.json"
 CLAIM_SUFFIX = ".claim"
 IN_FOLDER = "shards_in_folder"  # run.json: every shard the folder has been given, over all its runs
+PRECISION_CHOICE = "precision_choice"  # run.json: what --precision auto resolved to here, its cosine and why
 
 
 def lock_name(rank: int = 0, world: int = 1) -> str:
@@ -156,13 +158,14 @@ class RunState:
             self._locked = False
 
     def check_run(self, fingerprint: Fingerprint, config: dict[str, Any], overwrite: bool,
-                  names: Sequence[str] = ()) -> None:
+                  names: Sequence[str] = (), precision_choice: dict[str, Any] | None = None) -> None:
         """Under the lock: check the folder holds embeddings of this model/preprocessing (or wipe it with
         overwrite), then record this run in run.json.
 
         ``names``: the output names of this run's shards. run.json's ``shards_in_folder`` counts them with every
         shard the folder already has (records, or the previous run.json's count): a folder fed another input set
-        still knows its earlier shards (``status``)."""
+        still knows its earlier shards (``status``). ``precision_choice``: what ``--precision auto`` resolved to
+        on this machine, with the measured cosine and why (``model/auto_precision.py``), kept as it is."""
         run_json = self.run_json
         recorded: dict[str, Any] | None = None
         if run_json.is_file():
@@ -188,7 +191,20 @@ class RunState:
         done, failed = records(self.out)
         before = positive_count((recorded or {}).get(IN_FOLDER))
         in_folder = max(before, len(set(names) | set(done) | set(failed)))
-        atomic.write_json(run_json, {"fingerprint": fingerprint.to_dict(), "config": config, IN_FOLDER: in_folder})
+        record = {"fingerprint": fingerprint.to_dict(), "config": config, IN_FOLDER: in_folder}
+        if precision_choice is not None:
+            record[PRECISION_CHOICE] = precision_choice
+        atomic.write_json(run_json, record)
+
+    def recorded_precision(self) -> str | None:
+        """The precision the folder's embeddings were made in (``run.json``'s fingerprint), or None."""
+        value = ((read_record(self.run_json) or {}).get("fingerprint") or {}).get("precision")
+        return value if isinstance(value, str) else None
+
+    def recorded_precision_choice(self) -> dict[str, Any] | None:
+        """``run.json``'s record of what ``--precision auto`` resolved to, or None."""
+        value = (read_record(self.run_json) or {}).get(PRECISION_CHOICE)
+        return value if isinstance(value, dict) else None
 
     def same_options(self, config: dict[str, Any], keys: Sequence[str]) -> bool:
         """Whether ``run.json`` records these values of ``keys`` (False when there is no readable run.json)."""

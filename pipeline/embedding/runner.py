@@ -74,15 +74,20 @@ def embed(shards: Sequence[str] | str, out: str | Path, **options: Any) -> Embed
         # only the fingerprint is needed, so the backbone is loaded without building, compiling or measuring it.
         elsewhere = not engine.runs_model_here or bool(pending) and all(state.died_on(u, names[u]) for u in pending)
         log.info("loading %s (weights %s)%s", cfg.model, cfg.weights, "" if elsewhere else f" for device {cfg.device}")
+        bb = load_configured_backbone(cfg)
+        # run_cfg: cfg with --precision auto resolved once, here, for every engine and process of the run; run.json
+        # keeps the options as given (auto), so that a rerun with nothing to do still loads no model.
+        run_cfg, choice = _auto_precision(cfg, bb, state, pending or urls, devices)
         if elsewhere:
-            bb, model = load_configured_backbone(cfg), None
-            precision = resolve_precision(cfg.precision, resolve_device(devices[0]))
+            model = None
+            precision = resolve_precision(run_cfg.precision, resolve_device(devices[0]))
         else:
-            model = prepare_model(cfg)
-            bb, precision = model[0], model[1].precision
-        state.check_run(fingerprint(bb, precision, cfg), {**asdict(cfg), "shards": len(all_urls), "version": __version__},
-                        cfg.overwrite, names=list(names.values()))
-        summary = _run(all_urls, urls, EngineJob([], names, state, cfg, devices, model=model), engine)
+            model = prepare_model(run_cfg, bb=bb)
+            precision = model[1].precision
+        state.check_run(fingerprint(bb, precision, run_cfg),
+                        {**asdict(cfg), "shards": len(all_urls), "version": __version__},
+                        cfg.overwrite, names=list(names.values()), precision_choice=choice)
+        summary = _run(all_urls, urls, EngineJob([], names, state, run_cfg, devices, model=model), engine)
         summary.setup_seconds = summary.started - t0
         surprise = False
         return summary
@@ -95,6 +100,28 @@ def embed(shards: Sequence[str] | str, out: str | Path, **options: Any) -> Embed
         state.release(claims=not surprise)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _auto_precision(cfg: EmbedConfig, bb: Any, state: RunState, urls: list[str],
+                    devices: list[str]) -> tuple[EmbedConfig, dict[str, Any] | None]:
+    """``cfg`` with ``--precision auto`` resolved where the model runs on CPUs, and the record of the choice for
+    run.json: a folder that holds embeddings keeps the precision they were made in (a rerun or resume never turns
+    into a settings conflict); a new one gets ``model/auto_precision.py``'s measured choice on the run's images."""
+    if cfg.precision != "auto" or any(resolve_device(d).type != "cpu" for d in devices):
+        return cfg, None
+    from ..model import auto_precision
+    from .run_images import run_images
+
+    kept = None if cfg.overwrite else state.recorded_precision()
+    if kept in auto_precision.CPU_CHOICES:
+        log.info("--precision auto: %s, the precision the embeddings in %s were made in", kept, state.out)
+        earlier = state.recorded_precision_choice()
+        return replace(cfg, precision=kept), earlier or {"precision": kept, "cosine": None,
+                                                         "why": "the precision the folder's embeddings were made in"}
+    choice = auto_precision.choose(bb, run_images(urls, bb.preprocess), cfg.cache_dir)
+    refused = choice.precision == "fp32" and choice.cosine is not None
+    (log.warning if refused else log.info)("--precision auto: %s (%s)", choice.precision, choice.why)
+    return replace(cfg, precision=choice.precision), choice.to_dict()
 
 
 def _nothing_to_do(all_urls: list[str], urls: list[str], names: dict[str, str], state: RunState,

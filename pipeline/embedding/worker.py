@@ -42,7 +42,7 @@ def default_workers(device: torch.device, gpus: int = 1) -> int:
     return max(1, min(cores // max(1, gpus), 16)) if device.type == "cuda" else cores // 4
 
 
-def prepare_model(cfg: EmbedConfig, share: int = 1) -> tuple[Backbone, Extractor]:
+def prepare_model(cfg: EmbedConfig, share: int = 1, bb: Backbone | None = None) -> tuple[Backbone, Extractor]:
     """The frozen backbone and its compiled extractor for ``cfg`` (the same in every engine and process); on a
     GPU the batch size (unless given) and ``--compile auto`` are measured here once, then remembered.
 
@@ -53,7 +53,7 @@ def prepare_model(cfg: EmbedConfig, share: int = 1) -> tuple[Backbone, Extractor
     if device.type == "cpu":
         workers = cfg.workers if cfg.workers is not None else default_workers(device)
         set_cpu_threads(workers, share)
-    bb = load_configured_backbone(cfg)
+    bb = bb or load_configured_backbone(cfg)
     ex = tuned_extractor(bb, cfg.device, cfg.precision, cfg.compile, cfg.cache_dir, cfg.micro_batch, cfg.batch_size)
     return bb, ex
 

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 DEVICE_AUTO = "auto"
 PRECISIONS = ("fp32", "fp16", "bf16")
-PRECISION_CHOICES = ("auto", *PRECISIONS)  # auto: fp16 on CUDA, fp32 on CPU
+PRECISION_CHOICES = ("auto", *PRECISIONS)  # auto: fp16 on CUDA; the embed stage's is measured on a CPU
 CPU_PRECISIONS = ("fp32", "bf16")  # fp16 on a CPU is refused: slow, often unsupported kernels
 COMPILE_MODES = ("torchscript", "inductor", "max-autotune", "aot", "eager")
 # torch.compile's modes: inductor's default, and its kernel search without CUDA graphs (whose static outputs the
@@ -49,7 +49,8 @@ def resolve_device(device: str) -> "torch.device":
 
 
 def resolve_precision(precision: str, device: "torch.device") -> str:
-    """``auto`` = fp16 on CUDA, fp32 on CPU. fp16 on a CPU is refused (slow, often unsupported kernels)."""
+    """``auto`` = fp16 on CUDA, fp32 on CPU (the embed stage resolves its own ``auto`` on a CPU first, by
+    measurement: ``model/auto_precision.py``). fp16 on a CPU is refused (slow, often unsupported kernels)."""
     if precision == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
     if precision not in PRECISIONS:
