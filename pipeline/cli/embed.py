@@ -26,7 +26,7 @@ DECODE_CHOICES = ("auto", *decoder_names())  # decoder_names imports no decoder 
 @click.option("--layer", default=None, help="Use the pooled output of this graph node (see `embedpipe models SPEC --nodes`).")
 @click.option("--input-size", type=int, default=None, help="Crop size in pixels (default: the model's own).")
 @click.option("--preprocess", default=None, help="A torchscript: file's preprocessing, replacing its preprocess.json or ImageNet's defaults: a JSON object or its FILE, with any of input_size, resize_size or crop_pct, interpolation (bilinear, bicubic), mean, std.")
-@click.option("--compile", "compile_mode", type=click.Choice(COMPILE_CHOICES), default=D.compile, show_default=True, help="auto: on a GPU the fastest of torchscript, inductor, max-autotune and aot, measured once per model and machine (minutes, then remembered); torchscript on a CPU.")
+@click.option("--compile", "compile_mode", type=click.Choice(COMPILE_CHOICES), default=D.compile, show_default=True, help="auto: on a GPU the fastest of torchscript, inductor, max-autotune and aot, measured once per model and machine (minutes, then remembered); on a CPU the mode with the least expected time for the run's images (setup + images / rate, each measured once here; a small first run never waits for a long compile).")
 @click.option("--precision", type=click.Choice(PRECISION_CHOICES), default=D.precision, show_default=True, help="auto: fp16 on CUDA, fp32 on CPU.")
 @click.option("--device", default=D.device, show_default=True, help="auto, cpu, cuda or cuda:N (one process).")
 @click.option("--devices", default=None, help="One worker process per device: auto, cuda, N, cuda:0,cuda:2, cpu,cpu.")

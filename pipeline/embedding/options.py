@@ -7,7 +7,7 @@ from typing import Any
 
 from .. import store
 from ..errors import UserError
-from ..model.device import (CPU_PRECISIONS, DEFAULT_COMPILE, DEVICE_AUTO, check_compile_mode, resolve_device,
+from ..model.device import (COMPILE_AUTO, CPU_PRECISIONS, DEVICE_AUTO, check_compile_mode, resolve_device,
                             resolve_precision)
 from ..model.decoders import decoder_names
 from ..model.image_header import DEFAULT_MAX_PIXELS
@@ -54,7 +54,7 @@ class EmbedConfig:
     input_size: int | None = None
     # a TorchScript file's preprocessing by hand: a JSON object or its file (the runner keeps the object's text)
     preprocess: str | None = None
-    compile: str = DEFAULT_COMPILE
+    compile: str = COMPILE_AUTO  # measured: model/tuning.py
     precision: str = "auto"
     device: str = DEVICE_AUTO
     batch_size: int | None = None  # 64 on a CPU; measured on a GPU (model/tuning.py)

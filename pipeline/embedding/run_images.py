@@ -1,5 +1,5 @@
-"""A few of a run's own images, decoded and cropped as the embed stage does: the real input that measured choices
-(``--precision auto``'s fidelity check) are made on."""
+"""A run's own images for the choices measured before it: a few decoded and cropped as the embed stage does
+(``--precision auto``'s fidelity check), and how many there are (``--compile auto``'s expected time)."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +10,7 @@ import torch
 from ..model.decoders.cpu import decode_one
 from ..model.image_header import SkipSample
 from ..model.preprocess import Preprocess
+from .shards import sample_count
 from .tar import IMAGE_EXTS, iter_tar_samples
 
 log = logging.getLogger(__name__)
@@ -36,3 +37,25 @@ def run_images(urls: Iterable[str], pre: Preprocess, limit: int = 16) -> torch.T
         if crops:
             break
     return torch.stack(crops) if crops else None
+
+
+UNKNOWN_SHARD_IMAGES = 10_000  # a shard that cannot be counted cheaply (remote, compressed): img2dataset's default
+
+
+def expected_images(urls: list[str]) -> int:
+    """About how many images ``urls`` hold: img2dataset's counts where its ``_stats.json`` has them, else the image
+    members of the first local uncompressed tar (headers only) for each shard, else :data:`UNKNOWN_SHARD_IMAGES`."""
+    import tarfile
+
+    counts = [sample_count(u) for u in urls]
+    per_shard: int | None = None
+    for url in (u for u, c in zip(urls, counts) if c is None):
+        if url.endswith(".tar") and "://" not in url and not url.startswith("pipe:"):
+            try:
+                with tarfile.open(url) as tar:
+                    per_shard = sum(1 for m in tar if m.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
+                break
+            except (OSError, tarfile.TarError):
+                continue
+    guess = per_shard if per_shard is not None else UNKNOWN_SHARD_IMAGES
+    return sum(c if c is not None else guess for c in counts)

@@ -82,7 +82,9 @@ def embed(shards: Sequence[str] | str, out: str | Path, **options: Any) -> Embed
             model = None
             precision = resolve_precision(run_cfg.precision, resolve_device(devices[0]))
         else:
-            model = prepare_model(run_cfg, bb=bb)
+            from .run_images import expected_images
+
+            model = prepare_model(run_cfg, bb=bb, expected_images=expected_images(pending or urls))
             precision = model[1].precision
         state.check_run(fingerprint(bb, precision, run_cfg),
                         {**asdict(cfg), "shards": len(all_urls), "version": __version__},

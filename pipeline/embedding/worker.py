@@ -42,9 +42,11 @@ def default_workers(device: torch.device, gpus: int = 1) -> int:
     return max(1, min(cores // max(1, gpus), 16)) if device.type == "cuda" else cores // 4
 
 
-def prepare_model(cfg: EmbedConfig, share: int = 1, bb: Backbone | None = None) -> tuple[Backbone, Extractor]:
+def prepare_model(cfg: EmbedConfig, share: int = 1, bb: Backbone | None = None,
+                  expected_images: int | None = None) -> tuple[Backbone, Extractor]:
     """The frozen backbone and its compiled extractor for ``cfg`` (the same in every engine and process); on a
-    GPU the batch size (unless given) and ``--compile auto`` are measured here once, then remembered.
+    GPU the batch size (unless given) and ``--compile auto`` are measured here once, then remembered; on a CPU
+    ``--compile auto`` takes the mode with the least expected time for ``expected_images`` (``model/tuning.py``).
 
     On CPU the model gets this process's part of the usable CPUs (``share`` processes run a model on them) less
     the decode workers, set before the micro-batch is measured for that thread count.
@@ -54,7 +56,8 @@ def prepare_model(cfg: EmbedConfig, share: int = 1, bb: Backbone | None = None) 
         workers = cfg.workers if cfg.workers is not None else default_workers(device)
         set_cpu_threads(workers, share)
     bb = bb or load_configured_backbone(cfg)
-    ex = tuned_extractor(bb, cfg.device, cfg.precision, cfg.compile, cfg.cache_dir, cfg.micro_batch, cfg.batch_size)
+    ex = tuned_extractor(bb, cfg.device, cfg.precision, cfg.compile, cfg.cache_dir, cfg.micro_batch, cfg.batch_size,
+                         expected_images)
     return bb, ex
 
 

@@ -18,8 +18,8 @@ COMPILE_MODES = ("torchscript", "inductor", "max-autotune", "aot", "eager")
 # next call overwrites, while the loop still copies the last batch's embeddings out: model/streams.py)
 TORCH_COMPILE_MODES = {"inductor": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 FIXED_BATCH_MODES = ("inductor", "max-autotune", "aot")  # compiled for one batch size: shorter batches are padded
-DEFAULT_COMPILE = "torchscript"
-COMPILE_AUTO = "auto"  # measured on a GPU among the modes it can build (model/tuning.py); the default on a CPU
+DEFAULT_COMPILE = "torchscript"  # where nothing is measured (queries, probes, bench's reference)
+COMPILE_AUTO = "auto"  # the embed stage's default: measured among the modes this machine builds (model/tuning.py)
 COMPILE_CHOICES = (COMPILE_AUTO, *COMPILE_MODES)
 
 

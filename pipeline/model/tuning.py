@@ -1,10 +1,12 @@
-"""What the embed stage measures on a GPU before its first run of a model there: the batch size (when none is
-given) and, with ``--compile auto``, the compile mode; each once per machine and model, then remembered in the
-cache folder (``measured.py``). On a CPU nothing is measured here: batches of 64 and TorchScript.
+"""What the embed stage measures before its first run of a model on a machine: on a GPU the batch size (when none
+is given) and, with ``--compile auto``, the fastest compile mode; on a CPU, with ``--compile auto`` (the default),
+each mode's model rate and setup time, from which every run takes the mode with the least expected time for its
+images. Each once per machine and model, then remembered in the cache folder (``measured.py``).
 """
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .. import atomic
 from . import measured
 from .backbones import Backbone
 from .compile import Extractor, build_extractor, cache_key, default_cache_dir
@@ -108,10 +111,11 @@ def measure_compile(build: Callable[[str], Extractor], batch: int, input_size: i
 
 def tuned_extractor(bb: Backbone, device: str = "auto", precision: str = "auto", compile: str = DEFAULT_COMPILE,
                     cache_dir: str | Path | None = None, micro_batch: int | None = None,
-                    batch_size: int | None = None) -> Extractor:
+                    batch_size: int | None = None, expected_images: int | None = None) -> Extractor:
     """:func:`build_extractor` with what is left to measure decided: ``batch_size`` None is 64 on a CPU and
-    measured on a GPU; ``compile="auto"`` is TorchScript on a CPU and the fastest mode measured on a GPU. The
-    extractor's ``batch_size`` says the batch chosen; a fixed-batch mode is compiled for it here.
+    measured on a GPU; ``compile="auto"`` is the fastest mode measured on a GPU, and on a CPU the mode with the
+    least expected time for ``expected_images`` (:func:`cpu_auto_extractor`). The extractor's ``batch_size``
+    says the batch chosen; a fixed-batch mode is compiled for it here.
     """
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
@@ -127,7 +131,9 @@ def tuned_extractor(bb: Backbone, device: str = "auto", precision: str = "auto",
     built: dict[str, Extractor] = {}
     if compile == COMPILE_AUTO:
         if not cuda:
-            compile = DEFAULT_COMPILE
+            ex = cpu_auto_extractor(bb, prec, cache, micro_batch, expected_images, key)
+            ex.batch_size = batch
+            return ex
         else:
             def measure() -> str:
                 chosen, built_now = measure_compile(
@@ -155,3 +161,114 @@ def _measure_batch(bb: Backbone, dev: torch.device, prec: str, cache: Path) -> i
         return measure_batch_size(ex, bb.preprocess.input_size, dev)
     finally:
         del ex
+
+
+# --compile auto on a CPU. A compiled mode costs its build before the first batch (inductor: tens of seconds on
+# 2 cores, and again in every process: its graph cache refuses frozen weights); TorchScript builds in seconds.
+# So the choice is the least expected time, setup + images / rate, from rates and setups measured here.
+CPU_COMPILE_CANDIDATES = ("torchscript", "inductor")  # aot: 0.6x inductor's kernels on CPU (README, Performance)
+DEFAULT_EXPECTED_IMAGES = 10_000  # a run whose size is unknown: img2dataset's default shard
+COLD_BUILD_S = 40.0  # inductor's first build, before it was ever measured on this machine
+GAIN_GUESS = 1.5  # inductor's rate over TorchScript's, before it was ever measured on this machine
+RATE_SECONDS = 2.0  # how long one mode's model rate is timed
+
+
+def expected_seconds(entry: dict[str, float], images: int) -> float:
+    """A mode's expected time for ``images``: its measured setup, then the images at its measured rate."""
+    return entry["setup_s"] + images / entry["rate"]
+
+
+def cpu_auto_extractor(bb: Backbone, prec: str, cache: Path, micro_batch: int | None, expected_images: int | None,
+                       key: str) -> Extractor:
+    """``--compile auto`` on a CPU: the mode among :data:`CPU_COMPILE_CANDIDATES` with the least expected time for
+    this run's images (``expected_images``; None = :data:`DEFAULT_EXPECTED_IMAGES`), from each mode's rate and
+    setup measured on this machine (``cpu_compile.json``). TorchScript is built and measured first; a mode never
+    measured here is built (and measured) only where its guessed time (:data:`COLD_BUILD_S`, :data:`GAIN_GUESS`)
+    beats TorchScript's measured one, so a small first run never pays a long compile."""
+    images = expected_images if expected_images and expected_images > 0 else DEFAULT_EXPECTED_IMAGES
+    path = cache / "cpu_compile.json"
+    entry_key = f"{key}|threads {torch.get_num_threads()}"
+    known = _read_rates(path, entry_key)
+    size = bb.preprocess.input_size
+
+    def measured_build(mode: str, micro: int | None) -> tuple[Extractor, dict[str, float]]:
+        t0 = time.perf_counter()
+        ex = build_extractor(bb, "cpu", prec, mode, cache, micro_batch=micro)
+        x = torch.randint(0, 256, (CPU_BATCH, 3, size, size), dtype=torch.uint8)
+        ex(x)  # inductor compiles here
+        setup = time.perf_counter() - t0
+        rate = images_per_s(ex, x, RATE_SECONDS)
+        log.info("compile mode %s: %.1f img/s (model alone, batches of %d), setup %.1f s", mode, rate, CPU_BATCH,
+                 setup)
+        return ex, {"rate": rate, "setup_s": setup, "micro_batch": ex.micro_batch}
+
+    def expected(mode: str) -> float:
+        return expected_seconds(known[mode], images)
+
+    if "torchscript" in known and all(m in known for m in CPU_COMPILE_CANDIDATES):
+        best = min(CPU_COMPILE_CANDIDATES, key=expected)
+        _log_choice(best, images, {m: expected(m) for m in CPU_COMPILE_CANDIDATES})
+        ex, now = measured_build(best, _micro(micro_batch, known)) if best != "torchscript" else (
+            build_extractor(bb, "cpu", prec, best, cache, micro_batch=micro_batch), None)
+        if now:  # a compiled mode's setup varies (a warm cache, a loaded machine): keep the latest
+            _write_rate(path, entry_key, best, {**known[best], "setup_s": now["setup_s"]})
+        return ex
+    if "torchscript" in known:  # measured by an earlier run here: built, not timed again
+        ts, ts_entry = build_extractor(bb, "cpu", prec, "torchscript", cache, micro_batch=micro_batch), known["torchscript"]
+    else:
+        ts, ts_entry = measured_build("torchscript", micro_batch)
+        _write_rate(path, entry_key, "torchscript", ts_entry)
+        known["torchscript"] = ts_entry
+    guesses = {m: known.get(m, {"setup_s": COLD_BUILD_S, "rate": ts_entry["rate"] * GAIN_GUESS})
+               for m in CPU_COMPILE_CANDIDATES}
+    best = min(CPU_COMPILE_CANDIDATES, key=lambda m: expected_seconds(guesses[m], images))
+    _log_choice(best, images, {m: expected_seconds(guesses[m], images) for m in CPU_COMPILE_CANDIDATES})
+    if best == "torchscript":
+        return ts
+    # the compiled mode calls the model on TorchScript's measured micro-batch: measuring its own would compile it
+    # once per candidate size
+    fast, entry = measured_build(best, ts.micro_batch)
+    _write_rate(path, entry_key, best, entry)
+    if entry["rate"] <= ts_entry["rate"]:
+        log.info("compile mode %s measured no faster than TorchScript here (%.1f against %.1f img/s); TorchScript "
+                 "runs", best, entry["rate"], ts_entry["rate"])
+        return ts
+    return fast
+
+
+def _micro(given: int | None, known: dict[str, dict[str, float]]) -> int | None:
+    """A compiled mode's micro-batch: the one given, else TorchScript's measured one (measuring its own would
+    compile it once per candidate size)."""
+    if given is not None:
+        return given
+    micro = known.get("torchscript", {}).get("micro_batch")
+    return int(micro) if isinstance(micro, (int, float)) and micro >= 0 else None
+
+
+def _log_choice(best: str, images: int, times: dict[str, float]) -> None:
+    log.info("--compile auto: %s (expected time for %d images: %s)", best, images,
+             ", ".join(f"{m} {t:.0f} s" for m, t in times.items()))
+
+
+def _read_rates(path: Path, key: str) -> dict[str, dict[str, float]]:
+    try:
+        entry = json.loads(path.read_text()).get(key, {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    ok = lambda v: isinstance(v, dict) and all(isinstance(v.get(k), (int, float)) and v[k] > 0  # noqa: E731
+                                               for k in ("rate", "setup_s"))
+    return {m: v for m, v in entry.items() if m in CPU_COMPILE_CANDIDATES and ok(v)} if isinstance(entry, dict) else {}
+
+
+def _write_rate(path: Path, key: str, mode: str, value: dict[str, float]) -> None:
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    known.setdefault(key, {})[mode] = value
+    try:
+        atomic.write_json(path, known)
+    except OSError as e:  # a read-only cache costs a measurement next time, nothing more
+        log.warning("cannot write %s: %s", path, e)
