@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -76,24 +76,35 @@ def bf16_cosine(bb: Backbone, images: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(low, ref, dim=1).min())
 
 
-def choose(bb: Backbone, images: torch.Tensor | None, cache_dir: str | Path | None = None) -> PrecisionChoice:
-    """``auto`` on a CPU for ``bb``: bf16 when the CPU has bf16 units and bf16's min cosine to fp32 on ``images``
-    (some of the run's own) is at least ``MIN_COSINE``, else fp32. The cosine is measured once per machine, model
-    and torch and remembered in the cache folder."""
+def choose(bb: Backbone, read_images: Callable[[], torch.Tensor | None],
+           cache_dir: str | Path | None = None) -> PrecisionChoice:
+    """``auto`` on a CPU for ``bb``: bf16 when the CPU has bf16 units and bf16's min cosine to fp32 on the images
+    ``read_images`` gives (some of the run's own; read only where bf16 is possible) is at least ``MIN_COSINE``,
+    else fp32. The cosine is measured once per machine, model and torch and remembered in the cache folder."""
     units = bf16_units()
     if units is None:
         return PrecisionChoice("fp32", None, "this CPU has no bf16 matrix units (AMX-BF16 or AVX512-BF16)")
-    if images is None or not len(images):
-        return PrecisionChoice("fp32", None, "no decodable image to measure bf16's fidelity on")
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cpu = torch.device("cpu")
     key = f"{cache_key(bb, 'bf16', cpu, True)}|{measured.machine(cpu)}"
-    cos = measured.remembered(cache / "precision.json", key, lambda: bf16_cosine(bb, images),
+    seen = {"images": 0}
+
+    def measure() -> float | None:
+        images = read_images()  # only when nothing is remembered: a shard is read for this once per machine
+        if images is None or not len(images):
+            return None
+        seen["images"] = len(images)
+        return bf16_cosine(bb, images)
+
+    cos = measured.remembered(cache / "precision.json", key, measure,
                               lambda v: isinstance(v, (int, float)) and -1.0 <= v <= 1.0 + 1e-6,
                               f"bf16's fidelity to fp32 for {bb.spec}")
+    on = f"on {seen['images']} images of this run" if seen["images"] else "on the images of its first run here"
+    if cos is None:
+        return PrecisionChoice("fp32", None, "no decodable image to measure bf16's fidelity on")
     if cos >= MIN_COSINE:
-        return PrecisionChoice("bf16", cos, f"this CPU has {units}, and bf16's min cosine to fp32 on "
-                                            f"{len(images)} images of this run is {cos:.5f} (>= {MIN_COSINE})")
-    return PrecisionChoice("fp32", cos, f"bf16's min cosine to fp32 on {len(images)} images of this run is "
-                                        f"{cos:.5f}, below {MIN_COSINE}: bf16 would change this model's embeddings")
+        return PrecisionChoice("bf16", cos, f"this CPU has {units}, and bf16's min cosine to fp32 {on} is "
+                                            f"{cos:.5f} (>= {MIN_COSINE})")
+    return PrecisionChoice("fp32", cos, f"bf16's min cosine to fp32 {on} is {cos:.5f}, below {MIN_COSINE}: bf16 "
+                                        "would change this model's embeddings")
 
