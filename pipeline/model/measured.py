@@ -43,20 +43,30 @@ def remembered(cache_file: Path, key: str, measure: Callable[[], T], valid: Call
     ``what`` names the choice in the log (``"the batch size"``). A cache that cannot be read or written costs a
     measurement next time, nothing more.
     """
-    try:
-        known = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if not isinstance(known, dict):
-        known = {}
+    known = read_all(cache_file)
     if key in known and valid(known[key]):
         return known[key]
     log.info("measuring %s on this machine (once; remembered in %s)", what, cache_file)
     value = measure()
     log.info("%s measured here: %s", what, value)
+    store(cache_file, key, value)
+    return value
+
+
+def read_all(cache_file: Path) -> dict[str, Any]:
+    """Every entry of a measurement file; an unreadable or foreign file is empty."""
+    try:
+        known = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def store(cache_file: Path, key: str, value: Any) -> None:
+    """Set ``key`` in a measurement file; one that cannot be written costs a measurement next time, nothing more."""
+    known = read_all(cache_file)
     known[key] = value
     try:
         atomic.write_json(cache_file, known)
     except OSError as e:
         log.warning("cannot write %s: %s", cache_file, e)
-    return value

@@ -6,7 +6,6 @@ images. Each once per machine and model, then remembered in the cache folder (``
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import time
 from pathlib import Path
@@ -14,7 +13,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .. import atomic
 from . import measured
 from .backbones import Backbone
 from .compile import Extractor, build_extractor, cache_key, default_cache_dir
@@ -251,24 +249,12 @@ def _log_choice(best: str, images: int, times: dict[str, float]) -> None:
 
 
 def _read_rates(path: Path, key: str) -> dict[str, dict[str, float]]:
-    try:
-        entry = json.loads(path.read_text()).get(key, {})
-    except (OSError, ValueError, AttributeError):
-        return {}
+    entry = measured.read_all(path).get(key)
     ok = lambda v: isinstance(v, dict) and all(isinstance(v.get(k), (int, float)) and v[k] > 0  # noqa: E731
                                                for k in ("rate", "setup_s"))
     return {m: v for m, v in entry.items() if m in CPU_COMPILE_CANDIDATES and ok(v)} if isinstance(entry, dict) else {}
 
 
 def _write_rate(path: Path, key: str, mode: str, value: dict[str, float]) -> None:
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if not isinstance(known, dict):
-        known = {}
-    known.setdefault(key, {})[mode] = value
-    try:
-        atomic.write_json(path, known)
-    except OSError as e:  # a read-only cache costs a measurement next time, nothing more
-        log.warning("cannot write %s: %s", path, e)
+    entry = measured.read_all(path).get(key)
+    measured.store(path, key, {**(entry if isinstance(entry, dict) else {}), mode: value})
