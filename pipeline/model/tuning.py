@@ -39,7 +39,8 @@ def pick(rates: dict[Any, float], tie: float = TIE) -> Any:
     return next(k for k, r in rates.items() if r >= best * (1 - tie))
 
 
-def images_per_s(forward: Callable[[torch.Tensor], Any], x: torch.Tensor, seconds: float, warmup: int = 2) -> float:
+def images_per_s(forward: Callable[[torch.Tensor], Any], x: torch.Tensor, seconds: float, warmup: int = 2,
+                 max_calls: int | None = None) -> float:
     """Images per second of ``forward`` on batch ``x``, timed for about ``seconds`` after ``warmup`` calls (TorchScript
     profiles its first calls, then optimises); on a GPU the clock is read after the device has finished (a few calls
     queued between reads)."""
@@ -51,7 +52,7 @@ def images_per_s(forward: Callable[[torch.Tensor], Any], x: torch.Tensor, second
         forward(x)
     finished()
     n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    while time.perf_counter() - t0 < seconds and (max_calls is None or n < max_calls * len(x)):
         for _ in range(4 if x.is_cuda else 1):
             forward(x)
             n += len(x)
@@ -168,7 +169,8 @@ CPU_COMPILE_CANDIDATES = ("torchscript", "inductor")  # aot: 0.6x inductor's ker
 DEFAULT_EXPECTED_IMAGES = 10_000  # a run whose size is unknown: img2dataset's default shard
 COLD_BUILD_S = 40.0  # inductor's first build, before it was ever measured on this machine
 GAIN_GUESS = 1.5  # inductor's rate over TorchScript's, before it was ever measured on this machine
-RATE_SECONDS = 2.0  # how long one mode's model rate is timed
+RATE_SECONDS = 2.0  # how long one mode's model rate is timed at most ...
+RATE_CALLS = 6  # ... or this many batches, whichever comes first (a small model is timed in a fraction of a second)
 
 
 def expected_seconds(entry: dict[str, float], images: int) -> float:
@@ -195,7 +197,7 @@ def cpu_auto_extractor(bb: Backbone, prec: str, cache: Path, micro_batch: int | 
         x = torch.randint(0, 256, (CPU_BATCH, 3, size, size), dtype=torch.uint8)
         ex(x)  # inductor compiles here
         setup = time.perf_counter() - t0
-        rate = images_per_s(ex, x, RATE_SECONDS)
+        rate = images_per_s(ex, x, RATE_SECONDS, max_calls=RATE_CALLS)
         log.info("compile mode %s: %.1f img/s (model alone, batches of %d), setup %.1f s", mode, rate, CPU_BATCH,
                  setup)
         return ex, {"rate": rate, "setup_s": setup, "micro_batch": ex.micro_batch}
