@@ -25,12 +25,14 @@ from .device import (
     resolve_device,
     resolve_precision,
 )
+from .fold_bn import fold_batch_norms
 from .packaged import PackagedModule
 from .precision import Autocast, in_precision
 from .preprocess import UInt8Normalize
 
 log = logging.getLogger(__name__)
 BF16_STEM_RULE = 2  # part of the cache key: bump when precision.to_bf16_keep_stem changes which layers stay fp32
+AOT_BN_RULE = 1  # part of an aot package's name: bump when fold_bn changes what it folds
 
 
 class UInt8Features(nn.Module):
@@ -167,7 +169,10 @@ def build_extractor(
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     micro = micro_batches.resolve(micro_batch, dev)
-    model, in_dtype = in_precision(bb.model, prec, bb.preprocess.input_size, dev)
+    source, folded = fold_batch_norms(bb.model) if compile == "aot" else (bb.model, 0)
+    if folded:
+        log.debug("aot: %d batch norms folded into their convolutions", folded)
+    model, in_dtype = in_precision(source, prec, bb.preprocess.input_size, dev)
     if isinstance(model, Autocast) and compile != "eager":
         log.info("--compile %s: a TorchScript file under autocast runs as loaded (it is compiled already, and "
                  "compiling it again would drop the autocast); recorded as eager", compile)
@@ -196,7 +201,7 @@ def build_extractor(
                        cache / "inductor", micro_batch=micro)
     elif compile == "aot":
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))  # AOTInductor's build files
-        module = PackagedModule(wrapper, dev, cache / "aot", key, bb.spec, prec)
+        module = PackagedModule(wrapper, dev, cache / "aot", f"{key}-bn{AOT_BN_RULE}", bb.spec, prec)
         ex = Extractor(module, dev, prec, compile, bb.num_features, cache / "aot", micro_batch=micro)
     else:
         path = cache / "torchscript" / f"{key}.pt"

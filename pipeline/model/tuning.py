@@ -162,15 +162,18 @@ def _measure_batch(bb: Backbone, dev: torch.device, prec: str, cache: Path) -> i
         del ex
 
 
-# --compile auto on a CPU. A compiled mode costs its build before the first batch (inductor: tens of seconds on
-# 2 cores, and again in every process: its graph cache refuses frozen weights); TorchScript builds in seconds.
-# So the choice is the least expected time, setup + images / rate, from rates and setups measured here.
-CPU_COMPILE_CANDIDATES = ("torchscript", "inductor")  # aot: 0.6x inductor's kernels on CPU (README, Performance)
+# --compile auto on a CPU. A compiled mode costs its build before the first batch (tens of seconds on 2 cores for a
+# ResNet-50; inductor's again in every process: its graph cache refuses frozen weights, while an aot package loads
+# in about a second once built); TorchScript builds in seconds. So the choice is the least expected time, setup +
+# images / rate, from rates and setups measured here, and guesses for modes never built here.
+CPU_COMPILE_CANDIDATES = ("torchscript", "aot", "inductor")  # on a tie the earlier (cheaper to build) wins
+GUESSES = {"aot": (30.0, 1.5), "inductor": (40.0, 1.5)}  # a never-measured mode: (first build s, rate / TorchScript's)
 DEFAULT_EXPECTED_IMAGES = 10_000  # a run whose size is unknown: img2dataset's default shard
-COLD_BUILD_S = 40.0  # inductor's first build, before it was ever measured on this machine
-GAIN_GUESS = 1.5  # inductor's rate over TorchScript's, before it was ever measured on this machine
+# Below this many images a guessed compile cannot pay back for any TorchScript rate above 22 img/s (it pays where
+# images / rate * (1 - 1 / gain) > first build): such a run starts at once, nothing measured.
+SMALL_RUN_IMAGES = 2_000
 RATE_SECONDS = 2.0  # how long one mode's model rate is timed at most ...
-RATE_CALLS = 6  # ... or this many batches, whichever comes first (a small model is timed in a fraction of a second)
+RATE_CALLS = 3  # ... or this many batches, whichever comes first (a small model is timed in a fraction of a second)
 
 
 def expected_seconds(entry: dict[str, float], images: int) -> float:
@@ -182,58 +185,58 @@ def cpu_auto_extractor(bb: Backbone, prec: str, cache: Path, micro_batch: int | 
                        key: str) -> Extractor:
     """``--compile auto`` on a CPU: the mode among :data:`CPU_COMPILE_CANDIDATES` with the least expected time for
     this run's images (``expected_images``; None = :data:`DEFAULT_EXPECTED_IMAGES`), from each mode's rate and
-    setup measured on this machine (``cpu_compile.json``). TorchScript is built and measured first; a mode never
-    measured here is built (and measured) only where its guessed time (:data:`COLD_BUILD_S`, :data:`GAIN_GUESS`)
-    beats TorchScript's measured one, so a small first run never pays a long compile."""
+    setup measured on this machine (``cpu_compile.json``), and :data:`GUESSES` for modes never built here.
+    TorchScript is measured first (unless the run is too small for any compile to pay back); a mode that wins on a
+    guess is built, measured and remembered, and runs only where it measured faster than TorchScript."""
     images = expected_images if expected_images and expected_images > 0 else DEFAULT_EXPECTED_IMAGES
     path = cache / "cpu_compile.json"
     entry_key = f"{key}|threads {torch.get_num_threads()}"
     known = _read_rates(path, entry_key)
     size = bb.preprocess.input_size
+    x = torch.randint(0, 256, (CPU_BATCH, 3, size, size), dtype=torch.uint8)
 
-    def measured_build(mode: str, micro: int | None) -> tuple[Extractor, dict[str, float]]:
+    def build(mode: str) -> tuple[Extractor, float]:
+        """The mode built and called once (inductor compiles there), and the seconds that took."""
         t0 = time.perf_counter()
-        ex = build_extractor(bb, "cpu", prec, mode, cache, micro_batch=micro)
-        x = torch.randint(0, 256, (CPU_BATCH, 3, size, size), dtype=torch.uint8)
-        ex(x)  # inductor compiles here
-        setup = time.perf_counter() - t0
+        ex = build_extractor(bb, "cpu", prec, mode, cache,
+                             micro_batch=micro_batch if mode == "torchscript" else _micro(micro_batch, known))
+        ex(x)
+        return ex, time.perf_counter() - t0
+
+    def measured(mode: str) -> Extractor:
+        ex, setup = build(mode)
+        if mode == "aot":  # later runs load the package it wrote: their setup is that load
+            ex, setup = build(mode)
         rate = images_per_s(ex, x, RATE_SECONDS, max_calls=RATE_CALLS)
+        known[mode] = {"rate": rate, "setup_s": setup, "micro_batch": ex.micro_batch}
+        _write_rate(path, entry_key, mode, known[mode])
         log.info("compile mode %s: %.1f img/s (model alone, batches of %d), setup %.1f s", mode, rate, CPU_BATCH,
                  setup)
-        return ex, {"rate": rate, "setup_s": setup, "micro_batch": ex.micro_batch}
-
-    def expected(mode: str) -> float:
-        return expected_seconds(known[mode], images)
-
-    if "torchscript" in known and all(m in known for m in CPU_COMPILE_CANDIDATES):
-        best = min(CPU_COMPILE_CANDIDATES, key=expected)
-        _log_choice(best, images, {m: expected(m) for m in CPU_COMPILE_CANDIDATES})
-        ex, now = measured_build(best, _micro(micro_batch, known)) if best != "torchscript" else (
-            build_extractor(bb, "cpu", prec, best, cache, micro_batch=micro_batch), None)
-        if now:  # a compiled mode's setup varies (a warm cache, a loaded machine): keep the latest
-            _write_rate(path, entry_key, best, {**known[best], "setup_s": now["setup_s"]})
         return ex
-    if "torchscript" in known:  # measured by an earlier run here: built, not timed again
-        ts, ts_entry = build_extractor(bb, "cpu", prec, "torchscript", cache, micro_batch=micro_batch), known["torchscript"]
-    else:
-        ts, ts_entry = measured_build("torchscript", micro_batch)
-        _write_rate(path, entry_key, "torchscript", ts_entry)
-        known["torchscript"] = ts_entry
-    guesses = {m: known.get(m, {"setup_s": COLD_BUILD_S, "rate": ts_entry["rate"] * GAIN_GUESS})
+
+    if "torchscript" not in known and images < SMALL_RUN_IMAGES:
+        log.info("--compile auto: torchscript (%d images: too few for a compile to pay back)", images)
+        return build_extractor(bb, "cpu", prec, "torchscript", cache, micro_batch=micro_batch)
+    ts = measured("torchscript") if "torchscript" not in known else None
+    base = known["torchscript"]
+    entries = {m: known.get(m) or {"setup_s": GUESSES[m][0], "rate": base["rate"] * GUESSES[m][1]}
                for m in CPU_COMPILE_CANDIDATES}
-    best = min(CPU_COMPILE_CANDIDATES, key=lambda m: expected_seconds(guesses[m], images))
-    _log_choice(best, images, {m: expected_seconds(guesses[m], images) for m in CPU_COMPILE_CANDIDATES})
+    times = {m: expected_seconds(e, images) for m, e in entries.items()}
+    best = min(CPU_COMPILE_CANDIDATES, key=times.get)
+    log.info("--compile auto: %s (expected time for %d images: %s)", best, images,
+             ", ".join(f"{m} {t:.0f} s{'' if m in known else ' (guessed)'}" for m, t in times.items()))
     if best == "torchscript":
-        return ts
-    # the compiled mode calls the model on TorchScript's measured micro-batch: measuring its own would compile it
-    # once per candidate size
-    fast, entry = measured_build(best, ts.micro_batch)
-    _write_rate(path, entry_key, best, entry)
-    if entry["rate"] <= ts_entry["rate"]:
+        return ts or build_extractor(bb, "cpu", prec, "torchscript", cache, micro_batch=micro_batch)
+    if best in known:  # measured before: built (a warm cache loads it), its setup kept up to date
+        ex, setup = build(best)
+        _write_rate(path, entry_key, best, {**known[best], "setup_s": setup})
+        return ex
+    ex = measured(best)
+    if known[best]["rate"] <= base["rate"]:
         log.info("compile mode %s measured no faster than TorchScript here (%.1f against %.1f img/s); TorchScript "
-                 "runs", best, entry["rate"], ts_entry["rate"])
-        return ts
-    return fast
+                 "runs", best, known[best]["rate"], base["rate"])
+        return ts or build_extractor(bb, "cpu", prec, "torchscript", cache, micro_batch=micro_batch)
+    return ex
 
 
 def _micro(given: int | None, known: dict[str, dict[str, float]]) -> int | None:
@@ -243,11 +246,6 @@ def _micro(given: int | None, known: dict[str, dict[str, float]]) -> int | None:
         return given
     micro = known.get("torchscript", {}).get("micro_batch")
     return int(micro) if isinstance(micro, (int, float)) and micro >= 0 else None
-
-
-def _log_choice(best: str, images: int, times: dict[str, float]) -> None:
-    log.info("--compile auto: %s (expected time for %d images: %s)", best, images,
-             ", ".join(f"{m} {t:.0f} s" for m, t in times.items()))
 
 
 def _read_rates(path: Path, key: str) -> dict[str, dict[str, float]]:

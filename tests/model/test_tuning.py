@@ -34,8 +34,7 @@ def test_on_a_cpu_batches_of_64_the_decoder_is_not_measured_and_a_small_run_is_t
     ex = tuned_extractor(backbone, "cpu", "fp32", "auto", tmp_path, micro_batch=0, expected_images=100)
     assert (ex.batch_size, ex.compile) == (CPU_BATCH, "torchscript")
     assert choose_decoder("auto", backbone, ex, workers=2, cache_dir=tmp_path) == DEFAULT_DECODER
-    # the only measurement stored: TorchScript's rate for --compile auto (tests/model/test_cpu_compile_auto.py)
-    assert [p.name for p in tmp_path.glob("*.json")] == ["cpu_compile.json"]
+    assert not list(tmp_path.glob("*.json"))  # nothing measured: too few images to compile (test_cpu_compile_auto)
     given = tuned_extractor(backbone, "cpu", "fp32", "eager", tmp_path, micro_batch=0, batch_size=16)
     assert (given.batch_size, given.compile) == (16, "eager")
 
