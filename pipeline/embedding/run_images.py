@@ -16,7 +16,7 @@ from .tar import IMAGE_EXTS, iter_tar_samples
 log = logging.getLogger(__name__)
 
 
-def run_images(urls: Iterable[str], pre: Preprocess, limit: int = 16) -> torch.Tensor | None:
+def run_images(urls: Iterable[str], pre: Preprocess, limit: int = 64) -> torch.Tensor | None:
     """Up to ``limit`` images of the first of ``urls`` that holds decodable ones, as uint8 ``[N,3,S,S]`` crops;
     None when none decodes. A bad sample or shard is passed over here: the run itself records it."""
     crops: list[torch.Tensor] = []

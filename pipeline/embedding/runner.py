@@ -120,7 +120,8 @@ def _auto_precision(cfg: EmbedConfig, bb: Any, state: RunState, urls: list[str],
         earlier = state.recorded_precision_choice()
         return replace(cfg, precision=kept), earlier or {"precision": kept, "cosine": None,
                                                          "why": "the precision the folder's embeddings were made in"}
-    choice = auto_precision.choose(bb, lambda: run_images(urls, bb.preprocess), cfg.cache_dir)
+    choice = auto_precision.choose(bb, lambda: run_images(urls, bb.preprocess, auto_precision.PROBE_IMAGES),
+                                   cfg.cache_dir)
     refused = choice.precision == "fp32" and choice.cosine is not None
     (log.warning if refused else log.info)("--precision auto: %s (%s)", choice.precision, choice.why)
     return replace(cfg, precision=choice.precision), choice.to_dict()
