@@ -56,6 +56,7 @@ def test_without_bf16_units_auto_is_fp32_and_nothing_is_measured(digits_shards, 
     assert stored_precision(tmp_path / "out") == "fp32"
 
 
+@pytest.mark.slow
 def test_with_bf16_units_auto_measures_once_and_runs_bf16(digits_shards, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("EMBEDPIPE_CPU_BF16", "1")
     cache = tmp_path / "cache"
@@ -98,6 +99,7 @@ def test_a_model_whose_bf16_breaks_the_floor_stays_fp32_with_a_log_line(digits_s
     assert refusals and refusals[0].levelno == logging.WARNING and "would change" in refusals[0].getMessage()
 
 
+@pytest.mark.slow
 def test_a_folder_keeps_the_precision_it_was_made_in(digits_shards, tmp_path, monkeypatch):
     shards = [str(p) for p in digits_shards[:2]]
     out, cache = tmp_path / "out", str(tmp_path / "cache")
