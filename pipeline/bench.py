@@ -254,6 +254,7 @@ def run_bench(model: str = DEFAULT_MODEL, weights: str = "default", quick: bool 
         built[comp, prec] = ex
         model_rows.append(row(comp, prec, rate, build, ex.micro_batch))
     fastest = max(model_rows, key=lambda r: r["images_per_s"])
+    compile_auto = auto_choice(model_rows, n_images)
     if compile == "auto":  # T is measured in the fastest mode unless one is asked for
         compile = fastest["compile"] if precision == "auto" else max(
             (r for r in model_rows if r["precision"] == precision), key=lambda r: r["images_per_s"])["compile"]
@@ -289,7 +290,23 @@ def run_bench(model: str = DEFAULT_MODEL, weights: str = "default", quick: bool 
         "T_baseline": T_base, "speedup": T / T_base, "cosine_to_baseline_min": _cos(ours, base),
         "matmul_peak_flops": peaks, "model_modes": model_rows,
         "fastest_mode": {k: fastest[k] for k in ("compile", "precision", "images_per_s", "peak_fraction")},
+        "compile_auto": compile_auto,
     }
+
+
+def auto_choice(rows: list[dict[str, Any]], images: int) -> dict[str, Any] | None:
+    """What embed's ``--compile auto`` takes for ``images`` from these measured rows, per precision: the least
+    setup + images / rate among its candidates (``model/tuning.py``), the build time standing for the setup."""
+    from .model.tuning import CPU_COMPILE_CANDIDATES, expected_seconds
+
+    out: dict[str, Any] = {}
+    for prec in sorted({r["precision"] for r in rows}):
+        times = {r["compile"]: expected_seconds({"setup_s": r["build_s"], "rate": r["images_per_s"]}, images)
+                 for r in rows if r["precision"] == prec and r["compile"] in CPU_COMPILE_CANDIDATES
+                 and not r.get("whole_batch")}
+        if times:
+            out[prec] = {"mode": min(times, key=times.get), "expected_s": times}
+    return {"images": images, "by_precision": out} if out else None
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -313,4 +330,8 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"    {m['compile']:<11} {m['precision']:<5} {m['images_per_s']:7.1f} {m['flops_per_s'] / 1e9:9.1f}"
                      f"  {100 * m['peak_fraction']:6.1f}%          {m['build_s']:6.1f}   {m['micro_batch'] or 'all'}")
     lines.append("  matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in r["matmul_peak_flops"].items()))
+    auto = r.get("compile_auto")
+    for prec, c in ((auto or {}).get("by_precision") or {}).items():
+        lines.append(f"  --compile auto for {auto['images']} images in {prec}: {c['mode']} (expected "
+                     + ", ".join(f"{m} {t:.0f} s" for m, t in c["expected_s"].items()) + ")")
     return "\n".join(lines)

@@ -41,6 +41,11 @@ def test_bench_measures_every_rate_and_the_bound(tmp_path: Path):
     for m in r["model_modes"]:
         peak = r["matmul_peak_flops"][m["precision"]]
         assert abs(m["peak_fraction"] - m["images_per_s"] * gflops * 1e9 / peak) < 1e-9
+    auto = r["compile_auto"]["by_precision"]["fp32"]  # embed's choice from these rows: torchscript is its candidate
+    assert set(auto["expected_s"]) == {"torchscript"} and auto["mode"] == "torchscript"
+    ts = next(m for m in r["model_modes"] if m["compile"] == "torchscript" and not m.get("whole_batch"))
+    assert abs(auto["expected_s"]["torchscript"] - (ts["build_s"] + 48 / ts["images_per_s"])) < 1e-9
     report = format_report(r)
     assert "E = T/T* =" in report and "speedup" in report and "matmul peak" in report
+    assert "--compile auto for 48 images in fp32: torchscript" in report
     json.dumps(r)  # what --json writes
