@@ -60,7 +60,7 @@ def bf16_units(environ: Mapping[str, str] = os.environ, cpuinfo: Path = Path("/p
     return None
 
 
-def bf16_cosine(bb: Backbone, images: torch.Tensor) -> float:
+def bf16_cosine(bb: Backbone, images: torch.Tensor, cache_dir: str | Path | None = None) -> float:
     """The min cosine between the model's bf16 features, TorchScript-compiled as the embed stage starts it, and
     its eager fp32 features on ``images`` (uint8 ``[N,3,S,S]``); -1.0 when bf16 cannot run the model at all.
 
@@ -68,7 +68,7 @@ def bf16_cosine(bb: Backbone, images: torch.Tensor) -> float:
     not have (the default backbone: eager 0.99948, the embedded run 0.9967 on 1,024 images)."""
     fp32 = build_extractor(bb, "cpu", "fp32", "eager", micro_batch=0)
     try:
-        bf16 = build_extractor(bb, "cpu", "bf16", "torchscript", micro_batch=0)
+        bf16 = build_extractor(bb, "cpu", "bf16", "torchscript", cache_dir, micro_batch=0)  # the run's cache
         low = bf16(images).float()
     except (UserError, RuntimeError) as e:
         log.warning("bf16 cannot run %s here (%s)", bb.spec, str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -97,7 +97,7 @@ def choose(bb: Backbone, read_images: Callable[[], torch.Tensor | None],
         if images is None or not len(images):
             return None
         seen["images"] = len(images)
-        return bf16_cosine(bb, images)
+        return bf16_cosine(bb, images, cache)
 
     cos = measured.remembered(cache / "precision.json", key, measure,
                               lambda v: isinstance(v, (int, float)) and -1.0 <= v <= 1.0 + 1e-6,

@@ -59,9 +59,11 @@ def test_without_bf16_units_auto_is_fp32_and_nothing_is_measured(digits_shards, 
 @pytest.mark.slow
 def test_with_bf16_units_auto_measures_once_and_runs_bf16(digits_shards, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("EMBEDPIPE_CPU_BF16", "1")
+    monkeypatch.setenv("EMBEDPIPE_CACHE", str(tmp_path / "default-cache"))  # the cache without --cache-dir
     cache = tmp_path / "cache"
     with caplog.at_level(logging.INFO, logger="pipeline"):
         embed([str(digits_shards[0])], tmp_path / "a", cache_dir=str(cache), **tiny.options())
+    assert not (tmp_path / "default-cache").exists()  # the fidelity check compiles into the run's cache
     choice = run_json(tmp_path / "a")["precision_choice"]
     assert choice["precision"] == "bf16" and choice["cosine"] >= auto_precision.MIN_COSINE, choice
     assert run_json(tmp_path / "a")["fingerprint"]["precision"] == "bf16" and stored_precision(tmp_path / "a") == "bf16"
