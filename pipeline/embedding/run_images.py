@@ -11,7 +11,7 @@ from ..model.decoders.cpu import decode_one
 from ..model.image_header import SkipSample
 from ..model.preprocess import Preprocess
 from .shards import sample_count
-from .tar import IMAGE_EXTS, iter_tar_samples
+from .tar import IMAGE_EXTS, can_seek, iter_tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,13 @@ UNKNOWN_SHARD_IMAGES = 10_000  # a shard that cannot be counted cheaply (remote,
 
 def expected_images(urls: list[str]) -> int:
     """About how many images ``urls`` hold: img2dataset's counts where its ``_stats.json`` has them, else the image
-    members of the first local uncompressed tar (headers only) for each shard, else :data:`UNKNOWN_SHARD_IMAGES`."""
+    members of the first shard that can be read by seeking (``tar.can_seek``: headers only) for each shard, else :data:`UNKNOWN_SHARD_IMAGES`."""
     import tarfile
 
     counts = [sample_count(u) for u in urls]
     per_shard: int | None = None
     for url in (u for u, c in zip(urls, counts) if c is None):
-        if url.endswith(".tar") and "://" not in url and not url.startswith("pipe:"):
+        if can_seek(url):
             try:
                 with tarfile.open(url) as tar:
                     per_shard = sum(1 for m in tar if m.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)

@@ -84,7 +84,7 @@ def embed(shards: Sequence[str] | str, out: str | Path, **options: Any) -> Embed
         else:
             from .run_images import expected_images
 
-            model = prepare_model(run_cfg, bb=bb, expected_images=expected_images(pending or urls))
+            model = prepare_model(run_cfg, bb=bb, count_images=lambda: expected_images(pending or urls))
             precision = model[1].precision
         state.check_run(fingerprint(bb, precision, run_cfg),
                         {**asdict(cfg), "shards": len(all_urls), "version": __version__},

@@ -10,7 +10,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -43,10 +43,11 @@ def default_workers(device: torch.device, gpus: int = 1) -> int:
 
 
 def prepare_model(cfg: EmbedConfig, share: int = 1, bb: Backbone | None = None,
-                  expected_images: int | None = None) -> tuple[Backbone, Extractor]:
+                  count_images: Callable[[], int] | None = None) -> tuple[Backbone, Extractor]:
     """The frozen backbone and its compiled extractor for ``cfg`` (the same in every engine and process); on a
     GPU the batch size (unless given) and ``--compile auto`` are measured here once, then remembered; on a CPU
-    ``--compile auto`` takes the mode with the least expected time for ``expected_images`` (``model/tuning.py``).
+    ``--compile auto`` takes the mode with the least expected time for the images ``count_images()`` counts
+    (``model/tuning.py``).
 
     On CPU the model gets this process's part of the usable CPUs (``share`` processes run a model on them) less
     the decode workers, set before the micro-batch is measured for that thread count.
@@ -57,7 +58,7 @@ def prepare_model(cfg: EmbedConfig, share: int = 1, bb: Backbone | None = None,
         set_cpu_threads(workers, share)
     bb = bb or load_configured_backbone(cfg)
     ex = tuned_extractor(bb, cfg.device, cfg.precision, cfg.compile, cfg.cache_dir, cfg.micro_batch, cfg.batch_size,
-                         expected_images)
+                         count_images)
     return bb, ex
 
 

@@ -110,10 +110,10 @@ def measure_compile(build: Callable[[str], Extractor], batch: int, input_size: i
 
 def tuned_extractor(bb: Backbone, device: str = "auto", precision: str = "auto", compile: str = DEFAULT_COMPILE,
                     cache_dir: str | Path | None = None, micro_batch: int | None = None,
-                    batch_size: int | None = None, expected_images: int | None = None) -> Extractor:
+                    batch_size: int | None = None, count_images: Callable[[], int] | None = None) -> Extractor:
     """:func:`build_extractor` with what is left to measure decided: ``batch_size`` None is 64 on a CPU and
     measured on a GPU; ``compile="auto"`` is the fastest mode measured on a GPU, and on a CPU the mode with the
-    least expected time for ``expected_images`` (:func:`cpu_auto_extractor`). The extractor's ``batch_size``
+    least expected time for the images ``count_images()`` counts (:func:`cpu_auto_extractor`). The extractor's ``batch_size``
     says the batch chosen; a fixed-batch mode is compiled for it here.
     """
     dev = resolve_device(device)
@@ -130,7 +130,7 @@ def tuned_extractor(bb: Backbone, device: str = "auto", precision: str = "auto",
     built: dict[str, Extractor] = {}
     if compile == COMPILE_AUTO:
         if not cuda:
-            ex = cpu_auto_extractor(bb, prec, cache, micro_batch, expected_images, key)
+            ex = cpu_auto_extractor(bb, prec, cache, micro_batch, count_images, key)
             ex.batch_size = batch
             return ex
         else:
@@ -181,14 +181,16 @@ def expected_seconds(entry: dict[str, float], images: int) -> float:
     return entry["setup_s"] + images / entry["rate"]
 
 
-def cpu_auto_extractor(bb: Backbone, prec: str, cache: Path, micro_batch: int | None, expected_images: int | None,
-                       key: str) -> Extractor:
+def cpu_auto_extractor(bb: Backbone, prec: str, cache: Path, micro_batch: int | None,
+                       count_images: Callable[[], int] | None, key: str) -> Extractor:
     """``--compile auto`` on a CPU: the mode among :data:`CPU_COMPILE_CANDIDATES` with the least expected time for
-    this run's images (``expected_images``; None = :data:`DEFAULT_EXPECTED_IMAGES`), from each mode's rate and
+    this run's images (``count_images()``, called only here: counting reads the shards; None =
+    :data:`DEFAULT_EXPECTED_IMAGES`), from each mode's rate and
     setup measured on this machine (``cpu_compile.json``), and :data:`GUESSES` for modes never built here.
     TorchScript is measured first (unless the run is too small for any compile to pay back); where a guess wins,
     every compiled mode whose guess beats TorchScript is built, measured and remembered, and the fastest runs."""
-    images = expected_images if expected_images and expected_images > 0 else DEFAULT_EXPECTED_IMAGES
+    counted = count_images() if count_images else 0
+    images = counted if counted > 0 else DEFAULT_EXPECTED_IMAGES
     path = cache / "cpu_compile.json"
     entry_key = f"{key}|threads {torch.get_num_threads()}"
     known = _read_rates(path, entry_key)

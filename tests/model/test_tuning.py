@@ -31,7 +31,7 @@ def test_pick_takes_the_first_candidate_within_the_tie_of_the_fastest():
 
 
 def test_on_a_cpu_batches_of_64_the_decoder_is_not_measured_and_a_small_run_is_torchscript(backbone, tmp_path):
-    ex = tuned_extractor(backbone, "cpu", "fp32", "auto", tmp_path, micro_batch=0, expected_images=100)
+    ex = tuned_extractor(backbone, "cpu", "fp32", "auto", tmp_path, micro_batch=0, count_images=lambda: 100)
     assert (ex.batch_size, ex.compile) == (CPU_BATCH, "torchscript")
     assert choose_decoder("auto", backbone, ex, workers=2, cache_dir=tmp_path) == DEFAULT_DECODER
     assert not list(tmp_path.glob("*.json"))  # nothing measured: too few images to compile (test_cpu_compile_auto)
